@@ -1,0 +1,57 @@
+"""Typed batch containers that cross actor boundaries (numpy inside: Ray moves numpy zero-copy)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Trajectory:
+    """B DDIM trajectories of T steps, sampled by one sampler call with one policy version.
+
+    latents:   float32 [B, T+1, C, h, w]  x_T, ..., x_0 (the states; transition i is latents[:, i] -> [:, i+1])
+    log_probs: float32 [B, T]             log p(latents[:, i+1] | latents[:, i]) when sampled
+    timesteps: int64   [T]                the training timestep t of each transition
+    prompts:   B strings
+    policy_version: the adapter version that sampled every transition
+    seed:      the generator seed of this batch (derived from (seed, epoch, worker, batch))
+    """
+
+    latents: np.ndarray
+    log_probs: np.ndarray
+    timesteps: np.ndarray
+    prompts: list[str]
+    policy_version: int
+    seed: int
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+@dataclass
+class ImageBatch:
+    """What the rewards see: decoded images uint8 [B, H, W, 3] and their prompts."""
+
+    images: np.ndarray
+    prompts: list[str]
+    policy_version: int
+    sample_s: float  # sampler compute time for the batch (trajectory + decode)
+
+
+def concat_trajectories(parts: list[Trajectory]) -> Trajectory:
+    """Joins sampler batches into one; they must share the timestep schedule."""
+    if not parts:
+        raise ValueError("no trajectories to concatenate")
+    for part in parts[1:]:
+        if not np.array_equal(part.timesteps, parts[0].timesteps):
+            raise ValueError("trajectories with different timestep schedules cannot be trained together")
+    return Trajectory(
+        latents=np.concatenate([p.latents for p in parts]),
+        log_probs=np.concatenate([p.log_probs for p in parts]),
+        timesteps=parts[0].timesteps,
+        prompts=[prompt for p in parts for prompt in p.prompts],
+        policy_version=min(p.policy_version for p in parts),
+        seed=parts[0].seed,
+    )

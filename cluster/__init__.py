@@ -1,0 +1,1 @@
+"""Config tree, the Ray driver loop, weight broadcast wiring, metrics sinks and the CLI."""

@@ -1,0 +1,88 @@
+"""``gard`` command line: ``gard train CONFIG [--output-dir DIR] [key=value ...]``.
+
+The same entry point runs locally (a local Ray bound to 127.0.0.1) and on a cluster as
+``ray job submit --working-dir . -- python -m cluster train CONFIG`` (it connects to the job's Ray).
+User errors print one paragraph and no traceback: exit code 2 for config errors, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+
+EXIT_USER_ERROR = 1
+EXIT_CONFIG_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gard",
+        description="Online RL fine-tuning of text-to-image diffusion models on Ray.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=textwrap.dedent(
+            """\
+            examples:
+              gard train configs/demo.yaml
+              gard train configs/demo.yaml epochs=2 seed=3 --output-dir runs/try
+              ray job submit --working-dir . -- python -m cluster train configs/sd15_aesthetic.yaml
+            """
+        ),
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    train = sub.add_parser("train", help="run an online RL training job", description="Run an online RL training job.")
+    train.add_argument("config", help="YAML config file (see configs/)")
+    train.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="config overrides, e.g. epochs=2 train.learning_rate=1e-3")
+    train.add_argument("--output-dir", default=None, help="run directory (default: output_dir or runs/NAME-TIME)")
+    return parser
+
+
+def _user_error(err: BaseException) -> BaseException | None:
+    """The user-facing error inside ``err`` (Ray wraps actor exceptions), or None for a real bug."""
+    from actors.weights import AdapterMismatchError, ChecksumError
+    from cluster.config import ConfigError
+
+    user_types = (ConfigError, AdapterMismatchError, ChecksumError, FileNotFoundError)
+    seen = err
+    for _ in range(4):
+        if isinstance(seen, user_types):
+            return seen
+        cause = getattr(seen, "cause", None) or seen.__cause__
+        if cause is None:
+            return None
+        seen = cause
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = _parser().parse_args(argv)
+    from cluster.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"gard: config error: {err}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    from cluster.driver import train
+
+    try:
+        run_dir = train(config, output_dir=args.output_dir)
+    except KeyboardInterrupt:
+        print("gard: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - user errors get one paragraph, bugs keep their traceback
+        user = _user_error(err)
+        if user is None:
+            raise
+        code = EXIT_CONFIG_ERROR if isinstance(user, ConfigError) else EXIT_USER_ERROR
+        print(f"gard: error: {user}", file=sys.stderr)
+        return code
+    print(f"gard: run finished: {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""The one typed, validated config tree of a gard run (YAML + ``key=value`` overrides).
+
+Every field is typed; values are checked against their type and rule when the tree is built, and
+errors name the field's full path, the value, the rule and how to fix it (exit code 2 in the CLI).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user error in the config: printed as one paragraph, exit code 2, no traceback."""
+
+
+def _rule(check, text: str, **extra) -> dict:
+    return {"check": check, "rule": text, **extra}
+
+
+POSITIVE = _rule(lambda v: v > 0, "> 0")
+NON_NEGATIVE = _rule(lambda v: v >= 0, ">= 0")
+FRACTION = _rule(lambda v: 0 < v <= 1, "in (0, 1]")
+
+
+def choice(*options: str) -> dict:
+    return _rule(lambda v: v in options, f"one of {list(options)}")
+
+
+@dataclass
+class PolicyConfig:
+    pretrained: str = field(default="tiny:sd", metadata={"doc": "pipeline dir, hub id, or tiny:sd / tiny:sd-v"})
+    dtype: str = field(default="float32", metadata=choice("float32", "float16", "bfloat16"))
+    device: str = field(default="auto", metadata=choice("auto", "cpu", "cuda"))
+    lora_rank: int = field(default=4, metadata=POSITIVE)
+    lora_alpha: float = field(default=4.0, metadata=POSITIVE)
+    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    init_lora_seed: int = 0
+
+
+@dataclass
+class SamplingConfig:
+    num_steps: int = field(default=20, metadata=POSITIVE)
+    eta: float = field(default=1.0, metadata=_rule(lambda v: v > 0, "> 0 (training needs stochastic DDIM steps)"))
+    guidance_scale: float = field(default=5.0, metadata=NON_NEGATIVE)
+    resolution: int = field(default=64, metadata=_rule(lambda v: v > 0 and v % 8 == 0, "a positive multiple of 8"))
+    negative_prompt: str = ""
+    batch_size: int = field(default=8, metadata=POSITIVE)
+    batches_per_sampler: int = field(default=2, metadata=POSITIVE)
+
+
+@dataclass
+class PromptsConfig:
+    train: list[str] = field(default_factory=list)
+    train_file: str | None = None
+    eval: list[str] = field(default_factory=list)
+    eval_file: str | None = None
+    eval_seed: int = 1234
+    eval_images_per_prompt: int = field(default=2, metadata=POSITIVE)
+
+
+@dataclass
+class TrainConfig:
+    algorithm: str = field(default="ppo", metadata=choice("ppo", "pg"))
+    learning_rate: float = field(default=3e-4, metadata=POSITIVE)
+    adam_beta1: float = field(default=0.9, metadata=_rule(lambda v: 0 <= v < 1, "in [0, 1)"))
+    adam_beta2: float = field(default=0.999, metadata=_rule(lambda v: 0 <= v < 1, "in [0, 1)"))
+    adam_weight_decay: float = field(default=1e-4, metadata=NON_NEGATIVE)
+    adam_eps: float = field(default=1e-8, metadata=POSITIVE)
+    max_grad_norm: float = field(default=1.0, metadata=POSITIVE)
+    clip_range: float = field(default=1e-4, metadata=POSITIVE)
+    adv_clip_max: float = field(default=5.0, metadata=POSITIVE)
+    advantage: str = field(default="per_prompt", metadata=choice("per_prompt", "batch"))
+    stat_buffer_size: int = field(default=32, metadata=POSITIVE)
+    stat_min_count: int = field(default=16, metadata=POSITIVE)
+    timestep_fraction: float = field(default=1.0, metadata=FRACTION)
+    inner_epochs: int = field(default=1, metadata=POSITIVE)
+    updates_per_epoch: int = field(default=4, metadata=POSITIVE)
+    micro_batch_size: int = field(default=16, metadata=POSITIVE)
+    kl_beta: float = field(default=0.0, metadata=NON_NEGATIVE)
+    kl_beta_end: float | None = field(default=None, metadata=NON_NEGATIVE)
+    kl_ramp_epochs: int = field(default=0, metadata=NON_NEGATIVE)
+
+
+@dataclass
+class VolumeConfig:
+    """The GARD volume shaping term: r̃ = Σ w_j r_j - γ Vol (GARD eq. 12-13)."""
+
+    gamma: float = field(default=0.0, metadata=NON_NEGATIVE)
+    gamma_end: float | None = field(default=None, metadata=NON_NEGATIVE)
+    ramp_epochs: int = field(default=0, metadata=NON_NEGATIVE)
+    modalities: list[str] = field(default_factory=lambda: ["text", "image"])
+
+
+@dataclass
+class ClusterConfig:
+    address: str | None = field(default=None, metadata={"doc": "None: start a local Ray on 127.0.0.1"})
+    local_num_cpus: int | None = field(default=None, metadata=POSITIVE)
+    num_samplers: int = field(default=2, metadata=POSITIVE)
+    sampler_num_cpus: float = field(default=0.5, metadata=NON_NEGATIVE)
+    sampler_num_gpus: float = field(default=0.0, metadata=NON_NEGATIVE)
+    learner_num_cpus: float = field(default=0.5, metadata=NON_NEGATIVE)
+    learner_num_gpus: float = field(default=0.0, metadata=NON_NEGATIVE)
+    reward_num_cpus: float = field(default=0.5, metadata=NON_NEGATIVE)
+    reward_num_gpus: float = field(default=0.0, metadata=NON_NEGATIVE)
+    max_staleness: int = field(default=0, metadata=_rule(lambda v: v in (0, 1), "0 (synchronous) or 1 (pipelined)"))
+    call_timeout_s: float = field(default=600.0, metadata=POSITIVE)
+    torch_threads: int = field(default=1, metadata=POSITIVE)
+
+
+@dataclass
+class LoggingConfig:
+    eval_every: int = field(default=0, metadata={**NON_NEGATIVE, "doc": "0: before the first and after the last update"})
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    epochs: int = field(default=10, metadata=POSITIVE)
+    name: str = "gard"
+    output_dir: str | None = None
+    cache_dir: str = ".cache/gard"
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    rewards: dict[str, dict] = field(default_factory=lambda: {"jpeg_compressibility": {"weight": 1.0}})
+    volume: VolumeConfig = field(default_factory=VolumeConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    # ----- derived ------------------------------------------------------------------------
+    @property
+    def samples_per_epoch(self) -> int:
+        return self.cluster.num_samplers * self.sampling.batches_per_sampler * self.sampling.batch_size
+
+    @property
+    def train_steps_per_sample(self) -> int:
+        return max(1, int(self.sampling.num_steps * self.train.timestep_fraction))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----- building and validation ------------------------------------------------------------------
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(path: str, value: Any, tp) -> Any:
+    """Checks ``value`` against the annotation ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(path, value, inner[0])
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{path} = {value!r} has the wrong type: expected a list of {_type_name(item_tp)}")
+        return [_coerce(f"{path}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} = {value!r} has the wrong type: expected a mapping")
+        return dict(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "3e-4" as a string
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
+        raise ConfigError(f"{path} = {value!r} has the wrong type: expected {_type_name(tp)}, got {type(value).__name__}")
+    return value
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'the config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = prefix or "the top level"
+        raise ConfigError(f"unknown config key(s) {[f'{prefix}.{k}'.lstrip('.') for k in unknown]} in {where}; "
+                          f"valid keys: {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        path = f"{prefix}.{name}".lstrip(".")
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value if value is not None else {}, path)
+            continue
+        value = _coerce(path, value, tp)
+        rule = fields[name].metadata
+        if value is not None and "check" in rule and not rule["check"](value):
+            raise ConfigError(f"{path} = {value!r} is out of range: expected {rule['rule']}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}=... descends into {key!r}, which is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """``key.sub=value`` strings -> (dotted key, YAML-parsed value)."""
+    parsed = []
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. epochs=2 or train.learning_rate=1e-3)")
+        key, raw = item.split("=", 1)
+        parsed.append((key.strip(), yaml.safe_load(raw) if raw != "" else ""))
+    return parsed
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Reads YAML (or starts from the defaults when ``path`` is None), applies overrides, validates."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist (pass a YAML file such as configs/demo.yaml)")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level, got {type(data).__name__}")
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(data, key, value)
+    config = _build(Config, data, "")
+    validate(config, base_dir=path.parent if path is not None else Path("."))
+    return config
+
+
+def _read_prompt_file(field_path: str, file: str, base_dir: Path) -> list[str]:
+    candidates = [Path(file), base_dir / file]
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None:
+        raise ConfigError(f"{field_path} = {file!r}: no such prompt file (one prompt per line expected)")
+    return [line.strip() for line in found.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
+def validate(config: Config, *, base_dir: Path = Path(".")) -> None:
+    """Cross-field rules; resolves prompt files into the prompt lists."""
+    from rewards.registry import REWARDS, reward_options
+
+    p = config.prompts
+    if p.train_file:
+        p.train = p.train + _read_prompt_file("prompts.train_file", p.train_file, base_dir)
+        p.train_file = None
+    if p.eval_file:
+        p.eval = p.eval + _read_prompt_file("prompts.eval_file", p.eval_file, base_dir)
+        p.eval_file = None
+    if not p.train:
+        raise ConfigError("prompts.train is empty: give at least one training prompt (prompts.train or prompts.train_file)")
+    for i, prompt in enumerate(p.train):
+        if not prompt.strip():
+            raise ConfigError(f"prompts.train[{i}] is an empty string; every prompt needs text")
+    if not p.eval:
+        p.eval = list(dict.fromkeys(p.train))[:4]
+
+    if not config.rewards:
+        raise ConfigError(f"rewards is empty: configure at least one of {sorted(REWARDS)} with a weight")
+    for name, options in config.rewards.items():
+        if name not in REWARDS:
+            raise ConfigError(f"rewards.{name}: unknown reward {name!r}; valid rewards: {sorted(REWARDS)}")
+        options = options or {}
+        if not isinstance(options, dict):
+            raise ConfigError(f"rewards.{name} must be a mapping such as {{weight: 1.0}}, got {options!r}")
+        config.rewards[name] = options
+        weight = options.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise ConfigError(f"rewards.{name}.weight = {weight!r} has the wrong type: expected a number")
+        valid = reward_options(name)
+        for key in options:
+            if key != "weight" and key not in valid:
+                raise ConfigError(f"rewards.{name}.{key}: unknown option for reward {name!r}; valid options: "
+                                  f"{sorted(['weight', *valid])}")
+    if (config.volume.gamma > 0 or (config.volume.gamma_end or 0) > 0) and "clip_score" not in config.rewards:
+        raise ConfigError(f"volume.gamma = {config.volume.gamma} needs text and image embeddings, which the "
+                          f"clip_score reward returns; add rewards.clip_score or set volume.gamma=0")
+    if len(config.volume.modalities) < 2:
+        raise ConfigError(f"volume.modalities = {config.volume.modalities}: the volume needs k >= 2 modalities")
+    if config.train.stat_min_count > config.train.stat_buffer_size:
+        raise ConfigError(f"train.stat_min_count = {config.train.stat_min_count} exceeds train.stat_buffer_size = "
+                          f"{config.train.stat_buffer_size}; per-prompt statistics would never be used")

@@ -1,0 +1,364 @@
+"""The driver: wires samplers, reward stage and learner on Ray and runs the epochs.
+
+It moves references only: trajectories go sampler -> learner and images sampler -> reward stage as
+ObjectRefs; the driver reads back scalar metrics (and the small evaluation images for grids).
+
+Pipelining (DESIGN.md §5): with ``cluster.max_staleness = 0`` each epoch samples with the newest
+adapter, then trains (synchronous DDPO). With 1, sampling of epoch k+1 is queued before the update
+on epoch k, so samplers work while the learner trains; epoch k+1 is then one version behind, which
+PPO's ratio against the recorded log-probs accounts for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from actors.policy import PolicySpec
+from actors.tiny import resolve_pretrained
+from cluster.config import Config
+from cluster.metrics import MetricsWriter, save_grid
+from cluster.seeding import batch_prompts, batch_seed, eval_seed
+from learner.learner import LearnerSpec
+from learner.schedules import linear_ramp
+
+TINY_CLIP = "tiny:clip"
+
+
+@dataclass
+class EpochBatch:
+    """References to one epoch's sampler batches, in submission order."""
+
+    trajectories: list  # ObjectRef[Trajectory]
+    images: list  # ObjectRef[ImageBatch]
+    scores: list  # ObjectRef[ScoredImages]
+    submitted_at: float
+
+
+def resolve_reward_specs(config: Config) -> tuple[dict[str, dict], dict[str, float]]:
+    """Splits ``rewards`` into builder options and weights; ``tiny:clip`` models are built locally."""
+    from rewards.tiny import tiny_aesthetic_options, tiny_clip_score_options
+
+    specs, weights = {}, {}
+    tiny_dir = Path(config.cache_dir) / "tiny-clip"
+    for name, options in config.rewards.items():
+        options = dict(options)
+        weights[name] = float(options.pop("weight", 1.0))
+        if name == "clip_score" and options.get("model") == TINY_CLIP:
+            options = {**options, **tiny_clip_score_options(tiny_dir, seed=options.get("seed", 0))}
+        if name == "aesthetic" and options.get("clip_model") == TINY_CLIP:
+            options = {**options, **tiny_aesthetic_options(tiny_dir, seed=options.get("seed", 0))}
+        specs[name] = options
+    return specs, weights
+
+
+def policy_spec(config: Config, *, pretrained: str, num_gpus: float) -> PolicySpec:
+    device = config.policy.device
+    if device == "auto":
+        device = "cuda" if num_gpus > 0 else "cpu"
+    s, p = config.sampling, config.policy
+    return PolicySpec(
+        pretrained=pretrained,
+        lora_rank=p.lora_rank,
+        lora_alpha=p.lora_alpha,
+        lora_targets=tuple(p.lora_targets),
+        dtype=p.dtype,
+        device=device,
+        num_steps=s.num_steps,
+        guidance_scale=s.guidance_scale,
+        eta=s.eta,
+        resolution=s.resolution,
+        negative_prompt=s.negative_prompt,
+        init_lora_seed=p.init_lora_seed,
+    )
+
+
+def learner_spec(config: Config) -> LearnerSpec:
+    fields = {f.name for f in dataclasses.fields(LearnerSpec)}
+    train = {k: v for k, v in dataclasses.asdict(config.train).items() if k in fields}
+    return LearnerSpec(**train, max_staleness=config.cluster.max_staleness, seed=config.seed)
+
+
+def banner(config: Config, run_dir: Path, ray_address: str) -> str:
+    c, s, t = config.cluster, config.sampling, config.train
+    samples = config.samples_per_epoch
+    pairs = samples * config.train_steps_per_sample * t.inner_epochs
+    steps = t.inner_epochs * t.updates_per_epoch
+    lines = [
+        "=" * 72,
+        f"gard train: {config.name}  ->  {run_dir}",
+        f"  ray                 : {ray_address}",
+        f"  policy              : {config.policy.pretrained} (LoRA r={config.policy.lora_rank}, {config.policy.dtype})",
+        "  rewards             : " + ", ".join(f"{k} x{v.get('weight', 1.0)}" for k, v in config.rewards.items())
+        + (f", volume gamma={config.volume.gamma}" if config.volume.gamma or config.volume.gamma_end else ""),
+        f"  epochs              : {config.epochs}   seed {config.seed}   max_staleness {c.max_staleness}",
+        f"  samplers            : {c.num_samplers} x {s.batches_per_sampler} batches x {s.batch_size} images"
+        f" = {samples} samples / epoch",
+        f"  DDIM                : {s.num_steps} steps, eta {s.eta}, guidance {s.guidance_scale}, {s.resolution}px",
+        f"  training            : {t.algorithm}, {config.train_steps_per_sample}/{s.num_steps} timesteps per sample,"
+        f" {t.inner_epochs} inner epoch(s)",
+        f"  (sample, t) pairs   : {pairs} / epoch in {steps} optimizer steps of ~{pairs // max(steps, 1)}"
+        f" (micro-batches of {t.micro_batch_size})",
+        f"  eval                : {len(config.prompts.eval)} prompts x {config.prompts.eval_images_per_prompt}"
+        f" images, fixed seeds",
+        "=" * 72,
+    ]
+    return "\n".join(lines)
+
+
+class Driver:
+    """Owns the Ray actors of one run and the epoch loop."""
+
+    def __init__(self, config: Config, *, run_dir: Path):
+        import ray
+
+        self.ray = ray
+        self.config = config
+        self.run_dir = run_dir
+        self.timeout = config.cluster.call_timeout_s
+        c = config.cluster
+        pretrained = resolve_pretrained(config.policy.pretrained, cache_dir=config.cache_dir)
+        specs, weights = resolve_reward_specs(config)
+        env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(c.torch_threads)}}
+        from actors.sampler import Sampler
+        from cluster.stages import RewardStage
+        from learner.learner import Learner
+
+        sampler_cls = ray.remote(num_cpus=c.sampler_num_cpus, num_gpus=c.sampler_num_gpus, runtime_env=env)(Sampler)
+        self.samplers = [
+            sampler_cls.remote(
+                spec=policy_spec(config, pretrained=pretrained, num_gpus=c.sampler_num_gpus),
+                worker_index=i,
+                torch_threads=c.torch_threads,
+            )
+            for i in range(c.num_samplers)
+        ]
+        self.learner = ray.remote(num_cpus=c.learner_num_cpus, num_gpus=c.learner_num_gpus, runtime_env=env)(
+            Learner
+        ).remote(
+            policy_spec=policy_spec(config, pretrained=pretrained, num_gpus=c.learner_num_gpus),
+            spec=learner_spec(config),
+            torch_threads=c.torch_threads,
+        )
+        self.reward_stage = ray.remote(num_cpus=c.reward_num_cpus, num_gpus=c.reward_num_gpus, runtime_env=env)(
+            RewardStage
+        ).remote(specs=specs, weights=weights, volume_modalities=tuple(config.volume.modalities))
+        self.weights_ref = None
+
+    # ----- helpers ------------------------------------------------------------------------
+    def _get(self, refs):
+        return self.ray.get(refs, timeout=self.timeout)
+
+    def gamma(self, epoch: int) -> float:
+        v = self.config.volume
+        return linear_ramp(epoch, start=v.gamma, end=v.gamma_end, ramp_epochs=v.ramp_epochs)
+
+    def broadcast(self) -> float:
+        """Publishes the learner's adapter once (one ObjectRef) and queues it on every sampler."""
+        start = time.perf_counter()
+        self.weights_ref = self.learner.publish.remote()
+        acks = [s.set_weights.remote(packet=self.weights_ref) for s in self.samplers]
+        return start, acks
+
+    def launch(self, epoch: int) -> EpochBatch:
+        """Queues one epoch of sampling and its reward calls (rewards run while sampling continues)."""
+        cfg, s = self.config, self.config.sampling
+        trajs, images, scores = [], [], []
+        gamma = self.gamma(epoch)
+        for batch in range(s.batches_per_sampler):
+            for worker, sampler in enumerate(self.samplers):
+                prompts = batch_prompts(
+                    cfg.prompts.train, size=s.batch_size, seed=cfg.seed, epoch=epoch, worker=worker, batch=batch
+                )
+                seed = batch_seed(cfg.seed, epoch=epoch, worker=worker, batch=batch)
+                traj_ref, image_ref = sampler.sample.options(num_returns=2).remote(prompts=prompts, seed=seed)
+                trajs.append(traj_ref)
+                images.append(image_ref)
+                scores.append(self.reward_stage.score.remote(batch=image_ref, gamma=gamma))
+        return EpochBatch(trajectories=trajs, images=images, scores=scores, submitted_at=time.perf_counter())
+
+    def evaluate(self) -> tuple[float, np.ndarray, dict[str, float]]:
+        """The fixed evaluation set (prompts x images_per_prompt, fixed seeds) with current weights."""
+        cfg = self.config
+        prompts = [p for p in cfg.prompts.eval for _ in range(cfg.prompts.eval_images_per_prompt)]
+        size = cfg.sampling.batch_size
+        chunks = [prompts[i : i + size] for i in range(0, len(prompts), size)]
+        image_refs, score_refs = [], []
+        for k, chunk in enumerate(chunks):
+            sampler = self.samplers[k % len(self.samplers)]
+            _, image_ref = sampler.sample.options(num_returns=2).remote(
+                prompts=chunk, seed=eval_seed(cfg.prompts.eval_seed, chunk=k)
+            )
+            image_refs.append(image_ref)
+            score_refs.append(self.reward_stage.score.remote(batch=image_ref, gamma=0.0))
+        scores = self._get(score_refs)
+        images = np.concatenate([b.images for b in self._get(image_refs)])
+        total = np.concatenate([s.total for s in scores])
+        components = {
+            f"eval_{name}": float(np.nanmean(np.concatenate([s.components[name] for s in scores])))
+            for name in scores[0].components
+        }
+        return float(np.nanmean(total)), images, components
+
+    def export_lora(self) -> Path:
+        files = self._get(self.learner.export_lora.remote())
+        out = self.run_dir / "lora"
+        out.mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            (out / name).write_bytes(data)
+        return out
+
+    # ----- the loop -----------------------------------------------------------------------
+    def run(self, *, log=print) -> list[dict]:
+        cfg = self.config
+        writer = MetricsWriter(self.run_dir, tensorboard=cfg.logging.tensorboard)
+        progress = _progress(cfg.epochs, enabled=cfg.logging.progress)
+        rows = []
+        try:
+            _, acks = self.broadcast()
+            self._get(acks)
+            eval_mean, eval_images, eval_parts = self.evaluate()
+            save_grid(eval_images, self.run_dir / "samples" / "eval_epoch0000.png")
+            log(f"eval before training: reward {eval_mean:.4f}")
+            pending = self.launch(0)
+            last_end = time.perf_counter()
+            for epoch in range(cfg.epochs):
+                current = pending
+                if cfg.cluster.max_staleness >= 1 and epoch + 1 < cfg.epochs:
+                    pending = self.launch(epoch + 1)  # samplers keep the current adapter while we train
+                update_ref = self.learner.update.remote(
+                    trajectories=current.trajectories, rewards=current.scores, epoch=epoch
+                )
+                wait_start = time.perf_counter()
+                scores = self._get(current.scores)
+                stats = self._get(update_ref)
+                broadcast_start, acks = self.broadcast()
+                applied = self._get(acks)
+                broadcast_s = time.perf_counter() - broadcast_start
+                if cfg.cluster.max_staleness == 0 and epoch + 1 < cfg.epochs:
+                    pending = self.launch(epoch + 1)
+                row = self._epoch_row(epoch, scores, stats, applied, broadcast_s=broadcast_s)
+                row["driver_wait_s"] = time.perf_counter() - wait_start
+                last_eval = epoch + 1 == cfg.epochs
+                every = cfg.logging.eval_every
+                if last_eval or (every and (epoch + 1) % every == 0):
+                    row["eval_reward_mean"], eval_images, eval_parts = self.evaluate()
+                    row.update(eval_parts)
+                    save_grid(eval_images, self.run_dir / "samples" / f"eval_epoch{epoch + 1:04d}.png")
+                if epoch == 0:
+                    row["eval_reward_mean_initial"] = eval_mean
+                now = time.perf_counter()
+                row["epoch_s"] = now - last_end
+                row["samples_per_s"] = row["n_samples_scored"] / row["epoch_s"]
+                last_end = now
+                writer.write(row)
+                rows.append(row)
+                progress.update(1)
+                progress.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row.get('kl', 0):.2e}")
+                log(_summary_line(row))
+            lora_dir = self.export_lora()
+            log(f"final adapter: {lora_dir}")
+        finally:
+            progress.close()
+            writer.close()
+        return rows
+
+    def _epoch_row(self, epoch, scores, stats, applied, *, broadcast_s) -> dict:
+        total = np.concatenate([s.total for s in scores])
+        finite = total[np.isfinite(total)]
+        row = {
+            "epoch": epoch,
+            "policy_version": int(stats.get("version", epoch + 1)),
+            "reward_mean": float(finite.mean()) if finite.size else float("nan"),
+            "reward_std": float(finite.std()) if finite.size else float("nan"),
+            "n_samples_scored": int(total.size),
+            "sampled_policy_version": int(min(s.policy_version for s in scores)),
+        }
+        for name in scores[0].components:
+            values = np.concatenate([s.components[name] for s in scores])
+            row[f"reward_{name}"] = float(np.nanmean(values))
+        if scores[0].volume is not None:
+            row["volume_mean"] = float(np.nanmean(np.concatenate([s.volume for s in scores])))
+        row["gamma"] = self.gamma(epoch)
+        row["sample_s"] = float(sum(s.sample_s for s in scores)) / len(self.samplers)
+        row["reward_s"] = float(sum(sum(s.reward_latency_s.values()) for s in scores))
+        for key in ("loss", "pg_loss", "kl", "approx_kl", "clipfrac", "ratio", "grad_norm", "beta",
+                    "advantage_abs_mean", "n_pairs", "stale_refused", "nonfinite_rewards", "train_s",
+                    "pairs_per_s", "publish_s"):
+            if key in stats:
+                row[key] = stats[key]
+        row["broadcast_s"] = broadcast_s
+        row["apply_weights_s"] = max(a["apply_s"] for a in applied)
+        return row
+
+
+def _summary_line(row: dict) -> str:
+    parts = [f"epoch {row['epoch']:>3}", f"v{row['policy_version']}", f"reward {row['reward_mean']:.4f}"
+             f" ± {row['reward_std']:.4f}", f"loss {row.get('loss', float('nan')):.3e}",
+             f"kl {row.get('kl', float('nan')):.2e}", f"approx_kl {row.get('approx_kl', float('nan')):.2e}",
+             f"clipfrac {row.get('clipfrac', float('nan')):.2f}", f"{row['epoch_s']:.1f}s"]
+    if "eval_reward_mean" in row:
+        parts.append(f"eval {row['eval_reward_mean']:.4f}")
+    return "  ".join(parts)
+
+
+def _progress(total: int, *, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="epochs", unit="epoch", disable=not enabled, leave=True)
+
+
+@contextlib.contextmanager
+def ray_session(config: Config):
+    """Connects to ``cluster.address`` or starts a local Ray bound to 127.0.0.1; shuts down what it started."""
+    # Ray binds its ports to loopback only with this set (ENVIRONMENT.md); set before import.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    started = False
+    if ray.is_initialized():
+        address = "already initialized"
+    elif config.cluster.address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=config.cluster.address or os.environ["RAY_ADDRESS"], log_to_driver=True)
+        address = config.cluster.address or os.environ["RAY_ADDRESS"]
+    else:
+        ray.init(
+            num_cpus=config.cluster.local_num_cpus,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            log_to_driver=True,
+            configure_logging=True,
+            logging_level="WARNING",
+        )
+        started = True
+        address = "local (127.0.0.1)"
+    try:
+        yield address
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def prepare_run_dir(config: Config, output_dir: str | None) -> Path:
+    run_dir = Path(output_dir or config.output_dir or f"runs/{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return run_dir
+
+
+def train(config: Config, *, output_dir: str | None = None, log=print) -> Path:
+    """Runs a whole training job; returns the run directory."""
+    run_dir = prepare_run_dir(config, output_dir)
+    with ray_session(config) as address:
+        log(banner(config, run_dir, address))
+        driver = Driver(config, run_dir=run_dir)
+        driver.run(log=log)
+    return run_dir

@@ -1,0 +1,88 @@
+"""Run-directory sinks: metrics.jsonl, TensorBoard scalars, sample grids and the reward curve."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+
+def _clean(value):
+    if isinstance(value, (np.floating, np.integer)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN; a missing value reads as null
+    return value
+
+
+class MetricsWriter:
+    """Appends one JSON object per epoch to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
+
+    def __init__(self, run_dir: Path, *, tensorboard: bool = True):
+        self.run_dir = run_dir
+        self.path = run_dir / "metrics.jsonl"
+        self.rows: list[dict] = []
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def write(self, row: dict) -> None:
+        row = {k: _clean(v) for k, v in row.items()}
+        self.rows.append(row)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "epoch":
+                    self._tb.add_scalar(key, value, global_step=row["epoch"])
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        plot_reward_curve(self.rows, self.run_dir / "reward_curve.png")
+
+
+def plot_reward_curve(rows: list[dict], path: Path) -> None:
+    """Training reward mean ± std per epoch, with the evaluation reward where it was measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in rows if r.get("reward_mean") is not None]
+    evals = [r for r in rows if r.get("eval_reward_mean") is not None]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        x = np.array([r["epoch"] for r in train])
+        mean = np.array([r["reward_mean"] for r in train])
+        std = np.array([r.get("reward_std") or 0.0 for r in train])
+        ax.plot(x, mean, label="train reward (mean)")
+        ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+    if evals:
+        ax.plot([r["epoch"] for r in evals], [r["eval_reward_mean"] for r in evals], "o-", label="eval reward (fixed set)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("reward")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_grid(images: np.ndarray, path: Path, *, columns: int = 4) -> None:
+    """uint8 [N, H, W, 3] -> one PNG grid."""
+    from PIL import Image
+
+    n, h, w, _ = images.shape
+    columns = max(1, min(columns, n))
+    rows = math.ceil(n / columns)
+    grid = np.full((rows * h, columns * w, 3), 255, dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(path)

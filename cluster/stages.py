@@ -1,0 +1,50 @@
+"""Small actor classes the driver builds on Ray (plain classes; ray.remote is applied in driver.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from actors.trajectory import ImageBatch
+
+
+@dataclass
+class ScoredImages:
+    """One sampler batch's rewards plus the sampler timing, small enough for the driver to read.
+
+    total float32 [B] (what the learner trains on; NaN = unscorable), components name -> [B].
+    """
+
+    total: np.ndarray
+    components: dict[str, np.ndarray]
+    volume: np.ndarray | None
+    reward_latency_s: dict[str, float]
+    sample_s: float
+    policy_version: int
+    captions: list[str] | None = None
+
+
+class RewardStage:
+    """Scores ImageBatches from the samplers with a ``rewards.RewardWorker``.
+
+    Receives the ImageBatch by reference (Ray resolves it in this process), so images travel
+    sampler -> reward stage directly and never through the driver.
+    """
+
+    def __init__(self, *, specs: dict[str, dict], weights: dict[str, float], volume_modalities: tuple[str, ...]):
+        from rewards.worker import RewardWorker
+
+        self.worker = RewardWorker(specs=specs, weights=weights, volume_modalities=volume_modalities)
+
+    def score(self, *, batch: ImageBatch, gamma: float) -> ScoredImages:
+        scored = self.worker.score(images=batch.images, prompts=batch.prompts, gamma=gamma)
+        return ScoredImages(
+            total=scored.total,
+            components=scored.components,
+            volume=scored.volume,
+            reward_latency_s=scored.latency_s,
+            sample_s=batch.sample_s,
+            policy_version=batch.policy_version,
+            captions=scored.captions,
+        )

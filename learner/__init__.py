@@ -1,0 +1,1 @@
+"""Pure losses and advantages, schedules, and the Learner actor class."""

@@ -1,0 +1,254 @@
+"""The Learner actor: advantages, PPO / policy-gradient + β·KL updates on DDIM transitions, publishing.
+
+A plain class; ``cluster/`` wraps it with ``ray.remote(...)``. One ``update`` per epoch:
+
+1. drop trajectories older than ``max_staleness`` versions (counted) and samples whose reward is
+   NaN/inf (counted, never trained on);
+2. advantages from the per-prompt stat tracker (DDPO), clipped to ±adv_clip_max;
+3. for each inner epoch, every sample keeps a random ``timestep_fraction`` of its T transitions; the
+   (sample, timestep) pairs are shuffled and split into ``updates_per_epoch`` optimizer steps, each
+   processed in micro-batches of ``micro_batch_size`` pairs with per-pair timesteps in one UNet call;
+   the loss of a step is the mean over its pairs (gradients averaged over samples x timesteps);
+4. AdamW with gradient-norm clipping; then the version increments and ``publish`` packs the adapter.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from actors.ddim import ddim_mean_std, gaussian_log_prob
+from actors.policy import Policy, PolicySpec
+from actors.trajectory import Trajectory, concat_trajectories
+from actors.weights import WeightsPacket, pack_adapter
+from learner.advantages import PerPromptStatTracker, batch_advantages, clip_advantages
+from learner.losses import gaussian_kl, policy_gradient_loss, ppo_clip_loss
+from learner.schedules import linear_ramp
+
+ALGORITHMS = ("ppo", "pg")
+ADVANTAGE_MODES = ("per_prompt", "batch")
+
+
+@dataclass(frozen=True)
+class LearnerSpec:
+    """Optimization settings (the ``train`` config section)."""
+
+    algorithm: str = "ppo"
+    learning_rate: float = 3e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-4
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    clip_range: float = 1e-4
+    adv_clip_max: float = 5.0
+    advantage: str = "per_prompt"
+    stat_buffer_size: int = 32
+    stat_min_count: int = 16
+    timestep_fraction: float = 1.0
+    inner_epochs: int = 1
+    updates_per_epoch: int = 4
+    micro_batch_size: int = 16
+    kl_beta: float = 0.0
+    kl_beta_end: float | None = None
+    kl_ramp_epochs: int = 0
+    max_staleness: int = 0
+    seed: int = 0
+
+
+def _resolve(items: list) -> list:
+    """Materializes Ray ObjectRefs (the driver passes references, never the data itself)."""
+    refs = [i for i, item in enumerate(items) if type(item).__name__ == "ObjectRef"]
+    if not refs:
+        return list(items)
+    import ray
+
+    values = ray.get([items[i] for i in refs], timeout=600)
+    out = list(items)
+    for i, value in zip(refs, values):
+        out[i] = value
+    return out
+
+
+class Learner:
+    """Owns the trainable policy, the optimizer and the advantage statistics."""
+
+    def __init__(self, *, policy_spec: PolicySpec, spec: LearnerSpec, torch_threads: int = 1):
+        torch.set_num_threads(torch_threads)
+        if spec.algorithm not in ALGORITHMS:
+            raise ValueError(f"train.algorithm={spec.algorithm!r} is not one of {list(ALGORITHMS)}")
+        if spec.advantage not in ADVANTAGE_MODES:
+            raise ValueError(f"train.advantage={spec.advantage!r} is not one of {list(ADVANTAGE_MODES)}")
+        self.spec = spec
+        self.policy = Policy(policy_spec)
+        self.policy.unet.train()
+        self._named_params = self.policy.named_trainable_parameters()
+        self.optimizer = torch.optim.AdamW(
+            [p for _, p in self._named_params],
+            lr=spec.learning_rate,
+            betas=(spec.adam_beta1, spec.adam_beta2),
+            weight_decay=spec.adam_weight_decay,
+            eps=spec.adam_eps,
+        )
+        self.stat_tracker = PerPromptStatTracker(buffer_size=spec.stat_buffer_size, min_count=spec.stat_min_count)
+        self.version = 0
+        self.last_publish_s = 0.0
+
+    # ----- publishing ----------------------------------------------------------------------
+    def publish(self) -> WeightsPacket:
+        """The current adapter as one flat buffer with (version, checksum)."""
+        start = time.perf_counter()
+        packet = pack_adapter(self._named_params, version=self.version)
+        self.last_publish_s = time.perf_counter() - start
+        return packet
+
+    def load_weights(self, *, packet: WeightsPacket) -> int:
+        """Starts from a published adapter (e.g. a previous run's); returns its version."""
+        from actors.weights import unpack_adapter_into
+
+        unpack_adapter_into(self._named_params, packet)
+        self.version = packet.version
+        return self.version
+
+    def save_lora(self, *, directory: str) -> str:
+        return str(self.policy.save_lora(directory))
+
+    def export_lora(self) -> dict[str, bytes]:
+        """The diffusers-format adapter files as bytes, so a driver on another node can write them."""
+        import tempfile
+        from pathlib import Path
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.policy.save_lora(tmp)
+            return {f.name: f.read_bytes() for f in Path(tmp).iterdir() if f.is_file()}
+
+    # ----- training ------------------------------------------------------------------------
+    def update(self, *, trajectories: list, rewards: list, epoch: int) -> dict[str, float]:
+        """Trains on one epoch of trajectories and their rewards (aligned lists, refs or values).
+
+        ``rewards[i]`` is a float array [B_i] or an object with ``total`` [B_i] (a ScoredBatch).
+        Returns scalar stats; the version is incremented when at least one optimizer step ran.
+        """
+        start = time.perf_counter()
+        spec = self.spec
+        parts: list[Trajectory] = _resolve(trajectories)
+        totals = [np.asarray(getattr(r, "total", r), dtype=np.float32) for r in _resolve(rewards)]
+        if len(parts) != len(totals):
+            raise ValueError(f"{len(parts)} trajectory batches but {len(totals)} reward batches")
+        for part, total in zip(parts, totals):
+            if len(part) != total.shape[0]:
+                raise ValueError(f"a trajectory batch of {len(part)} samples came with {total.shape[0]} rewards")
+
+        fresh = [i for i, p in enumerate(parts) if self.version - p.policy_version <= spec.max_staleness]
+        stale_refused = sum(len(parts[i]) for i in range(len(parts)) if i not in fresh)
+        stats: dict[str, float] = {"stale_refused": float(stale_refused)}
+        if not fresh:
+            return {**stats, "nonfinite_rewards": 0.0, "n_samples": 0.0, "n_pairs": 0.0, "train_s": 0.0}
+        batch = concat_trajectories([parts[i] for i in fresh])
+        reward = np.concatenate([totals[i] for i in fresh])
+        finite = np.isfinite(reward)
+        stats["nonfinite_rewards"] = float((~finite).sum())
+        keep = np.flatnonzero(finite)
+        if keep.size == 0:
+            return {**stats, "n_samples": 0.0, "n_pairs": 0.0, "train_s": 0.0}
+        prompts = [batch.prompts[i] for i in keep]
+        if spec.advantage == "per_prompt":
+            advantages = self.stat_tracker.update(prompts, reward[keep])
+        else:
+            advantages = batch_advantages(reward[keep])
+        advantages = clip_advantages(advantages, max_abs=spec.adv_clip_max)
+
+        # Fancy indexing copies, so these tensors own writable memory (Ray's arrays are read-only).
+        latents = torch.from_numpy(batch.latents[keep])
+        old_log_probs = torch.from_numpy(batch.log_probs[keep])
+        timesteps = torch.from_numpy(batch.timesteps.copy())
+        adv = torch.from_numpy(advantages)
+        beta = linear_ramp(epoch, start=spec.kl_beta, end=spec.kl_beta_end, ramp_epochs=spec.kl_ramp_epochs)
+        with torch.no_grad():
+            embeds = self.policy.encode_prompts(prompts)
+
+        rng = np.random.default_rng(np.random.SeedSequence([spec.seed, epoch, 0x1EA2]))
+        n_samples, n_steps = old_log_probs.shape
+        n_train_steps = max(1, int(n_steps * spec.timestep_fraction))
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+
+        def add(name: str, value: float, weight: int) -> None:
+            sums[name] = sums.get(name, 0.0) + value * weight
+            counts[name] = counts.get(name, 0) + weight
+
+        n_pairs_total = 0
+        for _ in range(spec.inner_epochs):
+            step_idx = np.stack([rng.permutation(n_steps)[:n_train_steps] for _ in range(n_samples)])
+            sample_idx = np.repeat(np.arange(n_samples), n_train_steps)
+            pairs = np.stack([sample_idx, step_idx.reshape(-1)], axis=1)[rng.permutation(sample_idx.size)]
+            for chunk in np.array_split(pairs, min(spec.updates_per_epoch, len(pairs))):
+                self.optimizer.zero_grad(set_to_none=True)
+                for m_start in range(0, len(chunk), spec.micro_batch_size):
+                    micro = chunk[m_start : m_start + spec.micro_batch_size]
+                    weight = len(micro) / len(chunk)
+                    measure_kl = beta > 0 or m_start == 0  # monitor KL cheaply when it is not trained
+                    loss, micro_stats = self._micro_batch_loss(
+                        micro, latents, old_log_probs, timesteps, adv, embeds, beta=beta, measure_kl=measure_kl
+                    )
+                    (loss * weight).backward()
+                    for name, value in micro_stats.items():
+                        add(name, value, len(micro))
+                grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in self._named_params], spec.max_grad_norm)
+                add("grad_norm", float(grad_norm), 1)
+                self.optimizer.step()
+                n_pairs_total += len(chunk)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.version += 1
+        train_s = time.perf_counter() - start
+        stats.update({name: sums[name] / counts[name] for name in sums})
+        stats.update(
+            {
+                "n_samples": float(n_samples),
+                "n_pairs": float(n_pairs_total),
+                "beta": float(beta),
+                "advantage_abs_mean": float(np.abs(advantages).mean()),
+                "train_s": train_s,
+                "version": float(self.version),
+                "publish_s": self.last_publish_s,
+                "pairs_per_s": n_pairs_total / train_s if train_s > 0 else math.nan,
+            }
+        )
+        return stats
+
+    def _micro_batch_loss(self, micro, latents, old_log_probs, timesteps, adv, embeds, *, beta, measure_kl):
+        """Loss and stats of one micro-batch of (sample, step) index pairs [m, 2]."""
+        policy = self.policy
+        i = torch.from_numpy(micro[:, 0])
+        j = torch.from_numpy(micro[:, 1])
+        device = policy.device
+        x_t = latents[i, j].to(device)
+        x_next = latents[i, j + 1].to(device)
+        t = timesteps[j].to(device)
+        pair_embeds = embeds[i.to(embeds.device)]
+        model_output = policy.guided_output(x_t, t, pair_embeds)
+        mean, std = ddim_mean_std(policy.scheduler, model_output, t, x_t, eta=policy.spec.eta)
+        log_prob = gaussian_log_prob(x_next, mean, std)
+        old = old_log_probs[i, j].to(device)
+        advantages = adv[i].to(device)
+        if self.spec.algorithm == "ppo":
+            pg_loss, stats = ppo_clip_loss(log_prob, old, advantages, clip_range=self.spec.clip_range)
+        else:
+            pg_loss, stats = policy_gradient_loss(log_prob, old, advantages)
+        out = {name: float(value) for name, value in stats.items()}
+        out["pg_loss"] = float(pg_loss.detach())
+        loss = pg_loss
+        if measure_kl:
+            with torch.no_grad(), policy.reference():
+                ref_output = policy.guided_output(x_t, t, pair_embeds)
+            ref_mean, _ = ddim_mean_std(policy.scheduler, ref_output, t, x_t, eta=policy.spec.eta)
+            kl = gaussian_kl(mean, ref_mean, std).mean()
+            out["kl"] = float(kl.detach())
+            if beta > 0:
+                loss = loss + beta * kl
+        out["loss"] = float(loss.detach())
+        return loss, out

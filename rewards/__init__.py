@@ -1,0 +1,21 @@
+"""Reward models, their weighted combination and the GARD volume term (DESIGN.md §3-4)."""
+
+from rewards.base import Reward, RewardOutput, check_batch
+from rewards.combine import CombinedReward, combine_rewards
+from rewards.registry import REWARDS, build_reward, reward_options
+from rewards.volume import gram_volume
+from rewards.worker import RewardWorker, ScoredBatch
+
+__all__ = [
+    "REWARDS",
+    "CombinedReward",
+    "Reward",
+    "RewardOutput",
+    "RewardWorker",
+    "ScoredBatch",
+    "build_reward",
+    "check_batch",
+    "combine_rewards",
+    "gram_volume",
+    "reward_options",
+]

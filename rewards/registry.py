@@ -1,0 +1,45 @@
+"""Reward names -> classes, and construction from config options with clear errors (DESIGN.md §4)."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from rewards.aesthetic import Aesthetic
+from rewards.base import Reward
+from rewards.clip_score import ClipScore
+from rewards.jpeg import JpegCompressibility, JpegIncompressibility
+
+REWARDS: dict[str, type] = {
+    cls.name: cls for cls in (JpegCompressibility, JpegIncompressibility, ClipScore, Aesthetic)
+}
+
+
+def _reward_class(name: str) -> type:
+    if name not in REWARDS:
+        raise ValueError(f"unknown reward {name!r}; valid rewards: {sorted(REWARDS)}")
+    return REWARDS[name]
+
+
+def reward_options(name: str) -> dict[str, Any]:
+    """The keyword options reward ``name`` accepts, with defaults (``inspect.Parameter.empty`` if required)."""
+    params = inspect.signature(_reward_class(name)).parameters.values()
+    return {
+        p.name: p.default
+        for p in params
+        if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    }
+
+
+def build_reward(name: str, **options: Any) -> Reward:
+    """Constructs reward ``name`` with ``options``; ValueError for an unknown name or option."""
+    valid = reward_options(name)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"reward {name!r} got unknown option(s) {unknown}; valid options: {sorted(valid)}")
+    missing = sorted(
+        k for k, default in valid.items() if default is inspect.Parameter.empty and k not in options
+    )
+    if missing:
+        raise ValueError(f"reward {name!r} needs option(s) {missing}")
+    return _reward_class(name)(**options)
