@@ -1,0 +1,98 @@
+"""Config tree: loading, overrides, and one clear error per kind of bad input (CLI exit code 2)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cluster.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+BASE = "prompts:\n  train: [a cat, a dog]\n"
+
+
+def test_demo_config_loads_with_overrides():
+    config = load_config(REPO / "configs" / "demo.yaml", ["epochs=2", "seed=3", "train.learning_rate=1e-3",
+                                                          "rewards.jpeg_compressibility.weight=2"])
+    assert config.epochs == 2 and config.seed == 3
+    assert config.train.learning_rate == pytest.approx(1e-3)
+    assert config.rewards["jpeg_compressibility"]["weight"] == 2
+    assert config.samples_per_epoch == config.cluster.num_samplers * config.sampling.batches_per_sampler * 8
+
+
+def test_every_preset_is_valid():
+    for preset in sorted((REPO / "configs").glob("*.yaml")):
+        load_config(preset)
+
+
+@pytest.mark.parametrize(
+    "text, overrides, pattern",
+    [
+        (BASE + "epochz: 3\n", [], r"unknown config key\(s\) \['epochz'\].*valid keys: .*'epochs'"),
+        (BASE + "train:\n  lr: 1\n", [], r"\['train.lr'\] in train; valid keys: .*learning_rate"),
+        (BASE, ["epochs=two"], r"epochs = 'two' has the wrong type: expected int"),
+        (BASE, ["sampling.num_steps=-5"], r"sampling.num_steps = -5 is out of range: expected > 0"),
+        (BASE, ["sampling.eta=0"], r"sampling.eta = 0.0 is out of range: expected > 0 \(training needs stochastic"),
+        (BASE, ["train.clip_range=0"], r"train.clip_range = 0.0 is out of range: expected > 0"),
+        (BASE, ["train.algorithm=dpo"], r"train.algorithm = 'dpo' is out of range: expected one of \['ppo', 'pg'\]"),
+        (BASE, ["sampling.resolution=60"], r"sampling.resolution = 60 .* multiple of 8"),
+        (BASE, ["cluster.max_staleness=3"], r"cluster.max_staleness = 3 .*0 \(synchronous\) or 1"),
+        ("prompts:\n  train: []\n", [], r"prompts.train is empty"),
+        ("prompts:\n  train: ['a', '  ']\n", [], r"prompts.train\[1\] is an empty string"),
+        (BASE + "prompts:\n  train_file: nowhere.txt\n", [], r"prompts.train_file = 'nowhere.txt': no such prompt file"),
+        (BASE + "rewards:\n  jpeg: {weight: 1}\n", [], r"unknown reward 'jpeg'; valid rewards: .*jpeg_compressibility"),
+        (BASE + "rewards:\n  jpeg_compressibility: {weight: x}\n", [], r"rewards.jpeg_compressibility.weight = 'x'"),
+        (BASE + "rewards:\n  jpeg_compressibility: {qual: 3}\n", [], r"rewards.jpeg_compressibility.qual: unknown option.*quality"),
+        (BASE + "rewards: {}\n", [], r"rewards is empty"),
+        (BASE, ["volume.gamma=0.5"], r"volume.gamma = 0.5 needs text and image embeddings"),
+        (BASE, ["epochs"], r"override 'epochs' is not of the form key=value"),
+        (BASE, ["policy.lora_targets=to_q"], r"policy.lora_targets = 'to_q' has the wrong type: expected a list"),
+    ],
+)
+def test_bad_config_gives_a_clear_error(tmp_path, text, overrides, pattern):
+    # Duplicate top-level "prompts" keys in YAML: the later one wins, so each case is self-contained.
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(_write(tmp_path, text), overrides)
+
+
+def test_prompt_file_is_read_relative_to_the_config(tmp_path):
+    (tmp_path / "prompts.txt").write_text("a cat\n\n# a comment\na dog\n")
+    config = load_config(_write(tmp_path, "prompts:\n  train_file: prompts.txt\n"))
+    assert config.prompts.train == ["a cat", "a dog"]
+    assert config.prompts.eval == ["a cat", "a dog"]  # defaults to the first training prompts
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="config file 'no/such.yaml' does not exist"):
+        load_config("no/such.yaml")
+
+
+def _gard(*args, cwd=REPO):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "cluster", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_cli_help_and_config_errors_exit_2_without_traceback(tmp_path):
+    help_run = _gard("--help")
+    assert help_run.returncode == 0 and "train" in help_run.stdout
+    train_help = _gard("train", "--help")
+    assert train_help.returncode == 0 and "--output-dir" in train_help.stdout
+    bad = _gard("train", str(_write(tmp_path, BASE)), "train.clip_range=-1")
+    assert bad.returncode == 2
+    assert "config error: train.clip_range = -1.0 is out of range" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    missing = _gard("train", "missing.yaml")
+    assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr

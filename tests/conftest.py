@@ -1,0 +1,31 @@
+"""Shared fixtures: one torch thread, offline hub, a tiny SD pipeline saved once per session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> str:
+    """A tiny ε-prediction StableDiffusionPipeline directory (random weights, built from configs)."""
+    from actors.tiny import build_tiny_sd
+
+    return str(build_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_v(tmp_path_factory) -> str:
+    """The same tiny pipeline with a v-prediction scheduler."""
+    from actors.tiny import build_tiny_sd
+
+    return str(build_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd-v", prediction_type="v_prediction"))

@@ -1,0 +1,134 @@
+"""The Learner in-process: update direction, staleness, NaN rewards, KL to the reference, publishing."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from actors.ddim import ddim_mean_std, gaussian_log_prob
+from actors.policy import PolicySpec
+from actors.sampler import Sampler
+from learner.learner import Learner, LearnerSpec
+
+PROMPTS = ["a cat", "a cat", "a dog", "a dog"]
+
+
+@pytest.fixture(scope="module")
+def policy_spec(tiny_sd) -> PolicySpec:
+    return PolicySpec(pretrained=tiny_sd, num_steps=4, resolution=64, guidance_scale=3.0)
+
+
+@pytest.fixture(scope="module")
+def batch(policy_spec):
+    sampler = Sampler(spec=policy_spec)
+    traj, images = sampler.sample(prompts=PROMPTS, seed=0)
+    return traj, images
+
+
+def _log_probs(learner: Learner, traj) -> torch.Tensor:
+    """Current log-probs [B, T] of the stored transitions."""
+    policy = learner.policy
+    embeds = policy.encode_prompts(traj.prompts)
+    latents = torch.from_numpy(traj.latents)
+    out = []
+    with torch.no_grad():
+        for j, t in enumerate(traj.timesteps):
+            model_output = policy.guided_output(latents[:, j], torch.tensor(int(t)), embeds)
+            mean, std = ddim_mean_std(policy.scheduler, model_output, int(t), latents[:, j])
+            out.append(gaussian_log_prob(latents[:, j + 1], mean, std))
+    return torch.stack(out, dim=1)
+
+
+def _spec(**kw) -> LearnerSpec:
+    base = dict(algorithm="pg", learning_rate=1e-2, advantage="batch", updates_per_epoch=1, micro_batch_size=7,
+                adam_weight_decay=0.0)
+    return LearnerSpec(**{**base, **kw})
+
+
+@pytest.mark.parametrize("algorithm", ["pg", "ppo"])
+def test_update_raises_log_prob_of_positive_advantage_samples(policy_spec, batch, algorithm):
+    traj, _ = batch
+    learner = Learner(policy_spec=policy_spec, spec=_spec(algorithm=algorithm, clip_range=0.5))
+    before = _log_probs(learner, traj)
+    np.testing.assert_allclose(before.numpy(), traj.log_probs, rtol=1e-5, atol=1e-4)
+    rewards = np.array([1.0, 0.0, 1.0, 0.0], dtype=np.float32)
+    stats = learner.update(trajectories=[traj], rewards=[rewards], epoch=0)
+    after = _log_probs(learner, traj)
+    delta = (after - before).sum(dim=1)
+    assert delta[0] > 0 and delta[2] > 0 and delta[1] < 0 and delta[3] < 0
+    assert learner.version == 1 and stats["n_pairs"] == 16 and stats["n_samples"] == 4
+    for key in ("loss", "kl", "approx_kl", "clipfrac", "grad_norm", "train_s"):
+        assert np.isfinite(stats[key]), key
+    assert stats["kl"] >= 0
+
+
+def test_nonfinite_rewards_are_dropped_and_counted(policy_spec, batch):
+    traj, _ = batch
+    learner = Learner(policy_spec=policy_spec, spec=_spec())
+    stats = learner.update(trajectories=[traj], rewards=[np.array([1.0, np.nan, np.inf, 0.0], np.float32)], epoch=0)
+    assert stats["nonfinite_rewards"] == 2 and stats["n_samples"] == 2 and stats["n_pairs"] == 8
+    current = dataclasses.replace(traj, policy_version=learner.version)
+    all_nan = learner.update(trajectories=[current], rewards=[np.full(4, np.nan, np.float32)], epoch=1)
+    assert all_nan["n_pairs"] == 0 and all_nan["nonfinite_rewards"] == 4
+
+
+def test_stale_trajectories_are_refused_and_counted(policy_spec, batch):
+    traj, _ = batch
+    learner = Learner(policy_spec=policy_spec, spec=_spec(max_staleness=1))
+    learner.version = 2
+    stale = dataclasses.replace(traj, policy_version=0)
+    fresh = dataclasses.replace(traj, policy_version=1)
+    params = [p.clone() for _, p in learner.policy.named_trainable_parameters()]
+    stats = learner.update(trajectories=[stale], rewards=[np.arange(4, dtype=np.float32)], epoch=0)
+    assert stats["stale_refused"] == 4 and stats["n_pairs"] == 0
+    for before, (_, p) in zip(params, learner.policy.named_trainable_parameters(), strict=True):
+        torch.testing.assert_close(before, p)  # nothing trained on stale data
+    stats = learner.update(trajectories=[stale, fresh], rewards=[np.arange(4.0), np.arange(4.0)], epoch=0)
+    assert stats["stale_refused"] == 4 and stats["n_samples"] == 4
+
+
+def test_timestep_fraction_and_updates_per_epoch(policy_spec, batch):
+    traj, _ = batch
+    learner = Learner(policy_spec=policy_spec, spec=_spec(timestep_fraction=0.5, updates_per_epoch=3, inner_epochs=2))
+    stats = learner.update(trajectories=[traj], rewards=[np.arange(4, dtype=np.float32)], epoch=0)
+    assert stats["n_pairs"] == 2 * 4 * 2  # inner epochs x samples x kept steps
+    assert learner.optimizer.state[learner.optimizer.param_groups[0]["params"][0]]["step"] == 6
+
+
+def test_kl_term_pulls_toward_the_reference(policy_spec, batch):
+    """With zero advantages, the β·KL loss alone moves a perturbed adapter back toward the base model."""
+    traj, _ = batch
+    learner = Learner(policy_spec=policy_spec, spec=_spec(kl_beta=1.0, learning_rate=3e-3))
+    with torch.no_grad():
+        for _, p in learner.policy.named_trainable_parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    flat = np.zeros(4, dtype=np.float32)  # constant rewards -> zero advantages
+    first = learner.update(trajectories=[traj], rewards=[flat], epoch=0)
+    for epoch in range(1, 6):
+        current = dataclasses.replace(traj, policy_version=learner.version)
+        last = learner.update(trajectories=[current], rewards=[flat], epoch=epoch)
+    assert first["kl"] > 0 and last["kl"] < first["kl"]
+    assert first["beta"] == 1.0
+
+
+def test_publish_packs_the_current_adapter_with_version(policy_spec, batch):
+    traj, _ = batch
+    learner = Learner(policy_spec=policy_spec, spec=_spec())
+    learner.update(trajectories=[traj], rewards=[np.arange(4, dtype=np.float32)], epoch=0)
+    packet = learner.publish()
+    assert packet.version == 1
+    sampler = Sampler(spec=policy_spec)
+    sampler.set_weights(packet=packet)
+    for (_, a), (_, b) in zip(learner.policy.named_trainable_parameters(),
+                              sampler.policy.named_trainable_parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_mismatched_reward_batches_are_rejected(policy_spec, batch):
+    traj, _ = batch
+    learner = Learner(policy_spec=policy_spec, spec=_spec())
+    with pytest.raises(ValueError, match="came with 3 rewards"):
+        learner.update(trajectories=[traj], rewards=[np.zeros(3, np.float32)], epoch=0)
