@@ -113,10 +113,12 @@ class Policy:
     def save_lora(self, directory: str | Path) -> Path:
         """Writes the adapter in diffusers format (``pipe.load_lora_weights(directory)`` loads it)."""
         from diffusers import StableDiffusionPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
+        # peft key names (lora_A / lora_B), which the loader reads for every layer type. diffusers'
+        # convert_state_dict_to_diffusers renames only attention layers to the old lora.down/up
+        # names and leaves conv LoRA as is; the loader then drops half of such a mixed adapter.
+        state = get_peft_model_state_dict(self.unet)
         state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
         StableDiffusionPipeline.save_lora_weights(
             save_directory=str(directory),

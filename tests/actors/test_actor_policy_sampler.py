@@ -114,10 +114,16 @@ def test_reference_context_disables_the_adapter(sampler):
     assert not torch.allclose(adapted, reference)
 
 
-def test_exported_lora_reproduces_the_policy_in_a_fresh_diffusers_pipeline(tiny_sd, tmp_path):
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+ATTENTION_AND_CONV = (*ATTENTION, "conv1", "conv2", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+
+
+@pytest.mark.parametrize("targets", [ATTENTION, ATTENTION_AND_CONV], ids=["attention", "attention+conv"])
+def test_exported_lora_reproduces_the_policy_in_a_fresh_diffusers_pipeline(tiny_sd, tmp_path, targets):
     from diffusers import StableDiffusionPipeline
 
-    spec = PolicySpec(pretrained=tiny_sd, num_steps=5, guidance_scale=4.0, lora_rank=4, lora_alpha=8.0)
+    spec = PolicySpec(pretrained=tiny_sd, num_steps=5, guidance_scale=4.0, lora_rank=4, lora_alpha=8.0,
+                      lora_targets=targets)
     trained = Sampler(spec=spec)
     _perturb_adapter(trained, seed=2, scale=0.4)
     trained.policy.save_lora(tmp_path / "lora")
@@ -129,6 +135,8 @@ def test_exported_lora_reproduces_the_policy_in_a_fresh_diffusers_pipeline(tiny_
     base = pipe(["a cat", "a dog"], num_inference_steps=5, guidance_scale=4.0, eta=1.0, height=64, width=64,
                 generator=torch.Generator().manual_seed(11), output_type="np").images
     pipe.load_lora_weights(tmp_path / "lora")
+    n_lora = sum(1 for name, _ in pipe.unet.named_parameters() if "lora" in name)
+    assert n_lora == len(trained.policy.named_trainable_parameters())  # every adapted layer was loaded
     theirs = pipe(["a cat", "a dog"], num_inference_steps=5, guidance_scale=4.0, eta=1.0, height=64, width=64,
                   generator=torch.Generator().manual_seed(11), output_type="np").images
     theirs_u8 = (theirs * 255).round().astype(np.uint8)
