@@ -289,7 +289,7 @@ class Driver:
         row["sample_s"] = float(sum(s.sample_s for s in scores)) / len(self.samplers)
         row["reward_s"] = float(sum(sum(s.reward_latency_s.values()) for s in scores))
         for key in ("loss", "pg_loss", "kl", "approx_kl", "clipfrac", "ratio", "grad_norm", "beta",
-                    "advantage_abs_mean", "n_pairs", "stale_refused", "nonfinite_rewards", "train_s",
+                    "advantage_abs_mean", "n_pairs", "stale_refused", "nonfinite_rewards", "train_s", "wait_inputs_s",
                     "pairs_per_s", "publish_s"):
             if key in stats:
                 row[key] = stats[key]

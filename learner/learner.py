@@ -133,10 +133,12 @@ class Learner:
         ``rewards[i]`` is a float array [B_i] or an object with ``total`` [B_i] (a ScoredBatch).
         Returns scalar stats; the version is incremented when at least one optimizer step ran.
         """
-        start = time.perf_counter()
+        wait_start = time.perf_counter()
         spec = self.spec
         parts: list[Trajectory] = _resolve(trajectories)
         totals = [np.asarray(getattr(r, "total", r), dtype=np.float32) for r in _resolve(rewards)]
+        start = time.perf_counter()  # train_s excludes waiting for the samplers and rewards
+        wait_inputs_s = start - wait_start
         if len(parts) != len(totals):
             raise ValueError(f"{len(parts)} trajectory batches but {len(totals)} reward batches")
         for part, total in zip(parts, totals):
@@ -145,7 +147,7 @@ class Learner:
 
         fresh = [i for i, p in enumerate(parts) if self.version - p.policy_version <= spec.max_staleness]
         stale_refused = sum(len(parts[i]) for i in range(len(parts)) if i not in fresh)
-        stats: dict[str, float] = {"stale_refused": float(stale_refused)}
+        stats: dict[str, float] = {"stale_refused": float(stale_refused), "wait_inputs_s": wait_inputs_s}
         if not fresh:
             return {**stats, "nonfinite_rewards": 0.0, "n_samples": 0.0, "n_pairs": 0.0, "train_s": 0.0}
         batch = concat_trajectories([parts[i] for i in fresh])
