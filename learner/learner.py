@@ -69,7 +69,7 @@ def _resolve(items: list) -> list:
 
     values = ray.get([items[i] for i in refs], timeout=600)
     out = list(items)
-    for i, value in zip(refs, values):
+    for i, value in zip(refs, values, strict=True):
         out[i] = value
     return out
 
@@ -141,7 +141,7 @@ class Learner:
         wait_inputs_s = start - wait_start
         if len(parts) != len(totals):
             raise ValueError(f"{len(parts)} trajectory batches but {len(totals)} reward batches")
-        for part, total in zip(parts, totals):
+        for part, total in zip(parts, totals, strict=True):
             if len(part) != total.shape[0]:
                 raise ValueError(f"a trajectory batch of {len(part)} samples came with {total.shape[0]} rewards")
 
