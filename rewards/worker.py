@@ -33,6 +33,7 @@ class ScoredBatch:
     latency_s: dict[str, float]
     captions: list[str] | None = None
     errors: dict[str, list[str | None]] = field(default_factory=dict)
+    retries: dict[str, int] = field(default_factory=dict)  # transient failures retried (service client)
 
 
 class RewardWorker:

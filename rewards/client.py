@@ -1,0 +1,78 @@
+"""Client of the reward services: fans one batch out to every configured reward at once through
+Serve deployment handles, with a timeout and bounded retries per call, and combines the scores
+(weights + the GARD volume term, ``rewards.combine``)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from rewards.base import RewardOutput, check_batch
+from rewards.combine import combine_rewards
+from rewards.worker import ScoredBatch
+
+
+class RewardServiceError(RuntimeError):
+    """A reward kept failing (or timing out) after its retries; names the reward."""
+
+
+class RewardClient:
+    """Scores batches through deployment handles (``{reward name: DeploymentHandle}``)."""
+
+    def __init__(self, *, handles: dict, weights: dict[str, float], volume_modalities=("text", "image"),
+                 timeout_s: float = 120.0, max_retries: int = 2, retry_backoff_s: float = 1.0):
+        if set(handles) != set(weights):
+            raise ValueError(f"handles {sorted(handles)} and weights {sorted(weights)} must name the same rewards")
+        self.handles = dict(handles)
+        self.weights = dict(weights)
+        self.volume_modalities = tuple(volume_modalities)
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.retry_backoff_s = retry_backoff_s
+        self.retries_total: dict[str, int] = dict.fromkeys(handles, 0)
+
+    def _submit(self, name: str, images, prompts):
+        return self.handles[name].score.remote(images=images, prompts=prompts)
+
+    def score(self, *, images: np.ndarray, prompts: list[str], gamma: float = 0.0) -> ScoredBatch:
+        """All rewards at once; a transient failure is retried (counted), a persistent one raises."""
+        import ray
+
+        check_batch(images, prompts)
+        images_ref = ray.put(images)  # one copy in the object store, shared by every reward call
+        start = time.perf_counter()
+        pending = {name: self._submit(name, images_ref, prompts) for name in self.handles}
+        outputs: dict[str, RewardOutput] = {}
+        latency: dict[str, float] = {}
+        retries = dict.fromkeys(self.handles, 0)
+        errors: dict[str, str] = {}
+        while pending:
+            name, response = next(iter(pending.items()))
+            try:
+                outputs[name] = response.result(timeout_s=self.timeout_s)
+                latency[name] = time.perf_counter() - start
+                del pending[name]
+            except Exception as err:  # noqa: BLE001 - replica death, timeout or a raised error: retry
+                errors[name] = f"{type(err).__name__}: {err}"
+                if retries[name] >= self.max_retries:
+                    raise RewardServiceError(
+                        f"reward {name!r} failed {retries[name] + 1} time(s) in a row (timeout {self.timeout_s}s "
+                        f"per call); last error: {errors[name][:500]}"
+                    ) from err
+                retries[name] += 1
+                self.retries_total[name] += 1
+                time.sleep(self.retry_backoff_s * retries[name])
+                pending[name] = self._submit(name, images_ref, prompts)
+        combined = combine_rewards(outputs, weights=self.weights, gamma=gamma,
+                                   volume_modalities=self.volume_modalities)
+        captions = next((o.captions for o in outputs.values() if o.captions is not None), None)
+        return ScoredBatch(
+            total=combined.total,
+            components=combined.components,
+            volume=combined.volume,
+            latency_s=latency,
+            captions=captions,
+            errors={n: o.errors for n, o in outputs.items() if o.errors is not None},
+            retries=retries,
+        )

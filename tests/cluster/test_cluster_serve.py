@@ -1,0 +1,148 @@
+"""Reward services on a real local Ray Serve: handle and HTTP answers against direct computation,
+every bad HTTP input, the client's fan-out/combine/retry, and autoscaling 1 -> 2 -> 1 replicas."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import pickle
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from rewards.http_codec import HttpLimits, encode_image
+from rewards.registry import build_reward
+
+LIMITS = HttpLimits(max_body_bytes=200_000, max_image_pixels=96 * 96, max_batch=64)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def serve_session(tmp_path_factory):
+    import ray
+    from ray import serve
+
+    from rewards.serve import ServeOptions, deploy_rewards, remove_rewards
+    from rewards.tiny import tiny_clip_score_options
+
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING",
+             log_to_driver=False)
+    port = _free_port()
+    clip_options = tiny_clip_score_options(tmp_path_factory.mktemp("clip"))
+    specs = {"jpeg_compressibility": {}, "clip_score": clip_options}
+    options = {name: ServeOptions(num_cpus=0.1, max_batch_size=8, batch_wait_timeout_s=0.01) for name in specs}
+    deployed = deploy_rewards(specs, options, limits=LIMITS, http_port=port)
+    yield {"port": port, "handles": deployed.handles, "specs": specs, "started": deployed.started}
+    remove_rewards(deployed.started)
+    serve.shutdown()
+    ray.shutdown()
+
+
+def _images(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+    images[0] = 128  # one flat image: very compressible
+    return images
+
+
+def _post(port: int, path: str, body: bytes, content_type: str = "application/json") -> tuple[int, dict]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method="POST",
+                                     headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def test_apps_bind_to_loopback_one_per_reward(serve_session):
+    from ray import serve
+
+    apps = serve.status().applications
+    assert {"reward-jpeg_compressibility", "reward-clip_score"} <= set(apps)
+    assert serve_session["started"] == ["reward-jpeg_compressibility", "reward-clip_score"]
+
+
+def test_handle_scores_equal_direct_computation(serve_session):
+    images, prompts = _images(5), ["a cat", "a dog", "a red car", "a cat", "a tree"]
+    for name, options in serve_session["specs"].items():
+        expected = build_reward(name, **options)(images, prompts)
+        got = serve_session["handles"][name].score.remote(images=images, prompts=prompts).result(timeout_s=60)
+        np.testing.assert_allclose(got.scores, expected.scores, rtol=1e-5, atol=1e-6)
+        for modality, emb in expected.embeddings.items():
+            np.testing.assert_allclose(got.embeddings[modality], emb, rtol=1e-5, atol=1e-6)
+
+
+def test_http_scores_equal_direct_computation(serve_session):
+    images, prompts = _images(3), ["a cat", "a dog", "a tree"]
+    body = json.dumps({"prompts": prompts, "images": [encode_image(im) for im in images],
+                       "return_embeddings": True}).encode()
+    status, answer = _post(serve_session["port"], "/clip_score", body)
+    assert status == 200, answer
+    expected = build_reward("clip_score", **serve_session["specs"]["clip_score"])(images, prompts)
+    np.testing.assert_allclose(answer["scores"], expected.scores, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.array(answer["embeddings"]["image"]), expected.embeddings["image"], atol=1e-5)
+    # JPEG over HTTP (a JPEG upload is decoded, then re-encoded at q=95 by the reward)
+    status, answer = _post(serve_session["port"], "/jpeg_compressibility", body)
+    assert status == 200
+    np.testing.assert_allclose(answer["scores"], build_reward("jpeg_compressibility")(images, prompts).scores)
+
+
+def _bad_requests() -> list[tuple[str, bytes, int, str]]:
+    ok = encode_image(_images(1)[0])
+    big = encode_image(np.zeros((128, 128, 3), dtype=np.uint8))  # 16384 px > 96*96
+    pickled = base64.b64encode(pickle.dumps({"evil": 1})).decode()
+    broken_png = base64.b64encode(base64.b64decode(ok)[:40]).decode()
+    return [
+        ("invalid JSON", b"{not json", 400, "not valid JSON"),
+        ("not an object", b"[1, 2]", 400, "must be a JSON object"),
+        ("length mismatch", json.dumps({"prompts": ["a", "b"], "images": [ok]}).encode(), 400,
+         "got 1 images but 2 prompts"),
+        ("empty batch", json.dumps({"prompts": [], "images": []}).encode(), 400, "empty batch"),
+        ("undecodable image", json.dumps({"prompts": ["a"], "images": [broken_png]}).encode(), 400,
+         "images[0] could not be decoded as PNG"),
+        ("not base64", json.dumps({"prompts": ["a"], "images": ["%%%"]}).encode(), 400, "not valid base64"),
+        ("a pickle", json.dumps({"prompts": ["a"], "images": [pickled]}).encode(), 400,
+         "images[0] is not a PNG or JPEG image"),
+        ("image too large", json.dumps({"prompts": ["a"], "images": [big]}).encode(), 413, "128x128 = 16384 pixels"),
+        ("body too large", json.dumps({"prompts": ["a"], "images": ["A" * 300_000]}).encode(), 413,
+         "above the limit of 200000"),
+        ("wrong prompt type", json.dumps({"prompts": [3], "images": [ok]}).encode(), 400, "prompts[0] must be a string"),
+        ("unknown field", json.dumps({"prompts": ["a"], "images": [ok], "x": 1}).encode(), 400, "unknown field"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_requests(), ids=lambda c: c[0])
+def test_http_bad_inputs_get_4xx_with_a_message_and_the_replica_survives(serve_session, case):
+    _, body, status, message = case
+    got_status, answer = _post(serve_session["port"], "/jpeg_compressibility", body)
+    assert got_status == status, answer
+    assert message in answer["error"]
+    ok = json.dumps({"prompts": ["a"], "images": [encode_image(_images(1)[0])]}).encode()
+    assert _post(serve_session["port"], "/jpeg_compressibility", ok)[0] == 200
+
+
+def test_client_fans_out_and_combines_with_weights_and_volume(serve_session):
+    from rewards.client import RewardClient
+    from rewards.worker import RewardWorker
+
+    weights = {"jpeg_compressibility": 0.5, "clip_score": 2.0}
+    client = RewardClient(handles=serve_session["handles"], weights=weights, timeout_s=60)
+    images, prompts = _images(4), ["a cat", "a dog", "a tree", "a cat"]
+    scored = client.score(images=images, prompts=prompts, gamma=0.3)
+    local = RewardWorker(specs=serve_session["specs"], weights=weights).score(images=images, prompts=prompts,
+                                                                              gamma=0.3)
+    np.testing.assert_allclose(scored.total, local.total, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(scored.volume, local.volume, rtol=1e-5, atol=1e-5)
+    assert set(scored.latency_s) == set(weights) and scored.retries == {n: 0 for n in weights}
