@@ -36,6 +36,14 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="config overrides, e.g. epochs=2 train.learning_rate=1e-3")
     train.add_argument("--output-dir", default=None, help="run directory (default: output_dir or runs/NAME-TIME)")
+    serve_cmd = sub.add_parser(
+        "serve", help="serve a config's rewards as Ray Serve applications until interrupted",
+        description="Start one Serve application per reward of CONFIG (HTTP: POST /<reward>) on local Ray "
+                    "(or cluster.address) and keep them up until Ctrl-C / SIGTERM, then remove them.")
+    serve_cmd.add_argument("config", help="YAML config file whose rewards to serve")
+    serve_cmd.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    serve_cmd.add_argument("--port", type=int, default=None, help="HTTP port (default: reward_service.http_port)")
+    serve_cmd.add_argument("--host", default=None, help="HTTP host (default: reward_service.http_host, 127.0.0.1)")
     return parser
 
 
@@ -66,6 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"gard: config error: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    if args.command == "serve":
+        if args.port is not None:
+            config.reward_service.http_port = args.port
+        if args.host is not None:
+            config.reward_service.http_host = args.host
+        from cluster.service import serve_forever
+
+        return serve_forever(config)
     from cluster.driver import train
 
     try:

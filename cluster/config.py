@@ -99,6 +99,25 @@ class VolumeConfig:
 
 
 @dataclass
+class RewardServiceConfig:
+    """Where rewards run: ``local`` (in the reward-stage actor) or ``serve`` (one Serve app per reward).
+
+    Per-reward deployment settings live under ``rewards.<name>.serve`` (rewards/serve.py ServeOptions).
+    """
+
+    backend: str = field(default="local", metadata=choice("local", "serve"))
+    timeout_s: float = field(default=120.0, metadata=POSITIVE)
+    max_retries: int = field(default=2, metadata=NON_NEGATIVE)
+    retry_backoff_s: float = field(default=1.0, metadata=NON_NEGATIVE)
+    http_host: str = "127.0.0.1"
+    http_port: int = field(default=8000, metadata=_rule(lambda v: 0 < v < 65536, "a TCP port in 1..65535"))
+    max_body_bytes: int = field(default=16 * 2**20, metadata=POSITIVE)
+    max_image_pixels: int = field(default=2048 * 2048, metadata=POSITIVE)
+    max_batch: int = field(default=256, metadata=POSITIVE)
+    keep_running: bool = field(default=False, metadata={"doc": "leave the apps gard train started"})
+
+
+@dataclass
 class ClusterConfig:
     address: str | None = field(default=None, metadata={"doc": "None: start a local Ray on 127.0.0.1"})
     local_num_cpus: int | None = field(default=None, metadata=POSITIVE)
@@ -134,6 +153,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     rewards: dict[str, dict] = field(default_factory=lambda: {"jpeg_compressibility": {"weight": 1.0}})
     volume: VolumeConfig = field(default_factory=VolumeConfig)
+    reward_service: RewardServiceConfig = field(default_factory=RewardServiceConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -259,6 +279,24 @@ def _read_prompt_file(field_path: str, file: str, base_dir: Path) -> list[str]:
     return [line.strip() for line in found.read_text().splitlines() if line.strip() and not line.startswith("#")]
 
 
+def serve_options(name: str, raw: dict | None):
+    """``rewards.<name>.serve`` -> rewards.serve.ServeOptions, with config-style errors."""
+    from rewards.serve import ServeOptions
+
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"rewards.{name}.serve must be a mapping of deployment settings, got {raw!r}")
+    hints = typing.get_type_hints(ServeOptions)
+    unknown = sorted(set(raw) - set(hints))
+    if unknown:
+        raise ConfigError(f"rewards.{name}.serve: unknown setting(s) {unknown}; valid settings: {sorted(hints)}")
+    values = {k: _coerce(f"rewards.{name}.serve.{k}", v, hints[k]) for k, v in raw.items()}
+    try:
+        return ServeOptions(**values)
+    except ValueError as err:
+        raise ConfigError(f"rewards.{name}.serve: {err}") from None
+
+
 def validate(config: Config, *, base_dir: Path = Path(".")) -> None:
     """Cross-field rules; resolves prompt files into the prompt lists."""
     from rewards.registry import REWARDS, reward_options
@@ -292,9 +330,10 @@ def validate(config: Config, *, base_dir: Path = Path(".")) -> None:
             raise ConfigError(f"rewards.{name}.weight = {weight!r} has the wrong type: expected a number")
         valid = reward_options(name)
         for key in options:
-            if key != "weight" and key not in valid:
+            if key not in ("weight", "serve") and key not in valid:
                 raise ConfigError(f"rewards.{name}.{key}: unknown option for reward {name!r}; valid options: "
-                                  f"{sorted(['weight', *valid])}")
+                                  f"{sorted(['weight', 'serve', *valid])}")
+        serve_options(name, options.get("serve"))
     if (config.volume.gamma > 0 or (config.volume.gamma_end or 0) > 0) and "clip_score" not in config.rewards:
         raise ConfigError(f"volume.gamma = {config.volume.gamma} needs text and image embeddings, which the "
                           f"clip_score reward returns; add rewards.clip_score or set volume.gamma=0")

@@ -51,6 +51,7 @@ def resolve_reward_specs(config: Config) -> tuple[dict[str, dict], dict[str, flo
     for name, options in config.rewards.items():
         options = dict(options)
         weights[name] = float(options.pop("weight", 1.0))
+        options.pop("serve", None)
         if name == "clip_score" and options.get("model") == TINY_CLIP:
             options = {**options, **tiny_clip_score_options(tiny_dir, seed=options.get("seed", 0))}
         if name == "aesthetic" and options.get("clip_model") == TINY_CLIP:
@@ -147,10 +148,41 @@ class Driver:
             spec=learner_spec(config),
             torch_threads=c.torch_threads,
         )
-        self.reward_stage = ray.remote(num_cpus=c.reward_num_cpus, num_gpus=c.reward_num_gpus, runtime_env=env)(
-            RewardStage
-        ).remote(specs=specs, weights=weights, volume_modalities=tuple(config.volume.modalities))
+        self.started_apps: list[str] = []
+        service = None
+        if config.reward_service.backend == "serve":
+            service = self._start_reward_services(specs)
+        # With services the stage only waits on handles, so it takes several batches at once.
+        self.reward_stage = ray.remote(
+            num_cpus=c.reward_num_cpus if service is None else 0.1,
+            num_gpus=c.reward_num_gpus if service is None else 0,
+            max_concurrency=1 if service is None else 8,
+            runtime_env=env,
+        )(RewardStage).remote(specs=specs, weights=weights, volume_modalities=tuple(config.volume.modalities),
+                              service=service)
         self.weights_ref = None
+
+    def _start_reward_services(self, specs: dict[str, dict]) -> dict:
+        """Deploys the reward applications not running yet; remembers what it started."""
+        from cluster.config import serve_options
+        from rewards.http_codec import HttpLimits
+        from rewards.serve import deploy_rewards
+
+        rs = self.config.reward_service
+        options = {name: serve_options(name, self.config.rewards[name].get("serve")) for name in specs}
+        limits = HttpLimits(max_body_bytes=rs.max_body_bytes, max_image_pixels=rs.max_image_pixels,
+                            max_batch=rs.max_batch)
+        deployed = deploy_rewards(specs, options, limits=limits, http_host=rs.http_host, http_port=rs.http_port)
+        self.started_apps = deployed.started
+        return {"timeout_s": rs.timeout_s, "max_retries": rs.max_retries, "retry_backoff_s": rs.retry_backoff_s}
+
+    def shutdown(self) -> None:
+        """Removes the reward applications this run started (unless reward_service.keep_running)."""
+        if self.started_apps and not self.config.reward_service.keep_running:
+            from rewards.serve import remove_rewards
+
+            remove_rewards(self.started_apps)
+            self.started_apps = []
 
     # ----- helpers ------------------------------------------------------------------------
     def _get(self, refs):
@@ -287,7 +319,10 @@ class Driver:
             row["volume_mean"] = float(np.nanmean(np.concatenate([s.volume for s in scores])))
         row["gamma"] = self.gamma(epoch)
         row["sample_s"] = float(sum(s.sample_s for s in scores)) / len(self.samplers)
-        row["reward_s"] = float(sum(sum(s.reward_latency_s.values()) for s in scores))
+        row["reward_s"] = float(sum(s.reward_wall_s for s in scores))
+        for name in scores[0].reward_latency_s:
+            row[f"latency_{name}_s"] = float(np.mean([s.reward_latency_s[name] for s in scores]))
+        row["reward_retries"] = int(sum(sum((s.retries or {}).values()) for s in scores))
         for key in ("loss", "pg_loss", "kl", "approx_kl", "clipfrac", "ratio", "grad_norm", "beta",
                     "advantage_abs_mean", "n_pairs", "stale_refused", "nonfinite_rewards", "train_s", "wait_inputs_s",
                     "pairs_per_s", "publish_s"):
@@ -360,5 +395,8 @@ def train(config: Config, *, output_dir: str | None = None, log=print) -> Path:
     with ray_session(config) as address:
         log(banner(config, run_dir, address))
         driver = Driver(config, run_dir=run_dir)
-        driver.run(log=log)
+        try:
+            driver.run(log=log)
+        finally:
+            driver.shutdown()
     return run_dir

@@ -9,9 +9,11 @@ from rewards.aesthetic import Aesthetic
 from rewards.base import Reward
 from rewards.clip_score import ClipScore
 from rewards.jpeg import JpegCompressibility, JpegIncompressibility
+from rewards.llava_bertscore import LlavaBertScore  # imports vllm/bert_score only when built
 
 REWARDS: dict[str, type] = {
-    cls.name: cls for cls in (JpegCompressibility, JpegIncompressibility, ClipScore, Aesthetic)
+    cls.name: cls
+    for cls in (JpegCompressibility, JpegIncompressibility, ClipScore, Aesthetic, LlavaBertScore)
 }
 
 

@@ -96,3 +96,14 @@ def test_cli_help_and_config_errors_exit_2_without_traceback(tmp_path):
     assert "Traceback" not in bad.stderr
     missing = _gard("train", "missing.yaml")
     assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_reward_serve_settings_are_validated(tmp_path):
+    config = load_config(_write(tmp_path, BASE + "rewards:\n  jpeg_compressibility: {serve: {max_replicas: 3}}\n"))
+    assert config.rewards["jpeg_compressibility"]["serve"] == {"max_replicas": 3}
+    with pytest.raises(ConfigError, match=r"rewards.jpeg_compressibility.serve: unknown setting\(s\) \['replicas'\]"):
+        load_config(_write(tmp_path, BASE + "rewards:\n  jpeg_compressibility: {serve: {replicas: 3}}\n"))
+    with pytest.raises(ConfigError, match=r"min_replicas=3, max_replicas=2"):
+        load_config(_write(tmp_path, BASE + "rewards:\n  jpeg_compressibility: {serve: {min_replicas: 3, max_replicas: 2}}\n"))
+    with pytest.raises(ConfigError, match=r"reward_service.backend = 'grpc' is out of range"):
+        load_config(_write(tmp_path, BASE), ["reward_service.backend=grpc"])

@@ -146,3 +146,120 @@ def test_client_fans_out_and_combines_with_weights_and_volume(serve_session):
     np.testing.assert_allclose(scored.total, local.total, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(scored.volume, local.volume, rtol=1e-5, atol=1e-5)
     assert set(scored.latency_s) == set(weights) and scored.retries == {n: 0 for n in weights}
+
+
+def _running_replicas(app: str, deployment: str) -> int:
+    from ray import serve
+
+    states = serve.status().applications[app].deployments[deployment].replica_states
+    return sum(n for state, n in states.items() if str(state).endswith("RUNNING"))
+
+
+def _wait_for(predicate, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def test_autoscaling_from_one_to_two_replicas_under_load_and_back(serve_session):
+    from ray import serve
+
+    from rewards.serve import ServeOptions, build_reward_app
+
+    options = ServeOptions(min_replicas=1, max_replicas=2, target_ongoing_requests=1, upscale_delay_s=0.5,
+                           downscale_delay_s=2.0, max_batch_size=4, batch_wait_timeout_s=0.0, num_cpus=0.1,
+                           max_ongoing_requests=4)
+    app = "autoscale-jpeg"
+    handle = serve.run(build_reward_app("jpeg_incompressibility", {}, options, LIMITS), name=app,
+                       route_prefix="/autoscale", blocking=False)
+    try:
+        assert _running_replicas(app, "jpeg_incompressibility") == 1
+        images, prompts = _images(48, size=96, seed=1), ["x"] * 48
+        stop = threading.Event()
+
+        def load():
+            while not stop.is_set():
+                handle.score.remote(images=images, prompts=prompts).result(timeout_s=60)
+
+        threads = [threading.Thread(target=load, daemon=True) for _ in range(8)]
+        for t in threads:
+            t.start()
+        try:
+            assert _wait_for(lambda: _running_replicas(app, "jpeg_incompressibility") == 2, 60), \
+                serve.status().applications[app]
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=60)
+        assert _wait_for(lambda: _running_replicas(app, "jpeg_incompressibility") == 1, 60)
+    finally:
+        serve.delete(app)
+
+
+def test_client_retries_when_a_replica_is_killed_mid_request(serve_session):
+    import ray
+    from ray import serve
+
+    from rewards.client import RewardClient
+    from rewards.serve import ServeOptions, build_reward_app
+
+    # A long batch wait keeps the request inside the replica while we kill it.
+    options = ServeOptions(max_batch_size=64, batch_wait_timeout_s=3.0, num_cpus=0.1)
+    app = "retry-jpeg"
+    handle = serve.run(build_reward_app("jpeg_compressibility", {}, options, LIMITS), name=app,
+                       route_prefix="/retry", blocking=False)
+    try:
+        client = RewardClient(handles={"jpeg_compressibility": handle}, weights={"jpeg_compressibility": 1.0},
+                              timeout_s=60, max_retries=2, retry_backoff_s=0.5)
+        images, prompts = _images(2), ["a", "b"]
+        result = {}
+
+        def call():
+            result["scored"] = client.score(images=images, prompts=prompts)
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        time.sleep(1.0)
+        replicas = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                    if a["namespace"] == "serve" and "retry-jpeg" in a["name"]]
+        assert len(replicas) == 1, replicas
+        ray.kill(ray.get_actor(replicas[0], namespace="serve"), no_restart=True)
+        caller.join(timeout=120)
+        scored = result["scored"]
+        assert scored.retries == {"jpeg_compressibility": 1}
+        np.testing.assert_allclose(scored.total, build_reward("jpeg_compressibility")(images, prompts).scores)
+    finally:
+        serve.delete(app)
+
+
+def test_client_names_a_reward_that_keeps_failing(serve_session):
+    from rewards.client import RewardClient, RewardServiceError
+
+    client = RewardClient(handles={"jpeg_compressibility": serve_session["handles"]["jpeg_compressibility"]},
+                          weights={"jpeg_compressibility": 1.0}, timeout_s=30, max_retries=1, retry_backoff_s=0.0)
+    bad = np.zeros((1, 8, 8, 3), dtype=np.uint8)
+    client.handles["jpeg_compressibility"] = client.handles["jpeg_compressibility"].options(method_name="missing")
+    with pytest.raises(RewardServiceError, match=r"reward 'jpeg_compressibility' failed 2 time\(s\)"):
+        client.score(images=bad, prompts=["a"])
+
+
+def test_deploy_file_is_a_valid_serve_config_and_its_apps_build():
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from rewards.serve import app_builder
+
+    path = Path(__file__).resolve().parents[2] / "deploy" / "serve_rewards.yaml"
+    config = yaml.safe_load(path.read_text())
+    schema = ServeDeploySchema.parse_obj(config)
+    assert schema.http_options.host == "127.0.0.1"
+    for app in config["applications"]:
+        assert app["name"] == f"reward-{app['args']['reward']}" and app["route_prefix"] == f"/{app['args']['reward']}"
+        assert app["args"]["reward"] in __import__("rewards.registry", fromlist=["REWARDS"]).REWARDS
+        application = app_builder(app["args"])  # builds the bound app without loading any model
+        assert application is not None
