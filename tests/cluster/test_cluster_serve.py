@@ -4,7 +4,6 @@ every bad HTTP input, the client's fan-out/combine/retry, and autoscaling 1 -> 2
 from __future__ import annotations
 
 import base64
-import io
 import json
 import pickle
 import socket

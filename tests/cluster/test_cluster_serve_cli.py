@@ -50,7 +50,7 @@ def test_gard_serve_answers_http_and_cleans_up_on_sigterm(tmp_path):
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0, out
-        assert "POST http://127.0.0.1:%d/jpeg_incompressibility" % port in out
+        assert f"POST http://127.0.0.1:{port}/jpeg_incompressibility" in out
         assert "removed reward-jpeg_incompressibility" in out
     finally:
         if proc.poll() is None:

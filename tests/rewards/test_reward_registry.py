@@ -9,7 +9,7 @@ from rewards.registry import reward_options
 
 
 def test_registered_names():
-    assert set(REWARDS) == {"jpeg_compressibility", "jpeg_incompressibility", "clip_score", "aesthetic"}
+    assert set(REWARDS) == {"jpeg_compressibility", "jpeg_incompressibility", "clip_score", "aesthetic", "llava_bertscore"}
     for name, cls in REWARDS.items():
         assert cls.name == name
 
