@@ -337,8 +337,13 @@ def validate(config: Config, *, base_dir: Path = Path(".")) -> None:
     if (config.volume.gamma > 0 or (config.volume.gamma_end or 0) > 0) and "clip_score" not in config.rewards:
         raise ConfigError(f"volume.gamma = {config.volume.gamma} needs text and image embeddings, which the "
                           f"clip_score reward returns; add rewards.clip_score or set volume.gamma=0")
-    if len(config.volume.modalities) < 2:
-        raise ConfigError(f"volume.modalities = {config.volume.modalities}: the volume needs k >= 2 modalities")
+    modalities = config.volume.modalities
+    if len(modalities) < 2 or len(set(modalities)) != len(modalities) or not set(modalities) <= {"text", "image", "caption"}:
+        raise ConfigError(f"volume.modalities = {modalities}: expected k >= 2 distinct names out of "
+                          f"['text', 'image', 'caption']")
+    if "caption" in modalities and not {"llava_bertscore", "clip_score"} <= set(config.rewards):
+        raise ConfigError(f"volume.modalities = {modalities}: the 'caption' modality embeds llava_bertscore's "
+                          f"captions with clip_score's text encoder; configure both rewards or drop 'caption'")
     if config.train.stat_min_count > config.train.stat_buffer_size:
         raise ConfigError(f"train.stat_min_count = {config.train.stat_min_count} exceeds train.stat_buffer_size = "
                           f"{config.train.stat_buffer_size}; per-prompt statistics would never be used")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -33,6 +34,16 @@ TINY_CLIP = "tiny:clip"
 
 
 @dataclass
+class EvalResult:
+    mean: float
+    images: np.ndarray  # uint8 [N, H, W, 3]
+    components: dict[str, float]  # eval_<reward> -> mean
+    prompts: list[str]
+    scores: np.ndarray  # float32 [N]
+    captions: list[str] | None
+
+
+@dataclass
 class EpochBatch:
     """References to one epoch's sampler batches, in submission order."""
 
@@ -47,7 +58,8 @@ def resolve_reward_specs(config: Config) -> tuple[dict[str, dict], dict[str, flo
     from rewards.tiny import tiny_aesthetic_options, tiny_clip_score_options
 
     specs, weights = {}, {}
-    tiny_dir = Path(config.cache_dir) / "tiny-clip"
+    cache_dir = Path(config.cache_dir).resolve()  # absolute: reward replicas may run in another cwd
+    tiny_dir = cache_dir / "tiny-clip"
     for name, options in config.rewards.items():
         options = dict(options)
         weights[name] = float(options.pop("weight", 1.0))
@@ -56,6 +68,8 @@ def resolve_reward_specs(config: Config) -> tuple[dict[str, dict], dict[str, flo
             options = {**options, **tiny_clip_score_options(tiny_dir, seed=options.get("seed", 0))}
         if name == "aesthetic" and options.get("clip_model") == TINY_CLIP:
             options = {**options, **tiny_aesthetic_options(tiny_dir, seed=options.get("seed", 0))}
+        if name == "llava_bertscore":
+            options.setdefault("cache_dir", str(cache_dir))
         specs[name] = options
     return specs, weights
 
@@ -217,7 +231,7 @@ class Driver:
                 scores.append(self.reward_stage.score.remote(batch=image_ref, gamma=gamma))
         return EpochBatch(trajectories=trajs, images=images, scores=scores, submitted_at=time.perf_counter())
 
-    def evaluate(self) -> tuple[float, np.ndarray, dict[str, float]]:
+    def evaluate(self) -> EvalResult:
         """The fixed evaluation set (prompts x images_per_prompt, fixed seeds) with current weights."""
         cfg = self.config
         prompts = [p for p in cfg.prompts.eval for _ in range(cfg.prompts.eval_images_per_prompt)]
@@ -238,7 +252,18 @@ class Driver:
             f"eval_{name}": float(np.nanmean(np.concatenate([s.components[name] for s in scores])))
             for name in scores[0].components
         }
-        return float(np.nanmean(total)), images, components
+        captions = [c for s in scores for c in (s.captions or [])] or None
+        return EvalResult(float(np.nanmean(total)), images, components, prompts, total, captions)
+
+    def save_eval(self, result: EvalResult, epoch: int) -> None:
+        """Grid PNG, plus prompts/scores/captions as JSON, under samples/."""
+        stem = self.run_dir / "samples" / f"eval_epoch{epoch:04d}"
+        save_grid(result.images, stem.with_suffix(".png"))
+        items = [{"prompt": p, "reward": None if not np.isfinite(r) else float(r)}
+                 for p, r in zip(result.prompts, result.scores, strict=True)]
+        for item, caption in zip(items, result.captions or [], strict=False):
+            item["caption"] = caption
+        stem.with_suffix(".json").write_text(json.dumps(items, indent=1))
 
     def export_lora(self) -> Path:
         files = self._get(self.learner.export_lora.remote())
@@ -256,8 +281,9 @@ class Driver:
         rows = []
         try:
             self._get(self.broadcast())
-            eval_mean, eval_images, eval_parts = self.evaluate()
-            save_grid(eval_images, self.run_dir / "samples" / "eval_epoch0000.png")
+            initial = self.evaluate()
+            self.save_eval(initial, 0)
+            eval_mean = initial.mean
             log(f"eval before training: reward {eval_mean:.4f}")
             pending = self.launch(0)
             last_end = time.perf_counter()
@@ -276,13 +302,15 @@ class Driver:
                 if cfg.cluster.max_staleness == 0 and epoch + 1 < cfg.epochs:
                     pending = self.launch(epoch + 1)
                 row = self._epoch_row(epoch, scores, stats, applied)
+                self._log_captions(epoch, scores)
                 row["driver_wait_s"] = time.perf_counter() - wait_start
                 last_eval = epoch + 1 == cfg.epochs
                 every = cfg.logging.eval_every
                 if last_eval or (every and (epoch + 1) % every == 0):
-                    row["eval_reward_mean"], eval_images, eval_parts = self.evaluate()
-                    row.update(eval_parts)
-                    save_grid(eval_images, self.run_dir / "samples" / f"eval_epoch{epoch + 1:04d}.png")
+                    result = self.evaluate()
+                    row["eval_reward_mean"] = result.mean
+                    row.update(result.components)
+                    self.save_eval(result, epoch + 1)
                 if epoch == 0:
                     row["eval_reward_mean_initial"] = eval_mean
                 now = time.perf_counter()
@@ -300,6 +328,16 @@ class Driver:
             progress.close()
             writer.close()
         return rows
+
+    def _log_captions(self, epoch: int, scores) -> None:
+        """Captions of the first scored batch of each epoch (captioning rewards only) -> captions.jsonl."""
+        first = scores[0]
+        if not first.captions:
+            return
+        with (self.run_dir / "captions.jsonl").open("a") as f:
+            for caption, reward in zip(first.captions, first.total, strict=False):
+                f.write(json.dumps({"epoch": epoch, "caption": caption,
+                                    "reward": float(reward) if np.isfinite(reward) else None}) + "\n")
 
     def _epoch_row(self, epoch, scores, stats, applied) -> dict:
         total = np.concatenate([s.total for s in scores])

@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from rewards.base import RewardOutput, check_batch
-from rewards.combine import combine_rewards
+from rewards.combine import CAPTION, caption_embedding_source, combine_rewards
 from rewards.worker import ScoredBatch
 
 
@@ -64,6 +64,13 @@ class RewardClient:
                 self.retries_total[name] += 1
                 time.sleep(self.retry_backoff_s * retries[name])
                 pending[name] = self._submit(name, images_ref, prompts)
+        if CAPTION in self.volume_modalities:
+            # k = 3 volume: the captioner's captions embedded by a text-embedding reward (CLIP).
+            source = caption_embedding_source(outputs, set(self.handles))
+            if source is not None:
+                target, captions = source
+                outputs[target].embeddings[CAPTION] = self.handles[target].embed_texts.remote(
+                    texts=captions).result(timeout_s=self.timeout_s)
         combined = combine_rewards(outputs, weights=self.weights, gamma=gamma,
                                    volume_modalities=self.volume_modalities)
         captions = next((o.captions for o in outputs.values() if o.captions is not None), None)

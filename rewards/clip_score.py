@@ -35,6 +35,10 @@ class ClipScore:
             model=model, pretrained=pretrained, model_config=model_config, device=device, seed=seed
         )
 
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        """Unit-norm CLIP text embeddings [B, n] (e.g. of LLaVA captions: a third volume modality)."""
+        return np.asarray(self.encoder.encode_texts(list(texts)), dtype=np.float32)
+
     def __call__(self, images: np.ndarray, prompts: list[str]) -> RewardOutput:
         check_batch(images, prompts)
         image_emb = self.encoder.encode_images(images)  # [B, n], unit norm

@@ -100,3 +100,19 @@ def combine_rewards(
             )
         total -= gamma * volume.astype(np.float64)
     return CombinedReward(total=total.astype(np.float32), components=components, volume=volume)
+
+
+CAPTION = "caption"
+
+
+def caption_embedding_source(outputs: dict[str, RewardOutput], embedders: set[str]) -> tuple[str, list[str]] | None:
+    """Where the caption modality for a k = 3 volume comes from (GARD eq. 12 with the LLaVA caption).
+
+    Returns (name of a reward that embeds texts and returned "text" embeddings, the captions), or None
+    when no reward captioned the images or none can embed text.
+    """
+    captions = next((o.captions for o in outputs.values() if o.captions is not None), None)
+    target = next((name for name in outputs if name in embedders and "text" in outputs[name].embeddings), None)
+    if captions is None or target is None:
+        return None
+    return target, list(captions)

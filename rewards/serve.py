@@ -106,6 +106,12 @@ class RewardDeployment:
         check_batch(images, prompts)
         return await self._score(list(images), list(prompts))
 
+    async def embed_texts(self, *, texts: list[str]) -> np.ndarray:
+        """Unit-norm text embeddings [B, n] from rewards that have a text encoder (CLIP)."""
+        if not hasattr(self.reward, "embed_texts"):
+            raise TypeError(f"reward {self.reward_name!r} has no text encoder (embed_texts)")
+        return await asyncio.to_thread(self.reward.embed_texts, list(texts))
+
     async def __call__(self, request):
         """HTTP API: POST JSON (see rewards/http_codec.py); 4xx with a message for every bad input."""
         from starlette.responses import JSONResponse

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from rewards.base import RewardOutput, check_batch
-from rewards.combine import combine_rewards
+from rewards.combine import CAPTION, caption_embedding_source, combine_rewards
 from rewards.registry import build_reward
 
 
@@ -67,6 +67,12 @@ class RewardWorker:
             start = time.perf_counter()
             outputs[name] = reward(images, prompts)
             latency[name] = time.perf_counter() - start
+        if CAPTION in self.volume_modalities:
+            embedders = {name for name, r in self.rewards.items() if hasattr(r, "embed_texts")}
+            source = caption_embedding_source(outputs, embedders)
+            if source is not None:
+                target, captions = source
+                outputs[target].embeddings[CAPTION] = self.rewards[target].embed_texts(captions)
         combined = combine_rewards(
             outputs, weights=self.weights, gamma=gamma, volume_modalities=self.volume_modalities
         )

@@ -29,3 +29,13 @@ def tiny_sd_v(tmp_path_factory) -> str:
     from actors.tiny import build_tiny_sd
 
     return str(build_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd-v", prediction_type="v_prediction"))
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

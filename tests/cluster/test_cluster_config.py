@@ -107,3 +107,11 @@ def test_reward_serve_settings_are_validated(tmp_path):
         load_config(_write(tmp_path, BASE + "rewards:\n  jpeg_compressibility: {serve: {min_replicas: 3, max_replicas: 2}}\n"))
     with pytest.raises(ConfigError, match=r"reward_service.backend = 'grpc' is out of range"):
         load_config(_write(tmp_path, BASE), ["reward_service.backend=grpc"])
+
+
+def test_volume_modalities_are_validated(tmp_path):
+    text = BASE + "rewards:\n  clip_score: {model: 'tiny:clip'}\n"
+    with pytest.raises(ConfigError, match=r"expected k >= 2 distinct names"):
+        load_config(_write(tmp_path, text), ["volume.modalities=[text, audio]"])
+    with pytest.raises(ConfigError, match=r"'caption' modality embeds llava_bertscore's captions"):
+        load_config(_write(tmp_path, text), ["volume.modalities=[text, image, caption]"])
