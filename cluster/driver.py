@@ -188,7 +188,8 @@ class Driver:
                             max_batch=rs.max_batch)
         deployed = deploy_rewards(specs, options, limits=limits, http_host=rs.http_host, http_port=rs.http_port)
         self.started_apps = deployed.started
-        return {"timeout_s": rs.timeout_s, "max_retries": rs.max_retries, "retry_backoff_s": rs.retry_backoff_s}
+        return {"timeout_s": rs.timeout_s, "max_retries": rs.max_retries, "retry_backoff_s": rs.retry_backoff_s,
+                "apps": deployed.apps}
 
     def shutdown(self) -> None:
         """Removes the reward applications this run started (unless reward_service.keep_running)."""

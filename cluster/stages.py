@@ -46,9 +46,10 @@ class RewardStage:
             from ray import serve
 
             from rewards.client import RewardClient
-            from rewards.serve import app_name
 
-            handles = {name: serve.get_app_handle(app_name(name)) for name in specs}
+            service = dict(service)
+            apps = service.pop("apps")  # reward -> the Serve app that scores it
+            handles = {name: serve.get_app_handle(apps[name]) for name in specs}
             self.worker = RewardClient(handles=handles, weights=weights, volume_modalities=volume_modalities,
                                        **service)
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from rewards.base import RewardOutput, check_batch
-from rewards.clip_encoder import ClipEncoder
+from rewards.clip_encoder import EncoderCache
 
 
 class AestheticMLP(nn.Module):
@@ -80,8 +80,10 @@ class Aesthetic:
         head_path: str | None = None,
         device: str = "cpu",
         seed: int = 0,
+        encoders: EncoderCache | None = None,
     ) -> None:
-        self.encoder = ClipEncoder(
+        # ``encoders``: a cache shared with other CLIP-based rewards of the same process (not a config option).
+        self.encoder = (encoders if encoders is not None else EncoderCache()).get(
             model=clip_model, pretrained=clip_pretrained, model_config=model_config, device=device, seed=seed
         )
         if head_path is not None:

@@ -13,6 +13,12 @@ from rewards.combine import CAPTION, caption_embedding_source, combine_rewards
 from rewards.worker import ScoredBatch
 
 
+def _describe(err: BaseException) -> str:
+    """The original error inside Ray's wrappers (RayTaskError.cause), in one line."""
+    cause = getattr(err, "cause", None) or err
+    return f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}"
+
+
 class RewardServiceError(RuntimeError):
     """A reward kept failing (or timing out) after its retries; names the reward."""
 
@@ -33,7 +39,7 @@ class RewardClient:
         self.retries_total: dict[str, int] = dict.fromkeys(handles, 0)
 
     def _submit(self, name: str, images, prompts):
-        return self.handles[name].score.remote(images=images, prompts=prompts)
+        return self.handles[name].score.remote(images=images, prompts=prompts, reward=name)
 
     def score(self, *, images: np.ndarray, prompts: list[str], gamma: float = 0.0) -> ScoredBatch:
         """All rewards at once; a transient failure is retried (counted), a persistent one raises."""
@@ -54,7 +60,7 @@ class RewardClient:
                 latency[name] = time.perf_counter() - start
                 del pending[name]
             except Exception as err:  # noqa: BLE001 - replica death, timeout or a raised error: retry
-                errors[name] = f"{type(err).__name__}: {err}"
+                errors[name] = _describe(err)
                 if retries[name] >= self.max_retries:
                     raise RewardServiceError(
                         f"reward {name!r} failed {retries[name] + 1} time(s) in a row (timeout {self.timeout_s}s "
@@ -70,7 +76,7 @@ class RewardClient:
             if source is not None:
                 target, captions = source
                 outputs[target].embeddings[CAPTION] = self.handles[target].embed_texts.remote(
-                    texts=captions).result(timeout_s=self.timeout_s)
+                    texts=captions, reward=target).result(timeout_s=self.timeout_s)
         combined = combine_rewards(outputs, weights=self.weights, gamma=gamma,
                                    volume_modalities=self.volume_modalities)
         captions = next((o.captions for o in outputs.values() if o.captions is not None), None)

@@ -11,6 +11,7 @@ pay for open_clip/torchvision.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -186,6 +187,8 @@ class ClipEncoder:
         )
         # Every open_clip config carries embed_dim (open_clip skips configs without it).
         self.embed_dim = int(open_clip.get_model_config(model)["embed_dim"])
+        self._last_images: tuple | None = None
+        self.cache_hits = 0
 
     def preprocess(self, images: np.ndarray) -> torch.Tensor:
         """uint8 [B, H, W, 3] -> model input float32 [B, 3, h, w] on the model's device."""
@@ -193,11 +196,20 @@ class ClipEncoder:
 
     @torch.no_grad()
     def encode_images(self, images: np.ndarray) -> torch.Tensor:
-        """uint8 [B, H, W, 3] -> unit-norm image embeddings float32 [B, embed_dim] (CPU)."""
+        """uint8 [B, H, W, 3] -> unit-norm image embeddings float32 [B, embed_dim] (CPU).
+
+        The last batch's embeddings are kept: when clip_score and aesthetic share this encoder, the
+        second reward scoring the same images does not encode them again.
+        """
         if images.shape[0] == 0:
             return torch.zeros(0, self.embed_dim)
-        feats = self.model.encode_image(self.preprocess(images))
-        return F.normalize(feats.float(), dim=-1).cpu()
+        key = (images.shape, hashlib.blake2b(np.ascontiguousarray(images).data, digest_size=16).digest())
+        if self._last_images is not None and self._last_images[0] == key:
+            self.cache_hits += 1
+            return self._last_images[1].clone()
+        feats = F.normalize(self.model.encode_image(self.preprocess(images)).float(), dim=-1).cpu()
+        self._last_images = (key, feats)
+        return feats.clone()
 
     @torch.no_grad()
     def encode_texts(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -213,3 +225,28 @@ class ClipEncoder:
         feats = F.normalize(self.model.encode_text(tokens).float(), dim=-1).cpu()
         index = {prompt: i for i, prompt in enumerate(unique)}
         return feats[torch.tensor([index[p] for p in prompts])]
+
+
+class EncoderCache:
+    """One ClipEncoder per (model, pretrained, config, device, seed), shared by the rewards built with it.
+
+    Owned by whoever builds a group of rewards (a reward worker, a Serve replica): clip_score and
+    aesthetic configured with the same CLIP model then hold one copy of its weights.
+    """
+
+    def __init__(self) -> None:
+        self._encoders: dict[tuple, ClipEncoder] = {}
+
+    def get(self, *, model: str, pretrained: str | None, model_config: str | None = None, device: str = "cpu",
+            seed: int = 0) -> ClipEncoder:
+        key = (model, pretrained, model_config, device, seed)
+        if key not in self._encoders:
+            self._encoders[key] = ClipEncoder(model=model, pretrained=pretrained, model_config=model_config,
+                                              device=device, seed=seed)
+        return self._encoders[key]
+
+    def __len__(self) -> int:
+        return len(self._encoders)
+
+    def values(self) -> list[ClipEncoder]:
+        return list(self._encoders.values())

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from rewards.base import RewardOutput, check_batch
-from rewards.clip_encoder import ClipEncoder
+from rewards.clip_encoder import EncoderCache
 
 
 class ClipScore:
@@ -30,8 +30,10 @@ class ClipScore:
         model_config: str | None = None,
         device: str = "cpu",
         seed: int = 0,
+        encoders: EncoderCache | None = None,
     ) -> None:
-        self.encoder = ClipEncoder(
+        # ``encoders``: a cache shared with other CLIP-based rewards of the same process (not a config option).
+        self.encoder = (encoders if encoders is not None else EncoderCache()).get(
             model=model, pretrained=pretrained, model_config=model_config, device=device, seed=seed
         )
 

@@ -17,6 +17,10 @@ REWARDS: dict[str, type] = {
 }
 
 
+# Constructor arguments that are wiring, not configuration: never read from a config file.
+_INTERNAL = {"encoders"}
+
+
 def _reward_class(name: str) -> type:
     if name not in REWARDS:
         raise ValueError(f"unknown reward {name!r}; valid rewards: {sorted(REWARDS)}")
@@ -30,11 +34,15 @@ def reward_options(name: str) -> dict[str, Any]:
         p.name: p.default
         for p in params
         if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        and p.name not in _INTERNAL
     }
 
 
-def build_reward(name: str, **options: Any) -> Reward:
-    """Constructs reward ``name`` with ``options``; ValueError for an unknown name or option."""
+def build_reward(name: str, *, encoders=None, **options: Any) -> Reward:
+    """Constructs reward ``name`` with ``options``; ValueError for an unknown name or option.
+
+    ``encoders``: an ``EncoderCache`` shared by the CLIP-based rewards built in one process.
+    """
     valid = reward_options(name)
     unknown = sorted(set(options) - set(valid))
     if unknown:
@@ -44,4 +52,7 @@ def build_reward(name: str, **options: Any) -> Reward:
     )
     if missing:
         raise ValueError(f"reward {name!r} needs option(s) {missing}")
-    return _reward_class(name)(**options)
+    cls = _reward_class(name)
+    if encoders is not None and "encoders" in inspect.signature(cls).parameters:
+        options = {**options, "encoders": encoders}
+    return cls(**options)

@@ -37,6 +37,7 @@ class ServeOptions:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     health_check_period_s: float = 10.0
+    group: str | None = None  # rewards with the same group share one replica (and their CLIP encoders)
 
     def __post_init__(self):
         if self.min_replicas < 0 or self.max_replicas < max(1, self.min_replicas):
@@ -52,34 +53,45 @@ def app_name(reward: str) -> str:
 
 
 class RewardDeployment:
-    """A Serve replica holding one reward. ``score`` for handles, ``__call__`` for HTTP."""
+    """A Serve replica holding one or more rewards (``score`` for handles, ``__call__`` for HTTP).
 
-    def __init__(self, *, reward: str, options: dict, max_batch_size: int, batch_wait_timeout_s: float,
-                 limits: dict):
+    Rewards hosted together (a ``serve.group``) are built with one ``EncoderCache``, so clip_score and
+    aesthetic on the same CLIP model share one image encoder per replica. With ``forward_to`` the
+    replica holds no model: it is the HTTP route ``/<reward>`` of a reward hosted in that group app.
+    """
+
+    def __init__(self, *, reward: str, rewards: dict[str, dict], max_batch_size: int, batch_wait_timeout_s: float,
+                 limits: dict, forward_to: str | None = None):
         import torch
 
+        from rewards.clip_encoder import EncoderCache
         from rewards.registry import build_reward
 
         torch.set_num_threads(1)
         self.reward_name = reward
-        self.reward = build_reward(reward, **options)
         self.limits = HttpLimits(**limits)
+        self.backend = serve.get_app_handle(forward_to) if forward_to else None
+        encoders = EncoderCache()
+        self.rewards = {} if forward_to else {name: build_reward(name, encoders=encoders, **(options or {}))
+                                              for name, options in rewards.items()}
+        self.encoders = encoders
         self._score_items.set_max_batch_size(max_batch_size)
         self._score_items.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.batches_run = 0
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _score_items(self, items: list[tuple[np.ndarray, str]]) -> list[dict]:
-        """Scores single images merged from concurrent requests; groups same-sized images per call."""
+    async def _score_items(self, items: list[tuple[str, np.ndarray, str]]) -> list[dict]:
+        """Scores single (reward, image, prompt) items merged from concurrent requests, one model call
+        per (reward, image size) group."""
         results: list[dict | None] = [None] * len(items)
-        by_shape: dict[tuple, list[int]] = {}
-        for i, (image, _) in enumerate(items):
-            by_shape.setdefault(image.shape, []).append(i)
-        for indices in by_shape.values():
-            images = np.stack([items[i][0] for i in indices])
-            prompts = [items[i][1] for i in indices]
+        groups: dict[tuple, list[int]] = {}
+        for i, (reward, image, _) in enumerate(items):
+            groups.setdefault((reward, image.shape), []).append(i)
+        for (reward, _), indices in groups.items():
+            images = np.stack([items[i][1] for i in indices])
+            prompts = [items[i][2] for i in indices]
             # The model runs in a thread so the replica keeps accepting (and validating) requests.
-            output: RewardOutput = await asyncio.to_thread(self.reward, images, prompts)
+            output: RewardOutput = await asyncio.to_thread(self.rewards[reward], images, prompts)
             for row, i in enumerate(indices):
                 results[i] = {
                     "score": float(output.scores[row]),
@@ -90,9 +102,23 @@ class RewardDeployment:
         self.batches_run += 1
         return results
 
-    async def _score(self, images: list[np.ndarray] | np.ndarray, prompts: list[str]) -> RewardOutput:
-        items = await asyncio.gather(*(self._score_items((image, prompt)) for image, prompt in zip(images, prompts,
-                                                                                                  strict=True)))
+    def stats(self) -> dict:
+        """What this replica hosts: rewards, distinct CLIP encoders, batches run, encoder cache hits."""
+        encoders = self.encoders.values()
+        return {"rewards": sorted(self.rewards), "clip_encoders": len(encoders), "batches_run": self.batches_run,
+                "encoder_cache_hits": sum(e.cache_hits for e in encoders)}
+
+    def _which(self, reward: str | None) -> str:
+        reward = reward or self.reward_name
+        if self.backend is None and reward not in self.rewards:
+            raise ValueError(f"this deployment serves {sorted(self.rewards)}, not {reward!r}")
+        return reward
+
+    async def _score(self, images, prompts: list[str], reward: str) -> RewardOutput:
+        if self.backend is not None:
+            return await self.backend.score.remote(images=np.stack(images), prompts=list(prompts), reward=reward)
+        items = await asyncio.gather(*(self._score_items((reward, image, prompt))
+                                       for image, prompt in zip(images, prompts, strict=True)))
         modalities = items[0]["embeddings"].keys() if items else ()
         return RewardOutput(
             scores=np.array([it["score"] for it in items], dtype=np.float32),
@@ -101,16 +127,19 @@ class RewardDeployment:
             errors=[it["error"] for it in items] if any(it["error"] for it in items) else None,
         )
 
-    async def score(self, *, images: np.ndarray, prompts: list[str]) -> RewardOutput:
+    async def score(self, *, images: np.ndarray, prompts: list[str], reward: str | None = None) -> RewardOutput:
         """Handle API: uint8 images [B, H, W, 3] and B prompts -> RewardOutput (inside the Ray cluster)."""
         check_batch(images, prompts)
-        return await self._score(list(images), list(prompts))
+        return await self._score(list(images), list(prompts), self._which(reward))
 
-    async def embed_texts(self, *, texts: list[str]) -> np.ndarray:
-        """Unit-norm text embeddings [B, n] from rewards that have a text encoder (CLIP)."""
-        if not hasattr(self.reward, "embed_texts"):
-            raise TypeError(f"reward {self.reward_name!r} has no text encoder (embed_texts)")
-        return await asyncio.to_thread(self.reward.embed_texts, list(texts))
+    async def embed_texts(self, *, texts: list[str], reward: str | None = None) -> np.ndarray:
+        """Unit-norm text embeddings [B, n] from a reward with a text encoder (CLIP)."""
+        reward = self._which(reward)
+        if self.backend is not None:
+            return await self.backend.embed_texts.remote(texts=list(texts), reward=reward)
+        if not hasattr(self.rewards[reward], "embed_texts"):
+            raise TypeError(f"reward {reward!r} has no text encoder (embed_texts)")
+        return await asyncio.to_thread(self.rewards[reward].embed_texts, list(texts))
 
     async def __call__(self, request):
         """HTTP API: POST JSON (see rewards/http_codec.py); 4xx with a message for every bad input."""
@@ -128,38 +157,51 @@ class RewardDeployment:
             images, prompts, return_embeddings = parse_request(body, self.limits)
         except RequestError as err:
             return JSONResponse({"error": str(err), "reward": self.reward_name}, status_code=err.status)
-        output = await self._score(images, prompts)
+        output = await self._score(images, prompts, self.reward_name)
         response = encode_response(output, return_embeddings=return_embeddings)
         response["reward"] = self.reward_name
         response["latency_s"] = time.perf_counter() - start
         return JSONResponse(response)
 
 
-def build_reward_app(reward: str, options: dict, serve_options: ServeOptions, limits: HttpLimits | None = None):
-    """The Serve application of one reward, ready for ``serve.run(app, name=app_name(reward))``."""
+def build_reward_app(reward: str, options: dict, serve_options: ServeOptions, limits: HttpLimits | None = None, *,
+                     colocated: dict[str, dict] | None = None, forward_to: str | None = None):
+    """The Serve application of one reward, ready for ``serve.run(app, name=app_name(reward))``.
+
+    colocated: name -> options of all rewards hosted together (a group app; ``reward`` is one of them).
+    forward_to: make a model-less route app that forwards to that group app.
+    """
     s = serve_options
     max_ongoing = s.max_ongoing_requests or max(2 * s.max_batch_size, 8)
-    deployment = serve.deployment(
-        RewardDeployment,
-        name=f"{reward}",
-        max_ongoing_requests=max_ongoing,
-        autoscaling_config={
+    if forward_to:  # a thin async router: one replica holds many requests in flight
+        autoscaling = {"min_replicas": 1, "max_replicas": 1, "initial_replicas": 1}
+        actor_options = {"num_cpus": 0.05}
+        max_ongoing = max(max_ongoing, 64)
+    else:
+        autoscaling = {
             "min_replicas": s.min_replicas,
             "initial_replicas": s.initial_replicas if s.initial_replicas is not None else max(1, s.min_replicas),
             "max_replicas": s.max_replicas,
             "target_ongoing_requests": s.target_ongoing_requests,
             "upscale_delay_s": s.upscale_delay_s,
             "downscale_delay_s": s.downscale_delay_s,
-        },
-        ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
+        }
+        actor_options = {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus}
+    deployment = serve.deployment(
+        RewardDeployment,
+        name=f"{reward}",
+        max_ongoing_requests=max_ongoing,
+        autoscaling_config=autoscaling,
+        ray_actor_options=actor_options,
         health_check_period_s=s.health_check_period_s,
     )
     return deployment.bind(
         reward=reward,
-        options=options,
+        rewards=colocated or {reward: options},
         max_batch_size=s.max_batch_size,
         batch_wait_timeout_s=s.batch_wait_timeout_s,
         limits=asdict(limits or HttpLimits()),
+        forward_to=forward_to,
     )
 
 
@@ -173,10 +215,15 @@ def app_builder(args: dict):
 
 @dataclass
 class DeployedRewards:
-    """What ``deploy_rewards`` started (so the caller removes exactly those) and the handles."""
+    """Handles per reward, the app each reward is scored by, and the apps this call started."""
 
     handles: dict = field(default_factory=dict)
+    apps: dict[str, str] = field(default_factory=dict)
     started: list[str] = field(default_factory=list)
+
+
+def group_app_name(group: str) -> str:
+    return f"{APP_PREFIX}group-{group}"
 
 
 def running_apps() -> set[str]:
@@ -190,22 +237,46 @@ def running_apps() -> set[str]:
 
 def deploy_rewards(specs: dict[str, dict], serve_options: dict[str, ServeOptions], *, limits: HttpLimits,
                    http_host: str = "127.0.0.1", http_port: int = 8000, reuse_running: bool = True) -> DeployedRewards:
-    """Starts (or reuses) one application per reward; returns handles and the apps it started."""
+    """Starts (or reuses) one application per reward; returns handles and the apps it started.
+
+    Rewards whose ``serve.group`` is the same are hosted by one group app (one replica holds them all,
+    sharing CLIP encoders; it scales with the first member's settings) and keep their own HTTP route
+    ``/<reward>`` through a thin forwarding app.
+    """
     serve.start(http_options={"host": http_host, "port": http_port})
     deployed = DeployedRewards()
     running = running_apps() if reuse_running else set()
-    for reward, options in specs.items():
-        name = app_name(reward)
+
+    def run(app, name: str, route: str | None) -> None:
         if name not in running:
-            serve.run(build_reward_app(reward, options, serve_options[reward], limits), name=name,
-                      route_prefix=f"/{reward}", blocking=False)
+            serve.run(app, name=name, route_prefix=route, blocking=False)
             deployed.started.append(name)
-        deployed.handles[reward] = serve.get_app_handle(name)
+            running.add(name)
+
+    groups: dict[str, list[str]] = {}
+    for reward in specs:
+        if serve_options[reward].group:
+            groups.setdefault(serve_options[reward].group, []).append(reward)
+    for reward, options in specs.items():
+        group = serve_options[reward].group
+        if group:
+            members = {m: specs[m] for m in groups[group]}
+            backend = group_app_name(group)
+            first = groups[group][0]
+            run(build_reward_app(first, specs[first], serve_options[first], limits, colocated=members), backend, None)
+            run(build_reward_app(reward, options, serve_options[reward], limits, forward_to=backend),
+                app_name(reward), f"/{reward}")
+            deployed.apps[reward] = backend
+        else:
+            run(build_reward_app(reward, options, serve_options[reward], limits), app_name(reward), f"/{reward}")
+            deployed.apps[reward] = app_name(reward)
+        deployed.handles[reward] = serve.get_app_handle(deployed.apps[reward])
     return deployed
 
 
 def remove_rewards(names: list[str]) -> None:
-    for name in names:
+    """Deletes applications, routes before the group apps they forward to."""
+    for name in sorted(names, key=lambda n: n.startswith(f"{APP_PREFIX}group-")):
         try:
             serve.delete(name)
         except Exception:  # noqa: BLE001 - best effort at shutdown; a missing app is already gone

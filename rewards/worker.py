@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from rewards.base import RewardOutput, check_batch
+from rewards.clip_encoder import EncoderCache
 from rewards.combine import CAPTION, caption_embedding_source, combine_rewards
 from rewards.registry import build_reward
 
@@ -56,7 +57,8 @@ class RewardWorker:
             )
         self.weights = dict(weights)
         self.volume_modalities = tuple(volume_modalities)
-        self.rewards = {name: build_reward(name, **(options or {})) for name, options in specs.items()}
+        encoders = EncoderCache()  # clip_score and aesthetic on the same CLIP model share one encoder
+        self.rewards = {name: build_reward(name, encoders=encoders, **(options or {})) for name, options in specs.items()}
 
     def score(self, *, images: np.ndarray, prompts: list[str], gamma: float = 0.0) -> ScoredBatch:
         """Runs every reward on uint8 images [B, H, W, 3] and B prompts, then ``combine_rewards``."""

@@ -237,12 +237,12 @@ def test_client_retries_when_a_replica_is_killed_mid_request(serve_session):
 def test_client_names_a_reward_that_keeps_failing(serve_session):
     from rewards.client import RewardClient, RewardServiceError
 
-    client = RewardClient(handles={"jpeg_compressibility": serve_session["handles"]["jpeg_compressibility"]},
-                          weights={"jpeg_compressibility": 1.0}, timeout_s=30, max_retries=1, retry_backoff_s=0.0)
-    bad = np.zeros((1, 8, 8, 3), dtype=np.uint8)
-    client.handles["jpeg_compressibility"] = client.handles["jpeg_compressibility"].options(method_name="missing")
-    with pytest.raises(RewardServiceError, match=r"reward 'jpeg_compressibility' failed 2 time\(s\)"):
-        client.score(images=bad, prompts=["a"])
+    # A handle to an app that does not host the reward: every call fails the same way.
+    client = RewardClient(handles={"clip_score": serve_session["handles"]["jpeg_compressibility"]},
+                          weights={"clip_score": 1.0}, timeout_s=30, max_retries=1, retry_backoff_s=0.0)
+    with pytest.raises(RewardServiceError, match=r"reward 'clip_score' failed 2 time\(s\).*serves "
+                                                 r"\['jpeg_compressibility'\], not 'clip_score'"):
+        client.score(images=np.zeros((1, 8, 8, 3), dtype=np.uint8), prompts=["a"])
 
 
 def test_deploy_file_is_a_valid_serve_config_and_its_apps_build():
@@ -262,3 +262,50 @@ def test_deploy_file_is_a_valid_serve_config_and_its_apps_build():
         assert app["args"]["reward"] in __import__("rewards.registry", fromlist=["REWARDS"]).REWARDS
         application = app_builder(app["args"])  # builds the bound app without loading any model
         assert application is not None
+
+
+def test_grouped_clip_score_and_aesthetic_share_one_encoder_per_replica(serve_session, tmp_path):
+    from ray import serve
+
+    from rewards.client import RewardClient
+    from rewards.serve import ServeOptions, deploy_rewards, remove_rewards
+    from rewards.tiny import tiny_aesthetic_options, tiny_clip_score_options
+    from rewards.worker import RewardWorker
+
+    specs = {"clip_score": tiny_clip_score_options(tmp_path), "aesthetic": tiny_aesthetic_options(tmp_path)}
+    options = {n: ServeOptions(num_cpus=0.1, group="clip", max_batch_size=8) for n in specs}
+    # A fresh app set (the module's apps use other names): one group app + two routes.
+    deployed = deploy_rewards(specs, options, limits=LIMITS, http_port=serve_session["port"], reuse_running=False)
+    try:
+        assert deployed.apps == {"clip_score": "reward-group-clip", "aesthetic": "reward-group-clip"}
+        status = serve.status().applications
+        assert status["reward-group-clip"].deployments["clip_score"].replica_states
+        # One replica hosts both rewards and holds a single CLIP encoder for them.
+        backend = deployed.handles["clip_score"]
+        images, prompts = _images(4), ["a cat", "a dog", "a tree", "a cat"]
+        weights = {"clip_score": 1.0, "aesthetic": 0.5}
+        client = RewardClient(handles=deployed.handles, weights=weights, timeout_s=60)
+        scored = client.score(images=images, prompts=prompts)
+        local = RewardWorker(specs=specs, weights=weights).score(images=images, prompts=prompts)
+        np.testing.assert_allclose(scored.total, local.total, rtol=1e-5, atol=1e-5)
+        stats = backend.stats.remote().result(timeout_s=30)
+        assert stats["rewards"] == ["aesthetic", "clip_score"] and stats["clip_encoders"] == 1
+        # Over HTTP each reward keeps its own route.
+        body = json.dumps({"prompts": prompts[:1], "images": [encode_image(images[0])]}).encode()
+        for reward in specs:
+            status_code, answer = _post(serve_session["port"], f"/{reward}", body)
+            assert status_code == 200 and answer["reward"] == reward
+            np.testing.assert_allclose(answer["scores"][0], local.components[reward][0], rtol=1e-4, atol=1e-5)
+    finally:
+        remove_rewards(deployed.started)
+
+
+def test_worker_shares_the_clip_encoder_between_clip_score_and_aesthetic(tmp_path):
+    from rewards.tiny import tiny_aesthetic_options, tiny_clip_score_options
+    from rewards.worker import RewardWorker
+
+    specs = {"clip_score": tiny_clip_score_options(tmp_path), "aesthetic": tiny_aesthetic_options(tmp_path)}
+    worker = RewardWorker(specs=specs, weights={"clip_score": 1.0, "aesthetic": 1.0})
+    assert worker.rewards["clip_score"].encoder is worker.rewards["aesthetic"].encoder
+    worker.score(images=_images(3), prompts=["a", "b", "c"])
+    assert worker.rewards["clip_score"].encoder.cache_hits == 1  # the second reward reused the embeddings
