@@ -44,6 +44,12 @@ def _parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     serve_cmd.add_argument("--port", type=int, default=None, help="HTTP port (default: reward_service.http_port)")
     serve_cmd.add_argument("--host", default=None, help="HTTP host (default: reward_service.http_host, 127.0.0.1)")
+    dpo = sub.add_parser("dpo", help="offline Diffusion-DPO from a preference dataset (dpo.dataset JSONL)",
+                         description="Train the policy's LoRA with Diffusion-DPO on (prompt, chosen, rejected) "
+                                     "image pairs listed in dpo.dataset (one JSON object per line).")
+    dpo.add_argument("config", help="YAML config file (policy, dpo, train.learning_rate, seed)")
+    dpo.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    dpo.add_argument("--output-dir", default=None, help="run directory (default: output_dir or runs/NAME-TIME)")
     return parser
 
 
@@ -84,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         return serve_forever(config)
     from cluster.driver import train
 
+    if args.command == "dpo":
+        from cluster.offline_dpo import run_offline_dpo as train  # same error handling as train
     try:
         run_dir = train(config, output_dir=args.output_dir)
     except KeyboardInterrupt:

@@ -67,7 +67,7 @@ class PromptsConfig:
 
 @dataclass
 class TrainConfig:
-    algorithm: str = field(default="ppo", metadata=choice("ppo", "pg"))
+    algorithm: str = field(default="ppo", metadata=choice("ppo", "pg", "dpo"))
     learning_rate: float = field(default=3e-4, metadata=POSITIVE)
     adam_beta1: float = field(default=0.9, metadata=_rule(lambda v: 0 <= v < 1, "in [0, 1)"))
     adam_beta2: float = field(default=0.999, metadata=_rule(lambda v: 0 <= v < 1, "in [0, 1)"))
@@ -86,6 +86,34 @@ class TrainConfig:
     kl_beta: float = field(default=0.0, metadata=NON_NEGATIVE)
     kl_beta_end: float | None = field(default=None, metadata=NON_NEGATIVE)
     kl_ramp_epochs: int = field(default=0, metadata=NON_NEGATIVE)
+
+
+@dataclass
+class DpoConfig:
+    """Diffusion-DPO (seed 003): offline from a preference JSONL (``gard dpo``), or online from branch
+    pairs with ``train.algorithm: dpo`` (the trajectory form of DESIGN.md §3)."""
+
+    beta: float = field(default=2000.0, metadata=POSITIVE)
+    online_beta: float = field(default=1.0, metadata=POSITIVE)
+    dataset: str | None = field(default=None, metadata={"doc": "JSONL: {prompt, chosen, rejected} image paths"})
+    steps: int = field(default=100, metadata=POSITIVE)
+    batch_size: int = field(default=4, metadata=POSITIVE)
+    log_every: int = field(default=10, metadata=POSITIVE)
+
+
+@dataclass
+class B2Config:
+    """B²-DiffuRL (seed 001): backward progressive training + branch rollouts + contrastive selection."""
+
+    enabled: bool = False
+    tau_start: int = field(default=14, metadata=POSITIVE)
+    tau_end: int = field(default=20, metadata=POSITIVE)
+    num_stages: int = field(default=100, metadata=POSITIVE)
+    epochs_per_stage: int = field(default=1, metadata=POSITIVE)
+    branching: bool = True
+    n_branch: int = field(default=5, metadata=_rule(lambda v: v >= 2, ">= 2"))
+    threshold: float = field(default=0.5, metadata=NON_NEGATIVE)
+    history_stages: int = field(default=8, metadata=NON_NEGATIVE)
 
 
 @dataclass
@@ -153,6 +181,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     rewards: dict[str, dict] = field(default_factory=lambda: {"jpeg_compressibility": {"weight": 1.0}})
     volume: VolumeConfig = field(default_factory=VolumeConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
+    b2: B2Config = field(default_factory=B2Config)
     reward_service: RewardServiceConfig = field(default_factory=RewardServiceConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
