@@ -70,7 +70,7 @@ class BranchTrajectory:
         return len(self.prompts) // self.n_branch
 
     def to_trajectory(self) -> Trajectory:
-        """The leaves as a plain ``Trajectory`` (rows keep their order; ``group_ids`` stay here)."""
+        """The leaves as a ``Trajectory`` (rows keep their order, with their ``group_ids``)."""
         return Trajectory(
             latents=self.latents,
             log_probs=self.log_probs,
@@ -78,6 +78,7 @@ class BranchTrajectory:
             prompts=list(self.prompts),
             policy_version=self.policy_version,
             seed=self.seed,
+            group_ids=self.group_ids,
         )
 
     def to_image_batch(self) -> ImageBatch:

@@ -17,6 +17,8 @@ class Trajectory:
     prompts:   B strings
     policy_version: the adapter version that sampled every transition
     seed:      the generator seed of this batch (derived from (seed, epoch, worker, batch))
+    group_ids: int64   [B] or None        branch group of each sample (B²-DiffuRL branch rollouts:
+                                          the leaves of one shared prefix); None for plain sampling
     """
 
     latents: np.ndarray
@@ -25,6 +27,7 @@ class Trajectory:
     prompts: list[str]
     policy_version: int
     seed: int
+    group_ids: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -47,7 +50,13 @@ def concat_trajectories(parts: list[Trajectory]) -> Trajectory:
     for part in parts[1:]:
         if not np.array_equal(part.timesteps, parts[0].timesteps):
             raise ValueError("trajectories with different timestep schedules cannot be trained together")
+    group_ids = None
+    if all(p.group_ids is not None for p in parts):
+        # Offset each batch's ids so groups of different batches stay distinct.
+        offsets = np.cumsum([0] + [int(p.group_ids.max()) + 1 for p in parts[:-1]])
+        group_ids = np.concatenate([p.group_ids + off for p, off in zip(parts, offsets, strict=True)])
     return Trajectory(
+        group_ids=group_ids,
         latents=np.concatenate([p.latents for p in parts]),
         log_probs=np.concatenate([p.log_probs for p in parts]),
         timesteps=parts[0].timesteps,

@@ -157,8 +157,8 @@ def main() -> None:
     rest = ""
     if out.exists():  # keep the other scripts' sections
         text = out.read_text()
-        marker = "\n## Reward services"
-        rest = text[text.index(marker):] if marker in text else ""
+        first_other = text.find("\n## ", text.find("## Demo configuration") + 1)
+        rest = text[first_other:] if "## Demo configuration" in text and first_other != -1 else ""
     out.write_text(header + section + NOTES + rest)
     print(section)
 

@@ -177,12 +177,12 @@ def main() -> None:
         lines.append("")
     lines.append(
         f"Training through the services (demo config, clip_score{' + llava_bertscore' if llava else ''}, "
-        f"max_staleness 1; medians of epochs 2-5): epoch {share['epoch_s']:.2f} s, scoring of one batch "
-        f"{share['reward_tail_s']:.3f} s, so the part of an epoch nothing overlaps with (the last batch's "
-        f"rewards) is {100 * share['reward_tail_s'] / share['epoch_s']:.1f}%; the learner waited "
-        f"{share['wait_inputs_s']:.2f} s ({100 * share['wait_inputs_s'] / share['epoch_s']:.1f}%) for "
-        "trajectories and rewards together. Samplers never block on rewards: scoring runs in the reward "
-        "stage while they sample the next batch."
+        f"max_staleness 1; medians of epochs 2-5): epoch {share['epoch_s']:.2f} s; scoring one batch takes "
+        f"{share['reward_tail_s']:.3f} s ({100 * share['reward_tail_s'] / share['epoch_s']:.1f}% of an epoch), "
+        f"overlapped with sampling and training: the learner waited {share['wait_inputs_s']:.2f} s "
+        f"({100 * share['wait_inputs_s'] / share['epoch_s']:.1f}% of the epoch) for trajectories and rewards "
+        "together, an upper bound on the share of an epoch spent waiting on rewards. Samplers never block on "
+        "rewards: scoring runs in the reward stage while they sample the next batch."
     )
     lines += ["", "On 2 cores, a second replica adds little: both replicas share the same two cores with the "
               "client threads and the Serve proxy. GPU CLIP encoders (ViT-H-14, ViT-L-14): not measured, no GPU "
@@ -191,9 +191,12 @@ def main() -> None:
     out = Path(args.out)
     text = out.read_text() if out.exists() else "# Benchmarks\n"
     marker = "\n## Reward services"
-    if marker in text:
+    tail = ""
+    if marker in text:  # replace this section only, keep the sections after it
+        end = text.find("\n## ", text.index(marker) + 1)
+        tail = text[end:] if end != -1 else ""
         text = text[: text.index(marker)]
-    out.write_text(text.rstrip("\n") + "\n" + section)
+    out.write_text(text.rstrip("\n") + "\n" + section.rstrip("\n") + "\n" + tail)
     print(section)
 
 

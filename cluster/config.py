@@ -190,7 +190,9 @@ class Config:
     # ----- derived ------------------------------------------------------------------------
     @property
     def samples_per_epoch(self) -> int:
-        return self.cluster.num_samplers * self.sampling.batches_per_sampler * self.sampling.batch_size
+        """Rewarded samples per epoch (with B² branching, each prompt of a batch yields n_branch leaves)."""
+        leaves = self.b2.n_branch if (self.b2.enabled and self.b2.branching) else 1
+        return self.cluster.num_samplers * self.sampling.batches_per_sampler * self.sampling.batch_size * leaves
 
     @property
     def train_steps_per_sample(self) -> int:
@@ -374,6 +376,18 @@ def validate(config: Config, *, base_dir: Path = Path(".")) -> None:
     if "caption" in modalities and not {"llava_bertscore", "clip_score"} <= set(config.rewards):
         raise ConfigError(f"volume.modalities = {modalities}: the 'caption' modality embeds llava_bertscore's "
                           f"captions with clip_score's text encoder; configure both rewards or drop 'caption'")
+    if config.b2.enabled:
+        from learner.bpt import BptSchedule
+
+        b = config.b2
+        if b.tau_end > config.sampling.num_steps:
+            raise ConfigError(f"b2.tau_end = {b.tau_end} exceeds sampling.num_steps = {config.sampling.num_steps}; "
+                              f"the trained interval cannot be longer than the trajectory")
+        try:
+            BptSchedule(num_steps=config.sampling.num_steps, tau_start=b.tau_start, tau_end=b.tau_end,
+                        num_stages=b.num_stages, epochs_per_stage=b.epochs_per_stage)
+        except ValueError as err:
+            raise ConfigError(f"b2: {err}") from None
     if config.train.stat_min_count > config.train.stat_buffer_size:
         raise ConfigError(f"train.stat_min_count = {config.train.stat_min_count} exceeds train.stat_buffer_size = "
                           f"{config.train.stat_buffer_size}; per-prompt statistics would never be used")

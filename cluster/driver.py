@@ -27,6 +27,7 @@ from actors.tiny import resolve_pretrained
 from cluster.config import Config
 from cluster.metrics import MetricsWriter, save_grid
 from cluster.seeding import batch_prompts, batch_seed, eval_seed
+from learner.bpt import BptSchedule
 from learner.learner import LearnerSpec
 from learner.schedules import linear_ramp
 
@@ -95,10 +96,21 @@ def policy_spec(config: Config, *, pretrained: str, num_gpus: float) -> PolicySp
     )
 
 
+def bpt_schedule(config: Config) -> BptSchedule | None:
+    """The B² backward-progressive schedule, or None when B² is off."""
+    b = config.b2
+    if not b.enabled:
+        return None
+    return BptSchedule(num_steps=config.sampling.num_steps, tau_start=b.tau_start, tau_end=b.tau_end,
+                       num_stages=b.num_stages, epochs_per_stage=b.epochs_per_stage)
+
+
 def learner_spec(config: Config) -> LearnerSpec:
     fields = {f.name for f in dataclasses.fields(LearnerSpec)}
     train = {k: v for k, v in dataclasses.asdict(config.train).items() if k in fields}
-    return LearnerSpec(**train, max_staleness=config.cluster.max_staleness, seed=config.seed)
+    return LearnerSpec(**train, max_staleness=config.cluster.max_staleness, seed=config.seed,
+                       bpt=bpt_schedule(config), b2_threshold=config.b2.threshold,
+                       b2_history_stages=config.b2.history_stages, dpo_beta=config.dpo.online_beta)
 
 
 def banner(config: Config, run_dir: Path, ray_address: str) -> str:
@@ -123,6 +135,10 @@ def banner(config: Config, run_dir: Path, ray_address: str) -> str:
         f" (micro-batches of {t.micro_batch_size})",
         f"  eval                : {len(config.prompts.eval)} prompts x {config.prompts.eval_images_per_prompt}"
         f" images, fixed seeds",
+        *([f"  B²-DiffuRL          : tau {config.b2.tau_start}->{config.b2.tau_end} over {config.b2.num_stages} stages"
+           f" x {config.b2.epochs_per_stage} epoch(s)"
+           + (f", {config.b2.n_branch} branches per prefix" if config.b2.branching else ", no branching")
+           + f", selection |z| >= {config.b2.threshold}, history {config.b2.history_stages}"] if config.b2.enabled else []),
         "=" * 72,
     ]
     return "\n".join(lines)
@@ -162,6 +178,7 @@ class Driver:
             spec=learner_spec(config),
             torch_threads=c.torch_threads,
         )
+        self.schedule = bpt_schedule(config)
         self.started_apps: list[str] = []
         service = None
         if config.reward_service.backend == "serve":
@@ -226,7 +243,12 @@ class Driver:
                     cfg.prompts.train, size=s.batch_size, seed=cfg.seed, epoch=epoch, worker=worker, batch=batch
                 )
                 seed = batch_seed(cfg.seed, epoch=epoch, worker=worker, batch=batch)
-                traj_ref, image_ref = sampler.sample.options(num_returns=2).remote(prompts=prompts, seed=seed)
+                if self.schedule is not None and cfg.b2.branching:
+                    branch_step = self.schedule.branch_step(self.schedule.stage(epoch))
+                    traj_ref, image_ref = sampler.sample_branches.options(num_returns=2).remote(
+                        prompts=prompts, seed=seed, n_branch=cfg.b2.n_branch, branch_step=branch_step)
+                else:
+                    traj_ref, image_ref = sampler.sample.options(num_returns=2).remote(prompts=prompts, seed=seed)
                 trajs.append(traj_ref)
                 images.append(image_ref)
                 scores.append(self.reward_stage.score.remote(batch=image_ref, gamma=gamma))
@@ -364,9 +386,15 @@ class Driver:
         row["reward_retries"] = int(sum(sum((s.retries or {}).values()) for s in scores))
         for key in ("loss", "pg_loss", "kl", "approx_kl", "clipfrac", "ratio", "grad_norm", "beta",
                     "advantage_abs_mean", "n_pairs", "stale_refused", "nonfinite_rewards", "train_s", "wait_inputs_s",
-                    "pairs_per_s", "publish_s"):
+                    "pairs_per_s", "publish_s", "n_selected", "n_dpo_pairs", "dpo_loss", "dpo_acc", "dpo_margin"):
             if key in stats:
                 row[key] = stats[key]
+        if self.schedule is not None:
+            stage = self.schedule.stage(epoch)
+            row["bpt_stage"] = stage
+            row["train_interval"] = list(self.schedule.interval(stage))  # [first, last) denoising-step indices
+            row["branch_step"] = self.schedule.branch_step(stage) if self.config.b2.branching else None
+            row.setdefault("n_selected", 0)
         # Broadcast cost: packing + hashing on the learner, then verify + copy on the slowest sampler.
         row["apply_weights_s"] = max(a["apply_s"] for a in applied)
         row["broadcast_s"] = row.get("publish_s", 0.0) + row["apply_weights_s"]

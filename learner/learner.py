@@ -10,10 +10,16 @@ A plain class; ``cluster/`` wraps it with ``ray.remote(...)``. One ``update`` pe
    processed in micro-batches of ``micro_batch_size`` pairs with per-pair timesteps in one UNet call;
    the loss of a step is the mean over its pairs (gradients averaged over samples x timesteps);
 4. AdamW with gradient-norm clipping; then the version increments and ``publish`` packs the adapter.
+
+With B²-DiffuRL (``spec.bpt``) only the stage's interval [first, last) of denoising steps is trained
+(the learner never forwards the others), and PPO/PG train on the contrastively selected leaves with
+their z-scores as advantages. ``algorithm="dpo"`` trains the best-vs-worst pairs of each group with the
+trajectory form of Diffusion-DPO over the same steps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -26,10 +32,13 @@ from actors.policy import Policy, PolicySpec
 from actors.trajectory import Trajectory, concat_trajectories
 from actors.weights import WeightsPacket, pack_adapter
 from learner.advantages import PerPromptStatTracker, batch_advantages, clip_advantages
+from learner.bpt import BptSchedule
+from learner.dpo import trajectory_dpo_loss
 from learner.losses import gaussian_kl, policy_gradient_loss, ppo_clip_loss
 from learner.schedules import linear_ramp
+from learner.selection import ZScoreHistory, preference_pairs, select_contrastive
 
-ALGORITHMS = ("ppo", "pg")
+ALGORITHMS = ("ppo", "pg", "dpo")
 ADVANTAGE_MODES = ("per_prompt", "batch")
 
 
@@ -58,6 +67,22 @@ class LearnerSpec:
     kl_ramp_epochs: int = 0
     max_staleness: int = 0
     seed: int = 0
+    # B²-DiffuRL (backward progressive training + contrastive selection); None = off.
+    bpt: BptSchedule | None = None
+    b2_threshold: float = 0.5
+    b2_history_stages: int = 8
+    dpo_beta: float = 1.0  # online trajectory DPO
+
+
+@dataclass
+class _Batch:
+    """One epoch's training tensors: latents [N, T+1, C, h, w], old_log_probs [N, T], timesteps [T],
+    embeds [N, 77, D]."""
+
+    latents: torch.Tensor
+    old_log_probs: torch.Tensor
+    timesteps: torch.Tensor
+    embeds: torch.Tensor
 
 
 def _resolve(items: list) -> list:
@@ -95,6 +120,8 @@ class Learner:
             eps=spec.adam_eps,
         )
         self.stat_tracker = PerPromptStatTracker(buffer_size=spec.stat_buffer_size, min_count=spec.stat_min_count)
+        self.schedule = spec.bpt
+        self.zscores = ZScoreHistory(history_stages=spec.b2_history_stages)
         self.version = 0
         self.last_publish_s = 0.0
 
@@ -158,24 +185,62 @@ class Learner:
         if keep.size == 0:
             return {**stats, "n_samples": 0.0, "n_pairs": 0.0, "train_s": 0.0}
         prompts = [batch.prompts[i] for i in keep]
-        if spec.advantage == "per_prompt":
-            advantages = self.stat_tracker.update(prompts, reward[keep])
-        else:
-            advantages = batch_advantages(reward[keep])
-        advantages = clip_advantages(advantages, max_abs=spec.adv_clip_max)
+        reward = reward[keep]
+        # Branch groups (B²) or, without branching, the samples of one prompt form a group.
+        groups = batch.group_ids[keep] if batch.group_ids is not None else np.unique(prompts, return_inverse=True)[1]
+        n_steps = batch.log_probs.shape[1]
+        first, last = (0, n_steps)
+        if self.schedule is not None:
+            stage = self.schedule.stage(epoch)
+            first, last = self.schedule.interval(stage)
+            stats.update({"bpt_stage": float(stage), "train_first_step": float(first), "train_last_step": float(last)})
 
         # Fancy indexing copies, so these tensors own writable memory (Ray's arrays are read-only).
         latents = torch.from_numpy(batch.latents[keep])
         old_log_probs = torch.from_numpy(batch.log_probs[keep])
         timesteps = torch.from_numpy(batch.timesteps.copy())
-        adv = torch.from_numpy(advantages)
-        beta = linear_ramp(epoch, start=spec.kl_beta, end=spec.kl_beta_end, ramp_epochs=spec.kl_ramp_epochs)
         with torch.no_grad():
             embeds = self.policy.encode_prompts(prompts)
-
         rng = np.random.default_rng(np.random.SeedSequence([spec.seed, epoch, 0x1EA2]))
-        n_samples, n_steps = old_log_probs.shape
-        n_train_steps = max(1, int(n_steps * spec.timestep_fraction))
+        data = _Batch(latents=latents, old_log_probs=old_log_probs, timesteps=timesteps, embeds=embeds)
+
+        if spec.algorithm == "dpo":
+            winners, losers = preference_pairs(groups, reward)
+            stats.update(self._dpo_update(data, winners, losers, steps=np.arange(first, last), rng=rng))
+        else:
+            if self.schedule is not None:
+                # Contrastive selection (B²-DiffuRL eq. 5): z-scores per prompt over this stage and
+                # the last H; per group the best leaf with z >= +th and the worst with z < -th.
+                z = self.zscores.update(stage, prompts, reward)
+                positive, negative = select_contrastive(groups, z, threshold=spec.b2_threshold)
+                selected = np.concatenate([positive, negative])
+                advantages = np.zeros(len(prompts), dtype=np.float32)
+                advantages[selected] = z[selected]
+                stats["n_selected"] = float(selected.size)
+            else:
+                selected = np.arange(len(prompts))
+                if spec.advantage == "per_prompt":
+                    advantages = self.stat_tracker.update(prompts, reward)
+                else:
+                    advantages = batch_advantages(reward)
+            advantages = clip_advantages(advantages, max_abs=spec.adv_clip_max)
+            beta = linear_ramp(epoch, start=spec.kl_beta, end=spec.kl_beta_end, ramp_epochs=spec.kl_ramp_epochs)
+            stats["beta"] = float(beta)
+            stats["advantage_abs_mean"] = float(np.abs(advantages[selected]).mean()) if selected.size else 0.0
+            stats.update(self._policy_gradient_update(data, torch.from_numpy(advantages), selected,
+                                                      steps=np.arange(first, last), beta=beta, rng=rng))
+        if stats.get("n_pairs", 0) > 0:
+            self.version += 1
+        train_s = time.perf_counter() - start
+        stats.update({"n_samples": float(len(prompts)), "train_s": train_s, "version": float(self.version),
+                      "publish_s": self.last_publish_s,
+                      "pairs_per_s": stats.get("n_pairs", 0.0) / train_s if train_s > 0 else math.nan})
+        return stats
+
+    def _policy_gradient_update(self, data: _Batch, adv: torch.Tensor, selected: np.ndarray, *, steps: np.ndarray,
+                                beta: float, rng: np.random.Generator) -> dict[str, float]:
+        """PPO / PG (+ β·KL) over (selected sample, step) pairs, steps drawn from ``steps`` only."""
+        spec = self.spec
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
 
@@ -183,10 +248,11 @@ class Learner:
             sums[name] = sums.get(name, 0.0) + value * weight
             counts[name] = counts.get(name, 0) + weight
 
+        n_train_steps = max(1, int(len(steps) * spec.timestep_fraction))
         n_pairs_total = 0
-        for _ in range(spec.inner_epochs):
-            step_idx = np.stack([rng.permutation(n_steps)[:n_train_steps] for _ in range(n_samples)])
-            sample_idx = np.repeat(np.arange(n_samples), n_train_steps)
+        for _ in range(spec.inner_epochs if selected.size else 0):
+            step_idx = np.stack([rng.permutation(steps)[:n_train_steps] for _ in range(selected.size)])
+            sample_idx = np.repeat(selected, n_train_steps)
             pairs = np.stack([sample_idx, step_idx.reshape(-1)], axis=1)[rng.permutation(sample_idx.size)]
             for chunk in np.array_split(pairs, min(spec.updates_per_epoch, len(pairs))):
                 self.optimizer.zero_grad(set_to_none=True)
@@ -194,49 +260,42 @@ class Learner:
                     micro = chunk[m_start : m_start + spec.micro_batch_size]
                     weight = len(micro) / len(chunk)
                     measure_kl = beta > 0 or m_start == 0  # monitor KL cheaply when it is not trained
-                    loss, micro_stats = self._micro_batch_loss(
-                        micro, latents, old_log_probs, timesteps, adv, embeds, beta=beta, measure_kl=measure_kl
-                    )
+                    loss, micro_stats = self._micro_batch_loss(micro, data, adv, beta=beta, measure_kl=measure_kl)
                     (loss * weight).backward()
                     for name, value in micro_stats.items():
                         add(name, value, len(micro))
-                grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in self._named_params], spec.max_grad_norm)
-                add("grad_norm", float(grad_norm), 1)
-                self.optimizer.step()
+                add("grad_norm", self._clip_and_step(), 1)
                 n_pairs_total += len(chunk)
         self.optimizer.zero_grad(set_to_none=True)
-        self.version += 1
-        train_s = time.perf_counter() - start
-        stats.update({name: sums[name] / counts[name] for name in sums})
-        stats.update(
-            {
-                "n_samples": float(n_samples),
-                "n_pairs": float(n_pairs_total),
-                "beta": float(beta),
-                "advantage_abs_mean": float(np.abs(advantages).mean()),
-                "train_s": train_s,
-                "version": float(self.version),
-                "publish_s": self.last_publish_s,
-                "pairs_per_s": n_pairs_total / train_s if train_s > 0 else math.nan,
-            }
-        )
-        return stats
+        out = {name: sums[name] / counts[name] for name in sums}
+        out["n_pairs"] = float(n_pairs_total)
+        return out
 
-    def _micro_batch_loss(self, micro, latents, old_log_probs, timesteps, adv, embeds, *, beta, measure_kl):
+    def _clip_and_step(self) -> float:
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in self._named_params], self.spec.max_grad_norm)
+        self.optimizer.step()
+        return float(grad_norm)
+
+    def _transition_log_prob(self, i: torch.Tensor, j: torch.Tensor, data: _Batch):
+        """log p_θ of stored transitions (sample i, step j) -> (log_prob [m], mean, std, inputs)."""
+        policy = self.policy
+        device = policy.device
+        x_t = data.latents[i, j].to(device)
+        x_next = data.latents[i, j + 1].to(device)
+        t = data.timesteps[j].to(device)
+        pair_embeds = data.embeds[i.to(data.embeds.device)]
+        model_output = policy.guided_output(x_t, t, pair_embeds)
+        mean, std = ddim_mean_std(policy.scheduler, model_output, t, x_t, eta=policy.spec.eta)
+        return gaussian_log_prob(x_next, mean, std), mean, std, (x_t, t, pair_embeds, x_next)
+
+    def _micro_batch_loss(self, micro, data: _Batch, adv, *, beta, measure_kl):
         """Loss and stats of one micro-batch of (sample, step) index pairs [m, 2]."""
         policy = self.policy
         i = torch.from_numpy(micro[:, 0])
         j = torch.from_numpy(micro[:, 1])
-        device = policy.device
-        x_t = latents[i, j].to(device)
-        x_next = latents[i, j + 1].to(device)
-        t = timesteps[j].to(device)
-        pair_embeds = embeds[i.to(embeds.device)]
-        model_output = policy.guided_output(x_t, t, pair_embeds)
-        mean, std = ddim_mean_std(policy.scheduler, model_output, t, x_t, eta=policy.spec.eta)
-        log_prob = gaussian_log_prob(x_next, mean, std)
-        old = old_log_probs[i, j].to(device)
-        advantages = adv[i].to(device)
+        log_prob, mean, std, (x_t, t, pair_embeds, _) = self._transition_log_prob(i, j, data)
+        old = data.old_log_probs[i, j].to(policy.device)
+        advantages = adv[i].to(policy.device)
         if self.spec.algorithm == "ppo":
             pg_loss, stats = ppo_clip_loss(log_prob, old, advantages, clip_range=self.spec.clip_range)
         else:
@@ -254,3 +313,65 @@ class Learner:
                 loss = loss + beta * kl
         out["loss"] = float(loss.detach())
         return loss, out
+
+    def _sum_log_probs(self, samples: np.ndarray, steps: np.ndarray, data: _Batch, *, grad: bool,
+                       reference: bool = False, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Σ over ``steps`` of log p(transition) for each sample -> [P] (policy or reference).
+
+        With ``weights`` [P] and ``grad``, backpropagates Σ_p w_p Σ_t log p micro-batch by micro-batch
+        instead of keeping one graph for all P x |steps| transitions.
+        """
+        items = np.stack(np.meshgrid(np.arange(len(samples)), np.arange(len(steps)), indexing="ij"), -1).reshape(-1, 2)
+        totals = torch.zeros(len(samples))
+        for m_start in range(0, len(items), self.spec.micro_batch_size):
+            micro = items[m_start : m_start + self.spec.micro_batch_size]
+            i = torch.from_numpy(samples[micro[:, 0]])
+            j = torch.from_numpy(steps[micro[:, 1]])
+            context = self.policy.reference() if reference else contextlib.nullcontext()
+            with context, torch.set_grad_enabled(grad):
+                log_prob = self._transition_log_prob(i, j, data)[0]
+            if grad and weights is not None:
+                (weights[torch.from_numpy(micro[:, 0])].to(log_prob.device) * log_prob).sum().backward()
+            totals.index_add_(0, torch.from_numpy(micro[:, 0]), log_prob.detach().float().cpu())
+        return totals
+
+    def _dpo_update(self, data: _Batch, winners: np.ndarray, losers: np.ndarray, *, steps: np.ndarray,
+                    rng: np.random.Generator) -> dict[str, float]:
+        """Online Diffusion-DPO on trajectory pairs (DESIGN.md §3, seed 003):
+        L = -log σ(β Σ_t [(log p_θ - log p_ref)(w_t) - (log p_θ - log p_ref)(l_t)]), t over ``steps``.
+
+        The gradient of L is -β σ(-β M_p) Σ_t ∇[log p_θ(w_t) - log p_θ(l_t)] per pair p (M_p the margin),
+        so the margins are computed first without a graph, then each transition's log-prob is
+        backpropagated with that per-pair weight: exact, in micro-batches.
+        """
+        spec = self.spec
+        if winners.size == 0:
+            return {"n_pairs": 0.0, "n_dpo_pairs": 0.0}
+        sums = {"dpo_loss": 0.0, "dpo_acc": 0.0, "dpo_margin": 0.0, "grad_norm": 0.0}
+        n_steps_taken = 0
+        n_transitions = 0
+        for _ in range(spec.inner_epochs):
+            order = rng.permutation(winners.size)
+            for chunk in np.array_split(order, min(spec.updates_per_epoch, winners.size)):
+                w, l_ = winners[chunk], losers[chunk]
+                ref_w = self._sum_log_probs(w, steps, data, grad=False, reference=True)
+                ref_l = self._sum_log_probs(l_, steps, data, grad=False, reference=True)
+                pol_w = self._sum_log_probs(w, steps, data, grad=False)
+                pol_l = self._sum_log_probs(l_, steps, data, grad=False)
+                loss, dpo_stats = trajectory_dpo_loss(pol_w, ref_w, pol_l, ref_l, beta=spec.dpo_beta)
+                margin = (pol_w - ref_w) - (pol_l - ref_l)
+                # dL/d(log p) per pair, averaged over the chunk's pairs.
+                coeff = -spec.dpo_beta * torch.sigmoid(-spec.dpo_beta * margin) / len(chunk)
+                self.optimizer.zero_grad(set_to_none=True)
+                self._sum_log_probs(w, steps, data, grad=True, weights=coeff)
+                self._sum_log_probs(l_, steps, data, grad=True, weights=-coeff)
+                sums["grad_norm"] += self._clip_and_step()
+                sums["dpo_loss"] += float(loss)
+                sums["dpo_acc"] += float(dpo_stats["implicit_acc"])
+                sums["dpo_margin"] += float(dpo_stats["reward_margin"])
+                n_steps_taken += 1
+                n_transitions += 2 * len(chunk) * len(steps)
+        self.optimizer.zero_grad(set_to_none=True)
+        out = {k: v / n_steps_taken for k, v in sums.items()}
+        out.update({"loss": out["dpo_loss"], "n_pairs": float(n_transitions), "n_dpo_pairs": float(winners.size)})
+        return out
