@@ -72,7 +72,13 @@ def _user_error(err: BaseException) -> BaseException | None:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # Overrides may come before or after options (`gard train C --output-dir D epochs=2`).
+    args, extra = parser.parse_known_args(argv)
+    stray = [item for item in extra if item.startswith("-") or "=" not in item]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    args.overrides = list(getattr(args, "overrides", [])) + extra
     from cluster.config import ConfigError, load_config
 
     try:

@@ -115,3 +115,10 @@ def test_volume_modalities_are_validated(tmp_path):
         load_config(_write(tmp_path, text), ["volume.modalities=[text, audio]"])
     with pytest.raises(ConfigError, match=r"'caption' modality embeds llava_bertscore's captions"):
         load_config(_write(tmp_path, text), ["volume.modalities=[text, image, caption]"])
+
+
+def test_cli_accepts_overrides_after_options(tmp_path):
+    bad = _gard("train", str(_write(tmp_path, BASE)), "--output-dir", str(tmp_path / "r"), "train.clip_range=-1")
+    assert bad.returncode == 2 and "train.clip_range = -1.0 is out of range" in bad.stderr
+    stray = _gard("train", str(_write(tmp_path, BASE)), "--bogus")
+    assert stray.returncode == 2 and "unrecognized arguments: --bogus" in stray.stderr

@@ -90,7 +90,7 @@ def test_online_dpo_starts_at_log2_and_raises_the_preferred_margin(policy_spec, 
     assert first["n_dpo_pairs"] == 2
     assert first["dpo_loss"] == pytest.approx(np.log(2), abs=1e-6)  # policy == reference before any step
     margins = []
-    for epoch in range(1, 4):
+    for _ in range(3):
         current = dataclasses.replace(branches, policy_version=learner.version)
         margins.append(learner.update(trajectories=[current], rewards=[REWARDS], epoch=0)["dpo_margin"])
     assert margins[-1] > 0 and margins[-1] > margins[0]
