@@ -70,3 +70,32 @@ def test_synchronous_run_samples_with_the_newest_adapter(ray_local, tmp_path):
     assert [r["sampled_policy_version"] for r in rows] == [0, 1, 2]
     assert "eval_reward_mean" in rows[-1] and "eval_reward_mean" not in rows[0]
     assert np.isfinite(rows[0]["eval_reward_mean_initial"])
+
+
+def test_b2_run_with_branch_rollouts_and_progressive_intervals(ray_local, tmp_path):
+    config = load_config(REPO / "configs" / "b2_demo.yaml", [
+        f"cache_dir={tmp_path / 'cache'}", "logging.progress=false", "epochs=4", "b2.num_stages=5",
+        "b2.epochs_per_stage=1", "sampling.batches_per_sampler=1"])
+    rows = _rows(train(config, output_dir=str(tmp_path / "run"), log=lambda *_: None))
+    assert [r["bpt_stage"] for r in rows] == [0, 1, 2, 3]
+    # tau = 6 + floor(5k/5) over 10 steps: intervals [4,10), [3,10), [2,10), [1,10); leaves split there.
+    assert [r["train_interval"] for r in rows] == [[4, 10], [3, 10], [2, 10], [1, 10]]
+    assert [r["branch_step"] for r in rows] == [4, 3, 2, 1]
+    n_leaves = config.cluster.num_samplers * config.sampling.batch_size * config.b2.n_branch
+    assert all(r["n_samples_scored"] == n_leaves for r in rows)
+    # At most one best and one worst leaf per group are selected; each trains only interval steps.
+    n_groups = n_leaves // config.b2.n_branch
+    assert all(0 < r["n_selected"] <= 2 * n_groups for r in rows)
+    assert all(r["n_pairs"] == r["n_selected"] * (10 - r["train_interval"][0]) for r in rows)
+
+
+def test_online_dpo_run_on_branch_pairs(ray_local, tmp_path):
+    config = load_config(REPO / "configs" / "b2_demo.yaml", [
+        f"cache_dir={tmp_path / 'cache'}", "logging.progress=false", "epochs=2", "train.algorithm=dpo",
+        "sampling.batches_per_sampler=1"])
+    rows = _rows(train(config, output_dir=str(tmp_path / "run"), log=lambda *_: None))
+    n_groups = config.cluster.num_samplers * config.sampling.batch_size
+    for row in rows:
+        assert row["n_dpo_pairs"] == n_groups  # the best and the worst leaf of every branch group
+        assert 0 <= row["dpo_acc"] <= 1 and np.isfinite(row["dpo_margin"])
+    assert rows[0]["dpo_loss"] < np.log(2) + 1e-6  # starts at log 2 (policy == reference), then steps lower it
