@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.driver import train
 
     if args.command == "dpo":
-        from cluster.offline_dpo import run_offline_dpo as train  # same error handling as train
+        print("gard: offline Diffusion-DPO (gard dpo) is not implemented yet; see issue 4", file=sys.stderr)
+        return EXIT_USER_ERROR
     try:
         run_dir = train(config, output_dir=args.output_dir)
     except KeyboardInterrupt:
