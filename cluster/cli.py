@@ -96,11 +96,13 @@ def main(argv: list[str] | None = None) -> int:
         return serve_forever(config)
     from cluster.driver import train
 
-    if args.command == "dpo":
-        print("gard: offline Diffusion-DPO (gard dpo) is not implemented yet; see issue 4", file=sys.stderr)
-        return EXIT_USER_ERROR
     try:
-        run_dir = train(config, output_dir=args.output_dir)
+        if args.command == "dpo":
+            from cluster.offline_dpo import run_offline_dpo
+
+            run_dir = run_offline_dpo(config, output_dir=args.output_dir)
+        else:
+            run_dir = train(config, output_dir=args.output_dir)
     except KeyboardInterrupt:
         print("gard: interrupted", file=sys.stderr)
         return 130

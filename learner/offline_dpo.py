@@ -1,0 +1,386 @@
+"""Offline Diffusion-DPO on a preference dataset of image pairs (seed 003; ``gard dpo``).
+
+Data: a JSONL file, one object per line, ``{"prompt": str, "chosen": path, "rejected": path}`` (image
+paths relative to the JSONL file's folder, or absolute). ``load_preferences`` validates every line up
+front and names the file, the 1-based line, the field and what was expected.
+
+Training (seed 003, ``/work/shared/seeds/003_18013ee34631c1cb.txt``: the loss
+``L(θ) = -E log σ(-β T ω(λ_t) (‖ε^w - ε_θ(x_t^w)‖² - ‖ε^w - ε_ref(x_t^w)‖² - (‖ε^l - ε_θ(x_t^l)‖² - ‖ε^l - ε_ref(x_t^l)‖²)))``
+and its pseudo-code), one optimizer step on a batch of B pairs::
+
+    x0_w, x0_l = VAE(chosen), VAE(rejected)             # latents [B, 4, R/8, R/8] (mean · scaling_factor)
+    t     ~ U[0, num_train_timesteps)                   # [B], one per pair
+    ε     ~ N(0, I)                                     # [B, 4, R/8, R/8], one per pair, shared by w and l
+    x_t^w = add_noise(x0_w, ε, t);  x_t^l = add_noise(x0_l, ε, t)
+    target = ε  (ε-prediction)  or  v = √ᾱ_t ε - √(1-ᾱ_t) x0  (v-prediction, per image)
+    model_err = per_sample_mse(ε_θ(x_t, c, t), target)         # adapters on, with grad      [B] each
+    ref_err   = per_sample_mse(ε_ref(x_t, c, t), target)       # adapters off, no grad       [B] each
+    L = diffusion_dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, β)   # learner/dpo.py
+
+No classifier-free guidance (the conditional prediction only, as the authors' training script), the
+timestep weight T·ω(λ_t) folded into β, and the error a *mean* over dimensions (``per_sample_mse``;
+the authors' script uses the same mean with ``-½ β_script``, i.e. ``β = β_script / 2`` here).
+The reference is the same UNet with its LoRA disabled (``Policy.reference()``): no second copy.
+
+Pure-ish: no Ray, no config tree; ``cluster/offline_dpo.py`` wires the config, run directory and logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from actors.policy import Policy
+from learner.dpo import diffusion_dpo_loss, per_sample_mse
+
+PREFERENCE_KEYS = ("prompt", "chosen", "rejected")
+_BATCH_STREAM = 4  # a generator stream id of its own (cluster/seeding.py uses 1..3)
+
+
+class PreferenceDataError(ValueError):
+    """A problem in a preference dataset: names the file, the 1-based line, the field and the rule."""
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One preference: ``chosen`` (x0_w) is preferred over ``rejected`` (x0_l) for ``prompt``.
+
+    ``source`` and ``line`` say where the pair was read (for error messages); paths are resolved.
+    """
+
+    prompt: str
+    chosen: Path
+    rejected: Path
+    source: Path | None = None
+    line: int = 0
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}, line {self.line}" if self.source is not None else f"pair {self.line}"
+
+
+# ----- dataset ----------------------------------------------------------------------------------------
+def _check_image(where: str, field: str, raw: str, base_dir: Path) -> Path:
+    """Resolves an image path and checks that PIL recognizes the file (header only, no full decode)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(raw)
+    if not path.is_absolute():
+        path = base_dir / path
+    path = path.resolve()
+    if not path.is_file():
+        raise PreferenceDataError(
+            f"{where}: field {field!r}: image file {raw!r} does not exist (looked for {str(path)!r}; "
+            f"relative paths are read from the JSONL file's folder {str(base_dir)!r})"
+        )
+    try:
+        with Image.open(path) as image:
+            image.size  # noqa: B018 - parses the header
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+        raise PreferenceDataError(
+            f"{where}: field {field!r}: {str(path)!r} is not a readable image ({err}); expected a PNG/JPEG/WebP file"
+        ) from None
+    return path
+
+
+def load_preferences(path: str | Path) -> list[PreferencePair]:
+    """Reads and validates a preference JSONL file; blank lines are skipped.
+
+    Every line must be a JSON object with exactly the keys ``prompt`` (non-empty string), ``chosen``
+    and ``rejected`` (paths of two different, existing image files). Raises ``PreferenceDataError``
+    naming the file, the 1-based line number, the field and what was expected.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PreferenceDataError(f"{str(path)!r}: no such preference file (expected a JSONL file of "
+                                  f'{{"prompt": ..., "chosen": ..., "rejected": ...}} objects)')
+    base_dir = path.resolve().parent
+    pairs: list[PreferencePair] = []
+    for number, raw_line in enumerate(path.read_bytes().splitlines(), start=1):
+        where = f"{path}, line {number}"
+        try:
+            text = raw_line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise PreferenceDataError(f"{where}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise PreferenceDataError(
+                f"{where}: invalid JSON ({err.msg} at column {err.colno}); expected one object per line "
+                f'such as {{"prompt": "a cat", "chosen": "a.png", "rejected": "b.png"}}'
+            ) from None
+        if not isinstance(record, dict):
+            raise PreferenceDataError(f"{where}: expected a JSON object with keys {list(PREFERENCE_KEYS)}, "
+                                      f"got a {type(record).__name__}")
+        missing = [k for k in PREFERENCE_KEYS if k not in record]
+        if missing:
+            raise PreferenceDataError(f"{where}: missing field {missing[0]!r} (expected exactly the keys "
+                                      f"{list(PREFERENCE_KEYS)})")
+        extra = sorted(set(record) - set(PREFERENCE_KEYS))
+        if extra:
+            raise PreferenceDataError(f"{where}: unknown field {extra[0]!r} (expected exactly the keys "
+                                      f"{list(PREFERENCE_KEYS)})")
+        for key in PREFERENCE_KEYS:
+            if not isinstance(record[key], str):
+                what = "the prompt text" if key == "prompt" else "an image path"
+                raise PreferenceDataError(f"{where}: field {key!r}: expected a string ({what}), got "
+                                          f"{type(record[key]).__name__} {record[key]!r}")
+        if not record["prompt"].strip():
+            raise PreferenceDataError(f"{where}: field 'prompt': expected a non-empty string, got {record['prompt']!r}")
+        chosen = _check_image(where, "chosen", record["chosen"], base_dir)
+        rejected = _check_image(where, "rejected", record["rejected"], base_dir)
+        if chosen == rejected:
+            raise PreferenceDataError(f"{where}: fields 'chosen' and 'rejected' name the same image "
+                                      f"{str(chosen)!r}; a preference pair needs two different images")
+        pairs.append(PreferencePair(prompt=record["prompt"], chosen=chosen, rejected=rejected,
+                                    source=path, line=number))
+    if not pairs:
+        raise PreferenceDataError(f"{path}: the dataset is empty (no non-blank lines); expected at least one "
+                                  f'{{"prompt": ..., "chosen": ..., "rejected": ...}} object')
+    return pairs
+
+
+def load_image(path: Path, *, resolution: int, where: str = "", field: str = "") -> torch.Tensor:
+    """An image file -> float32 [3, R, R] in [-1, 1]: RGB, shorter side resized to R, center crop.
+
+    (The authors' script: Resize(R) + CenterCrop(R) + Normalize([0.5], [0.5]).)
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            w, h = image.size
+            scale = resolution / min(w, h)
+            size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+            if size != (w, h):
+                image = image.resize(size, Image.Resampling.BICUBIC)
+            left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+            image = image.crop((left, top, left + resolution, top + resolution))
+            array = np.asarray(image, dtype=np.float32)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise PreferenceDataError(f"{where}: field {field!r}: cannot decode image {str(path)!r} ({err})") from None
+    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
+
+
+# ----- trainer ---------------------------------------------------------------------------------------
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The CPU generator of one optimizer step, a function of (seed, step) only (resumable)."""
+    state = np.random.SeedSequence([seed, _BATCH_STREAM, step]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state >> 1))
+
+
+class OfflineDpoTrainer:
+    """Trains the policy's LoRA with offline Diffusion-DPO (seed 003) on preference pairs.
+
+    A plain class (no Ray). Latents of the pair images are encoded with the policy's VAE the first
+    time a pair is drawn and cached on the CPU (float32 [4, R/8, R/8] per image: 64 KiB at 512 px).
+    """
+
+    def __init__(
+        self,
+        *,
+        policy: Policy,
+        pairs: Sequence[PreferencePair],
+        beta: float,
+        learning_rate: float,
+        adam_beta1: float = 0.9,
+        adam_beta2: float = 0.999,
+        adam_weight_decay: float = 1e-4,
+        adam_eps: float = 1e-8,
+        max_grad_norm: float = 1.0,
+        batch_size: int = 4,
+        seed: int = 0,
+    ):
+        if not pairs:
+            raise ValueError("pairs is empty: offline DPO needs at least one preference pair")
+        if not beta > 0:
+            raise ValueError(f"beta={beta!r} is invalid: the DPO temperature must be > 0")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} must be >= 1")
+        prediction_type = policy.scheduler.config.prediction_type
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"scheduler prediction_type={prediction_type!r} is not supported: expected "
+                             f"'epsilon' or 'v_prediction'")
+        self.policy = policy
+        self.pairs = list(pairs)
+        self.beta = float(beta)
+        self.max_grad_norm = float(max_grad_norm)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.prediction_type = prediction_type
+        self.num_train_timesteps = int(policy.scheduler.config.num_train_timesteps)
+        self.policy.unet.train()
+        self._params = [p for _, p in policy.named_trainable_parameters()]
+        if not self._params:
+            raise ValueError("the policy has no trainable (LoRA) parameters")
+        self.optimizer = torch.optim.AdamW(
+            self._params, lr=learning_rate, betas=(adam_beta1, adam_beta2),
+            weight_decay=adam_weight_decay, eps=adam_eps,
+        )
+        self._latents: dict[tuple[int, str], torch.Tensor] = {}
+        self._prompt_embeds: dict[str, torch.Tensor] = {}
+
+    # ----- inputs ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _encode(self, items: list[tuple[int, str]]) -> None:
+        """VAE-encodes the (pair index, 'chosen'|'rejected') images not cached yet: latent_dist.mean · s."""
+        todo = [item for item in dict.fromkeys(items) if item not in self._latents]
+        if not todo:
+            return
+        resolution = self.policy.spec.resolution
+        pixels = torch.stack([
+            load_image(getattr(self.pairs[i], field), resolution=resolution, where=self.pairs[i].where, field=field)
+            for i, field in todo
+        ])  # [N, 3, R, R] in [-1, 1]
+        vae = self.policy.vae
+        latents = vae.encode(pixels.to(self.policy.device, self.policy.dtype)).latent_dist.mean
+        latents = (latents * vae.config.scaling_factor).float().cpu()  # [N, 4, R/8, R/8]
+        for item, latent in zip(todo, latents, strict=True):
+            self._latents[item] = latent
+
+    def latents(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0_w, x0_l), each float32 [B, 4, R/8, R/8] on the policy device."""
+        items = [(i, f) for i in indices for f in ("chosen", "rejected")]
+        self._encode(items)
+        device = self.policy.device
+        x0_w = torch.stack([self._latents[(i, "chosen")] for i in indices]).to(device)
+        x0_l = torch.stack([self._latents[(i, "rejected")] for i in indices]).to(device)
+        return x0_w, x0_l
+
+    @torch.no_grad()
+    def prompt_embeds(self, prompts: Sequence[str]) -> torch.Tensor:
+        """CLIP embeddings [B, 77, D] of the (frozen) text encoder, cached per prompt."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_embeds]
+        if missing:
+            for prompt, embeds in zip(missing, self.policy.encode_prompts(missing), strict=True):
+                self._prompt_embeds[prompt] = embeds
+        return torch.stack([self._prompt_embeds[p] for p in prompts])
+
+    def draw(self, step: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        """Pair indices [B], timesteps [B] (int64) and noise [B, 4, h, w] of one step (CPU generator).
+
+        Indices without replacement within a step (with replacement when B > number of pairs).
+        """
+        gen = step_generator(self.seed, step)
+        n = len(self.pairs)
+        if self.batch_size <= n:
+            indices = torch.randperm(n, generator=gen)[: self.batch_size]
+        else:
+            indices = torch.randint(0, n, (self.batch_size,), generator=gen)
+        timesteps = torch.randint(0, self.num_train_timesteps, (self.batch_size,), generator=gen)
+        size = self.policy.spec.resolution // self.policy.vae_scale_factor
+        noise = torch.randn((self.batch_size, self.policy.latent_channels, size, size), generator=gen)
+        return indices.tolist(), timesteps, noise
+
+    # ----- the update --------------------------------------------------------------------------
+    def _predict(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """The conditional UNet output (no CFG) -> float32, same shape as ``latents``."""
+        policy = self.policy
+        autocast = (
+            torch.autocast(policy.device.type, dtype=policy.dtype) if policy.dtype != torch.float32
+            else contextlib.nullcontext()
+        )
+        with autocast:
+            return policy.unet(latents.to(policy.dtype), timesteps, embeds).sample.float()
+
+    def losses(self, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The DPO loss [] (with grad into the LoRA) and its stats for the batch of ``step``."""
+        indices, timesteps, noise = self.draw(step)
+        device = self.policy.device
+        x0_w, x0_l = self.latents(indices)
+        noise, timesteps = noise.to(device), timesteps.to(device)
+        scheduler = self.policy.scheduler
+        x0 = torch.cat([x0_w, x0_l])                        # [2B, 4, h, w]: winners, then losers
+        eps = torch.cat([noise, noise])                     # the same ε for w and l (seed 003)
+        t = torch.cat([timesteps, timesteps])
+        noisy = scheduler.add_noise(x0, eps, t)
+        target = eps if self.prediction_type == "epsilon" else scheduler.get_velocity(x0, eps, t)
+        embeds = self.prompt_embeds([self.pairs[i].prompt for i in indices]).to(device)
+        embeds = torch.cat([embeds, embeds])                # [2B, 77, D]
+        model_err = per_sample_mse(self._predict(noisy, t, embeds), target)   # [2B]
+        with torch.no_grad(), self.policy.reference():
+            ref_err = per_sample_mse(self._predict(noisy, t, embeds), target)  # [2B]
+        b = len(indices)
+        return diffusion_dpo_loss(model_err[:b], model_err[b:], ref_err[:b], ref_err[b:], beta=self.beta)
+
+    def step(self, step_index: int) -> dict[str, float]:
+        """One AdamW step on the batch of ``step_index``: loss, implicit_acc, reward_margin, grad_norm."""
+        start = time.perf_counter()
+        self.policy.unet.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, stats = self.losses(step_index)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"offline DPO step {step_index}: the loss is {loss.item()} (lower the "
+                                     f"learning rate or beta, or use float32)")
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.max_grad_norm)
+        self.optimizer.step()
+        return {
+            "loss": loss.item(),
+            "implicit_acc": stats["implicit_acc"].item(),
+            "reward_margin": stats["reward_margin"].item(),
+            "grad_norm": grad_norm.item(),
+            "step_s": time.perf_counter() - start,
+        }
+
+
+# ----- a synthetic preference set ---------------------------------------------------------------
+def _smooth_image(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A low-frequency color field: a random 3x3 color grid, bilinearly upsampled -> uint8 [S, S, 3]."""
+    from PIL import Image
+
+    grid = rng.uniform(40, 215, size=(3, 3, 3)).astype(np.uint8)
+    return np.asarray(Image.fromarray(grid).resize((size, size), Image.Resampling.BILINEAR))
+
+
+def _noise_image(rng: np.random.Generator, size: int) -> np.ndarray:
+    """High-frequency noise: i.i.d. uniform pixels -> uint8 [S, S, 3]."""
+    return rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+
+
+def write_synthetic_preferences(
+    out_dir: str | Path, *, n_pairs: int, prompts: Sequence[str], size: int = 64, seed: int = 0
+) -> Path:
+    """Writes a generated preference set to ``out_dir`` and returns its ``pairs.jsonl``.
+
+    Pair i (prompt ``prompts[i % len(prompts)]``): chosen = a smooth color field, rejected = per-pixel
+    noise; ``chosen/0000.png``, ``rejected/0000.png``, ... with paths relative to the JSONL file.
+    A learnable preference for tests and the CPU demo (DPO should lower the policy's denoising error
+    on smooth images relative to noise images).
+    """
+    if n_pairs < 1:
+        raise ValueError(f"n_pairs={n_pairs!r} must be >= 1")
+    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise ValueError(f"prompts={list(prompts)!r}: expected at least one non-empty string")
+    from PIL import Image
+
+    out_dir = Path(out_dir)
+    (out_dir / "chosen").mkdir(parents=True, exist_ok=True)
+    (out_dir / "rejected").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, n_pairs, size]))
+    lines = []
+    for i in range(n_pairs):
+        chosen, rejected = f"chosen/{i:04d}.png", f"rejected/{i:04d}.png"
+        Image.fromarray(_smooth_image(rng, size)).save(out_dir / chosen)
+        Image.fromarray(_noise_image(rng, size)).save(out_dir / rejected)
+        lines.append(json.dumps({"prompt": prompts[i % len(prompts)], "chosen": chosen, "rejected": rejected}))
+    path = out_dir / "pairs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def window_means(rows: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Means of the step stats over a window of steps (``<key>_mean``)."""
+    keys = ("loss", "implicit_acc", "reward_margin", "grad_norm")
+    return {f"{k}_mean": (sum(r[k] for r in rows) / len(rows)) if rows else math.nan for k in keys}
