@@ -33,6 +33,10 @@ class ServeOptions:
     target_ongoing_requests: float = 2.0
     upscale_delay_s: float = 3.0
     downscale_delay_s: float = 30.0
+    # How often handles and replicas report queue lengths, and the window the autoscaler averages over
+    # (Ray's defaults); short values react faster at the price of more controller traffic.
+    metrics_interval_s: float = 10.0
+    look_back_period_s: float = 30.0
     max_ongoing_requests: int | None = None  # default: enough requests in flight to fill a batch
     num_cpus: float = 1.0
     num_gpus: float = 0.0
@@ -46,6 +50,9 @@ class ServeOptions:
         if self.max_batch_size < 1 or self.batch_wait_timeout_s < 0:
             raise ValueError(f"serve.max_batch_size must be >= 1 and batch_wait_timeout_s >= 0, got "
                              f"{self.max_batch_size}, {self.batch_wait_timeout_s}")
+        if self.metrics_interval_s <= 0 or self.look_back_period_s <= 0:
+            raise ValueError(f"serve.metrics_interval_s and serve.look_back_period_s must be > 0, got "
+                             f"{self.metrics_interval_s}, {self.look_back_period_s}")
 
 
 def app_name(reward: str) -> str:
@@ -185,6 +192,8 @@ def build_reward_app(reward: str, options: dict, serve_options: ServeOptions, li
             "target_ongoing_requests": s.target_ongoing_requests,
             "upscale_delay_s": s.upscale_delay_s,
             "downscale_delay_s": s.downscale_delay_s,
+            "metrics_interval_s": s.metrics_interval_s,
+            "look_back_period_s": s.look_back_period_s,
         }
         actor_options = {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus}
     deployment = serve.deployment(

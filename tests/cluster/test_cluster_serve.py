@@ -170,7 +170,7 @@ def test_autoscaling_from_one_to_two_replicas_under_load_and_back(serve_session)
 
     options = ServeOptions(min_replicas=1, max_replicas=2, target_ongoing_requests=1, upscale_delay_s=0.5,
                            downscale_delay_s=2.0, max_batch_size=4, batch_wait_timeout_s=0.0, num_cpus=0.1,
-                           max_ongoing_requests=4)
+                           max_ongoing_requests=4, metrics_interval_s=0.5, look_back_period_s=2.0)
     app = "autoscale-jpeg"
     handle = serve.run(build_reward_app("jpeg_incompressibility", {}, options, LIMITS), name=app,
                        route_prefix="/autoscale", blocking=False)
@@ -187,7 +187,7 @@ def test_autoscaling_from_one_to_two_replicas_under_load_and_back(serve_session)
         for t in threads:
             t.start()
         try:
-            assert _wait_for(lambda: _running_replicas(app, "jpeg_incompressibility") == 2, 60), \
+            assert _wait_for(lambda: _running_replicas(app, "jpeg_incompressibility") == 2, 90), \
                 serve.status().applications[app]
         finally:
             stop.set()
