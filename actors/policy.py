@@ -1,4 +1,5 @@
-"""The diffusion policy: a diffusers Stable Diffusion 1.x/2.x pipeline with peft LoRA on the UNet.
+"""The diffusion policy: a diffusers Stable Diffusion 1.x/2.x pipeline with peft LoRA on the UNet
+and/or the CLIP text encoder (TexForce, seed 002).
 
 The policy owns the network pieces both the samplers and the learner need: prompt encoding,
 the classifier-free-guided network output, the reference model (the same UNet with its adapters
@@ -23,7 +24,9 @@ class PolicySpec:
     """What a Policy is built from (the ``policy`` and ``sampling`` config sections, resolved).
 
     pretrained: a local pipeline directory or a hub id (hub ids need a cache or network access).
+    train_targets: which networks carry a trainable adapter: ``unet``, ``text_encoder`` or both.
     lora_targets: UNet module names to adapt (attention projections by default, as DDPO).
+    text_encoder_lora_*: the text encoder's adapter (TexForce: q, k, v and out projections).
     """
 
     pretrained: str
@@ -38,10 +41,23 @@ class PolicySpec:
     resolution: int = 64
     negative_prompt: str = ""
     init_lora_seed: int = 0
+    train_targets: tuple[str, ...] = ("unet",)
+    text_encoder_lora_rank: int = 4
+    text_encoder_lora_alpha: float = 4.0
+    text_encoder_lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+    def __post_init__(self):
+        unknown = [t for t in self.train_targets if t not in TRAIN_TARGETS]
+        if unknown or not self.train_targets:
+            raise ValueError(f"policy.train_targets={list(self.train_targets)!r}: expected a non-empty list "
+                             f"of {list(TRAIN_TARGETS)}")
+
+
+TRAIN_TARGETS = ("unet", "text_encoder")
 
 
 class Policy:
-    """A Stable Diffusion pipeline whose UNet carries one trainable LoRA adapter."""
+    """A Stable Diffusion pipeline whose UNet and/or text encoder carry a trainable LoRA adapter."""
 
     def __init__(self, spec: PolicySpec):
         from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -70,19 +86,26 @@ class Policy:
             module.requires_grad_(False)
             module.eval()
         pipe.to(self.device)
-        self.lora_config = LoraConfig(
-            r=spec.lora_rank,
-            lora_alpha=spec.lora_alpha,
-            init_lora_weights="gaussian",  # A ~ N(0, 1/r), B = 0: the adapted model starts equal to the base
-            target_modules=list(spec.lora_targets),
-        )
+        # init "gaussian": A ~ N(0, 1/r), B = 0, so the adapted model starts equal to the base.
+        self.lora_configs: dict[str, LoraConfig] = {}
+        if "unet" in spec.train_targets:
+            self.lora_configs["unet"] = LoraConfig(r=spec.lora_rank, lora_alpha=spec.lora_alpha,
+                                                   init_lora_weights="gaussian",
+                                                   target_modules=list(spec.lora_targets))
+        if "text_encoder" in spec.train_targets:
+            self.lora_configs["text_encoder"] = LoraConfig(
+                r=spec.text_encoder_lora_rank, lora_alpha=spec.text_encoder_lora_alpha,
+                init_lora_weights="gaussian", target_modules=list(spec.text_encoder_lora_targets))
+        self.adapted = {name: getattr(pipe, name) for name in self.lora_configs}  # fixed order: unet first
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.init_lora_seed)
-            pipe.unet.add_adapter(self.lora_config)
+            for name, module in self.adapted.items():
+                module.add_adapter(self.lora_configs[name])
         # Trainable LoRA parameters stay float32 even when the frozen base runs in fp16/bf16.
-        for param in pipe.unet.parameters():
-            if param.requires_grad:
-                param.data = param.data.float()
+        for module in self.adapted.values():
+            for param in module.parameters():
+                if param.requires_grad:
+                    param.data = param.data.float()
         self.pipe = pipe
         self.unet, self.vae, self.text_encoder, self.tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
         self.scheduler = pipe.scheduler
@@ -94,39 +117,83 @@ class Policy:
                 f"sampling.resolution={spec.resolution} must be a multiple of the VAE scale factor "
                 f"{self.vae_scale_factor}"
             )
-        self._negative_embeds = self.encode_prompts([spec.negative_prompt])
+        with torch.no_grad():
+            self._negative_embeds = self.encode_prompts([spec.negative_prompt])
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return "text_encoder" in self.adapted
 
     # ----- adapter -------------------------------------------------------------------------
     def named_trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
-        """The LoRA parameters, in a fixed order (the flat weight buffer's layout)."""
-        return [(n, p) for n, p in self.unet.named_parameters() if p.requires_grad]
+        """The LoRA parameters, in a fixed order (the flat weight buffer's layout), names prefixed with
+        the network (``unet.`` / ``text_encoder.``)."""
+        return [(f"{name}.{n}", p) for name, module in self.adapted.items()
+                for n, p in module.named_parameters() if p.requires_grad]
 
     @contextlib.contextmanager
     def reference(self):
-        """The pretrained model: the same UNet with its adapters disabled (no second copy)."""
-        self.unet.disable_adapters()
+        """The pretrained model: the same networks with their adapters disabled (no second copy)."""
+        for module in self.adapted.values():
+            module.disable_adapters()
         try:
             yield
         finally:
-            self.unet.enable_adapters()
+            for module in self.adapted.values():
+                module.enable_adapters()
+
+    def lora_state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:
+        """network -> its LoRA tensors under peft key names (float32, CPU)."""
+        from peft.utils import get_peft_model_state_dict
+
+        return {name: {k: v.detach().to("cpu", torch.float32).contiguous()
+                       for k, v in get_peft_model_state_dict(module).items()}
+                for name, module in self.adapted.items()}
 
     def save_lora(self, directory: str | Path) -> Path:
-        """Writes the adapter in diffusers format (``pipe.load_lora_weights(directory)`` loads it)."""
+        """Writes the adapters in diffusers format (``pipe.load_lora_weights(directory)`` loads the UNet
+        and text-encoder adapters together)."""
         from diffusers import StableDiffusionPipeline
-        from peft.utils import get_peft_model_state_dict
 
         # peft key names (lora_A / lora_B), which the loader reads for every layer type. diffusers'
         # convert_state_dict_to_diffusers renames only attention layers to the old lora.down/up
         # names and leaves conv LoRA as is; the loader then drops half of such a mixed adapter.
-        state = get_peft_model_state_dict(self.unet)
-        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
-        StableDiffusionPipeline.save_lora_weights(
-            save_directory=str(directory),
-            unet_lora_layers=state,
-            unet_lora_adapter_metadata=self.lora_config.to_dict(),
-            safe_serialization=True,
-        )
+        states = self.lora_state_dicts()
+        kwargs = {}
+        for name, state in states.items():
+            kwargs[f"{name}_lora_layers"] = state
+            kwargs[f"{name}_lora_adapter_metadata"] = self.lora_configs[name].to_dict()
+        StableDiffusionPipeline.save_lora_weights(save_directory=str(directory), safe_serialization=True, **kwargs)
         return Path(directory)
+
+    def load_lora(self, directory: str | Path) -> None:
+        """Starts from an adapter saved in diffusers format (by ``save_lora`` or a diffusers training
+        script using peft key names). Every adapted network must be present with the same layers and
+        shapes; anything else is a ValueError naming the file and the offending keys."""
+        from safetensors.torch import load_file
+
+        path = Path(directory) / "pytorch_lora_weights.safetensors"
+        if not path.is_file():
+            raise ValueError(f"policy.init_adapter: {str(path)!r} does not exist (expected a diffusers LoRA "
+                             f"directory written by gard or save_lora_weights)")
+        tensors = load_file(str(path))
+        params = dict(self.named_trainable_parameters())
+        # peft state-dict keys drop the adapter name ("...lora_A.weight"); module parameters carry it.
+        by_key = {_strip_adapter_name(n): p for n, p in params.items()}
+        missing = sorted(set(by_key) - set(tensors))
+        unexpected = sorted(set(tensors) - set(by_key))
+        if missing or unexpected:
+            raise ValueError(
+                f"policy.init_adapter {str(path)!r} does not match this policy's adapters "
+                f"(train_targets={list(self.adapted)}): {len(missing)} missing keys {missing[:3]}, "
+                f"{len(unexpected)} unexpected keys {unexpected[:3]}")
+        for key, param in by_key.items():
+            if tuple(tensors[key].shape) != tuple(param.shape):
+                raise ValueError(f"policy.init_adapter {str(path)!r}: {key} has shape {tuple(tensors[key].shape)}, "
+                                 f"this policy expects {tuple(param.shape)} (different lora rank?)")
+        with torch.no_grad():
+            for key, param in by_key.items():
+                param.copy_(tensors[key].to(param.dtype))
 
     # ----- network pieces ------------------------------------------------------------------
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
@@ -141,14 +208,20 @@ class Policy:
         return self.text_encoder(tokens)[0].to(self.dtype)
 
     def negative_embeds(self, batch: int) -> torch.Tensor:
+        """The negative prompt's embeddings [batch, 77, D]. With a trained text encoder they depend on
+        the adapter (and carry gradients when enabled), so they are encoded anew, never cached."""
+        if self.trains_text_encoder:
+            return self.encode_prompts([self.spec.negative_prompt]).expand(batch, -1, -1)
         return self._negative_embeds.expand(batch, -1, -1)
 
     def guided_output(
-        self, latents: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor
+        self, latents: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor,
+        negative_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """ε̂ (or v̂) with classifier-free guidance w: ε_u + w (ε_c - ε_u); w <= 1 skips the uncond pass.
 
-        latents [B, C, h, w]; timesteps int tensor [] or [B]; prompt_embeds [B, 77, D].
+        latents [B, C, h, w]; timesteps int tensor [] or [B]; prompt_embeds [B, 77, D];
+        negative_embeds [B, 77, D] (default: ``negative_embeds(B)``; samplers pass them once per batch).
         """
         batch = latents.shape[0]
         timesteps = torch.as_tensor(timesteps, device=self.device).expand(batch)
@@ -162,7 +235,8 @@ class Policy:
             if w <= 1.0:
                 return self.unet(latents.to(self.dtype), timesteps, prompt_embeds).sample.float()
             model_in = torch.cat([latents, latents]).to(self.dtype)
-            embeds = torch.cat([self.negative_embeds(batch), prompt_embeds])
+            negative = self.negative_embeds(batch) if negative_embeds is None else negative_embeds
+            embeds = torch.cat([negative, prompt_embeds])
             uncond, cond = self.unet(model_in, torch.cat([timesteps, timesteps]), embeds).sample.float().chunk(2)
         return uncond + w * (cond - uncond)
 
@@ -181,3 +255,8 @@ class Policy:
         shape = (batch, self.latent_channels, size, size)
         latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
         return latents * self.scheduler.init_noise_sigma
+
+
+def _strip_adapter_name(name: str, adapter: str = "default") -> str:
+    """``unet.x.to_q.lora_A.default.weight`` -> ``unet.x.to_q.lora_A.weight`` (the saved key)."""
+    return name.replace(f".lora_A.{adapter}.", ".lora_A.").replace(f".lora_B.{adapter}.", ".lora_B.")

@@ -63,12 +63,13 @@ class Sampler:
         policy = self.policy
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
         embeds = policy.encode_prompts(list(prompts))
+        negative = policy.negative_embeds(len(prompts))  # once per batch, not once per step
         latents = policy.initial_latents(len(prompts), generator)
         timesteps = policy.scheduler.timesteps
         states = [latents.float().cpu()]
         log_probs = []
         for t in timesteps:
-            model_output = policy.guided_output(latents, t, embeds)
+            model_output = policy.guided_output(latents, t, embeds, negative)
             latents, log_prob = ddim_step_with_logprob(
                 policy.scheduler, model_output, t, latents, eta=policy.spec.eta, generator=generator
             )

@@ -42,6 +42,13 @@ class PolicyConfig:
     lora_alpha: float = field(default=4.0, metadata=POSITIVE)
     lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     init_lora_seed: int = 0
+    # TexForce (seed 002): which networks carry a trainable LoRA: [unet], [text_encoder] or both.
+    train_targets: list[str] = field(default_factory=lambda: ["unet"])
+    text_encoder_lora_rank: int = field(default=4, metadata=POSITIVE)
+    text_encoder_lora_alpha: float = field(default=4.0, metadata=POSITIVE)
+    text_encoder_lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+    init_adapter: str | None = field(default=None, metadata={
+        "doc": "start from this diffusers LoRA directory (a previous run's lora/, or gard fuse-lora output)"})
 
 
 @dataclass
@@ -347,6 +354,20 @@ def validate(config: Config, *, base_dir: Path = Path(".")) -> None:
             raise ConfigError(f"prompts.train[{i}] is an empty string; every prompt needs text")
     if not p.eval:
         p.eval = list(dict.fromkeys(p.train))[:4]
+
+    pol = config.policy
+    if not pol.train_targets or len(set(pol.train_targets)) != len(pol.train_targets) or \
+            not set(pol.train_targets) <= {"unet", "text_encoder"}:
+        raise ConfigError(f"policy.train_targets = {pol.train_targets}: expected a non-empty list of distinct "
+                          f"names out of ['unet', 'text_encoder']")
+    if pol.init_adapter is not None:
+        adapter = Path(pol.init_adapter)
+        if not adapter.is_absolute():
+            adapter = base_dir / adapter if (base_dir / adapter).exists() else adapter
+        if not (adapter / "pytorch_lora_weights.safetensors").is_file():
+            raise ConfigError(f"policy.init_adapter = {pol.init_adapter!r}: no pytorch_lora_weights.safetensors "
+                              f"there; expected a diffusers LoRA directory (a run's lora/ or gard fuse-lora output)")
+        pol.init_adapter = str(adapter.resolve())
 
     if not config.rewards:
         raise ConfigError(f"rewards is empty: configure at least one of {sorted(REWARDS)} with a weight")

@@ -93,6 +93,10 @@ def policy_spec(config: Config, *, pretrained: str, num_gpus: float) -> PolicySp
         resolution=s.resolution,
         negative_prompt=s.negative_prompt,
         init_lora_seed=p.init_lora_seed,
+        train_targets=tuple(p.train_targets),
+        text_encoder_lora_rank=p.text_encoder_lora_rank,
+        text_encoder_lora_alpha=p.text_encoder_lora_alpha,
+        text_encoder_lora_targets=tuple(p.text_encoder_lora_targets),
     )
 
 
@@ -177,6 +181,7 @@ class Driver:
             policy_spec=policy_spec(config, pretrained=pretrained, num_gpus=c.learner_num_gpus),
             spec=learner_spec(config),
             torch_threads=c.torch_threads,
+            init_adapter=config.policy.init_adapter,
         )
         self.schedule = bpt_schedule(config)
         self.started_apps: list[str] = []

@@ -76,6 +76,11 @@ def run_offline_dpo(config: Config, *, output_dir: str | None = None, log=print)
     log(banner(config, run_dir=run_dir, device=spec.device, n_pairs=len(pairs),
                n_prompts=len({p.prompt for p in pairs})))
     policy = Policy(spec)
+    if config.policy.init_adapter:
+        try:
+            policy.load_lora(config.policy.init_adapter)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     t = config.train
     trainer = OfflineDpoTrainer(
         policy=policy, pairs=pairs, beta=config.dpo.beta, learning_rate=t.learning_rate,

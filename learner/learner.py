@@ -77,12 +77,13 @@ class LearnerSpec:
 @dataclass
 class _Batch:
     """One epoch's training tensors: latents [N, T+1, C, h, w], old_log_probs [N, T], timesteps [T],
-    embeds [N, 77, D]."""
+    embeds [N, 77, D] (no graph; re-encoded per micro-batch when the text encoder is trained), prompts N."""
 
     latents: torch.Tensor
     old_log_probs: torch.Tensor
     timesteps: torch.Tensor
     embeds: torch.Tensor
+    prompts: list[str]
 
 
 def _resolve(items: list) -> list:
@@ -102,7 +103,8 @@ def _resolve(items: list) -> list:
 class Learner:
     """Owns the trainable policy, the optimizer and the advantage statistics."""
 
-    def __init__(self, *, policy_spec: PolicySpec, spec: LearnerSpec, torch_threads: int = 1):
+    def __init__(self, *, policy_spec: PolicySpec, spec: LearnerSpec, torch_threads: int = 1,
+                 init_adapter: str | None = None):
         torch.set_num_threads(torch_threads)
         if spec.algorithm not in ALGORITHMS:
             raise ValueError(f"train.algorithm={spec.algorithm!r} is not one of {list(ALGORITHMS)}")
@@ -110,7 +112,10 @@ class Learner:
             raise ValueError(f"train.advantage={spec.advantage!r} is not one of {list(ADVANTAGE_MODES)}")
         self.spec = spec
         self.policy = Policy(policy_spec)
-        self.policy.unet.train()
+        if init_adapter:  # a previous run's adapter; the first broadcast carries it to the samplers
+            self.policy.load_lora(init_adapter)
+        for module in self.policy.adapted.values():
+            module.train()
         self._named_params = self.policy.named_trainable_parameters()
         self.optimizer = torch.optim.AdamW(
             [p for _, p in self._named_params],
@@ -202,7 +207,8 @@ class Learner:
         with torch.no_grad():
             embeds = self.policy.encode_prompts(prompts)
         rng = np.random.default_rng(np.random.SeedSequence([spec.seed, epoch, 0x1EA2]))
-        data = _Batch(latents=latents, old_log_probs=old_log_probs, timesteps=timesteps, embeds=embeds)
+        data = _Batch(latents=latents, old_log_probs=old_log_probs, timesteps=timesteps, embeds=embeds,
+                      prompts=prompts)
 
         if spec.algorithm == "dpo":
             winners, losers = preference_pairs(groups, reward)
@@ -276,24 +282,35 @@ class Learner:
         self.optimizer.step()
         return float(grad_norm)
 
+    def _embeds(self, i: torch.Tensor, data: _Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(prompt embeds [m, 77, D], negative embeds or None) for samples i.
+
+        With a trained text encoder (TexForce) the prompt and negative-prompt embeddings are encoded
+        again here, under the current context (adapter on or off, gradients on or off), so the
+        log-prob's gradient reaches the text encoder's LoRA and the reference uses the base encoder.
+        """
+        if self.policy.trains_text_encoder:
+            prompts = [data.prompts[k] for k in i.tolist()]
+            return self.policy.encode_prompts(prompts), self.policy.negative_embeds(len(prompts))
+        return data.embeds[i.to(data.embeds.device)], None
+
     def _transition_log_prob(self, i: torch.Tensor, j: torch.Tensor, data: _Batch):
-        """log p_θ of stored transitions (sample i, step j) -> (log_prob [m], mean, std, inputs)."""
+        """log p_θ of stored transitions (sample i, step j) -> (log_prob [m], mean, std, (x_t, t))."""
         policy = self.policy
         device = policy.device
         x_t = data.latents[i, j].to(device)
         x_next = data.latents[i, j + 1].to(device)
         t = data.timesteps[j].to(device)
-        pair_embeds = data.embeds[i.to(data.embeds.device)]
-        model_output = policy.guided_output(x_t, t, pair_embeds)
+        model_output = policy.guided_output(x_t, t, *self._embeds(i, data))
         mean, std = ddim_mean_std(policy.scheduler, model_output, t, x_t, eta=policy.spec.eta)
-        return gaussian_log_prob(x_next, mean, std), mean, std, (x_t, t, pair_embeds, x_next)
+        return gaussian_log_prob(x_next, mean, std), mean, std, (x_t, t)
 
     def _micro_batch_loss(self, micro, data: _Batch, adv, *, beta, measure_kl):
         """Loss and stats of one micro-batch of (sample, step) index pairs [m, 2]."""
         policy = self.policy
         i = torch.from_numpy(micro[:, 0])
         j = torch.from_numpy(micro[:, 1])
-        log_prob, mean, std, (x_t, t, pair_embeds, _) = self._transition_log_prob(i, j, data)
+        log_prob, mean, std, (x_t, t) = self._transition_log_prob(i, j, data)
         old = data.old_log_probs[i, j].to(policy.device)
         advantages = adv[i].to(policy.device)
         if self.spec.algorithm == "ppo":
@@ -305,7 +322,7 @@ class Learner:
         loss = pg_loss
         if measure_kl:
             with torch.no_grad(), policy.reference():
-                ref_output = policy.guided_output(x_t, t, pair_embeds)
+                ref_output = policy.guided_output(x_t, t, *self._embeds(i, data))
             ref_mean, _ = ddim_mean_std(policy.scheduler, ref_output, t, x_t, eta=policy.spec.eta)
             kl = gaussian_kl(mean, ref_mean, std).mean()
             out["kl"] = float(kl.detach())

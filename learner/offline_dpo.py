@@ -220,7 +220,8 @@ class OfflineDpoTrainer:
         self.seed = int(seed)
         self.prediction_type = prediction_type
         self.num_train_timesteps = int(policy.scheduler.config.num_train_timesteps)
-        self.policy.unet.train()
+        for module in self.policy.adapted.values():
+            module.train()
         self._params = [p for _, p in policy.named_trainable_parameters()]
         if not self._params:
             raise ValueError("the policy has no trainable (LoRA) parameters")
@@ -267,6 +268,13 @@ class OfflineDpoTrainer:
                 self._prompt_embeds[prompt] = embeds
         return torch.stack([self._prompt_embeds[p] for p in prompts])
 
+    def _embeds(self, prompts: Sequence[str]) -> torch.Tensor:
+        """[B, 77, D]: cached when the text encoder is frozen; with a trained text-encoder LoRA
+        (TexForce) encoded anew under the current context, so gradients reach it."""
+        if self.policy.trains_text_encoder:
+            return self.policy.encode_prompts(list(prompts))
+        return self.prompt_embeds(prompts)
+
     def draw(self, step: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
         """Pair indices [B], timesteps [B] (int64) and noise [B, 4, h, w] of one step (CPU generator).
 
@@ -306,18 +314,22 @@ class OfflineDpoTrainer:
         t = torch.cat([timesteps, timesteps])
         noisy = scheduler.add_noise(x0, eps, t)
         target = eps if self.prediction_type == "epsilon" else scheduler.get_velocity(x0, eps, t)
-        embeds = self.prompt_embeds([self.pairs[i].prompt for i in indices]).to(device)
+        prompts = [self.pairs[i].prompt for i in indices]
+        embeds = self._embeds(prompts).to(device)
         embeds = torch.cat([embeds, embeds])                # [2B, 77, D]
         model_err = per_sample_mse(self._predict(noisy, t, embeds), target)   # [2B]
         with torch.no_grad(), self.policy.reference():
-            ref_err = per_sample_mse(self._predict(noisy, t, embeds), target)  # [2B]
+            ref_embeds = torch.cat([self._embeds(prompts)] * 2).to(device) if self.policy.trains_text_encoder \
+                else embeds
+            ref_err = per_sample_mse(self._predict(noisy, t, ref_embeds), target)  # [2B]
         b = len(indices)
         return diffusion_dpo_loss(model_err[:b], model_err[b:], ref_err[:b], ref_err[b:], beta=self.beta)
 
     def step(self, step_index: int) -> dict[str, float]:
         """One AdamW step on the batch of ``step_index``: loss, implicit_acc, reward_margin, grad_norm."""
         start = time.perf_counter()
-        self.policy.unet.train()
+        for module in self.policy.adapted.values():
+            module.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss, stats = self.losses(step_index)
         if not torch.isfinite(loss):
