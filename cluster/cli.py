@@ -27,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
               gard train configs/demo.yaml
               gard train configs/demo.yaml epochs=2 seed=3 --output-dir runs/try
               ray job submit --working-dir . -- python -m cluster train configs/sd15_aesthetic.yaml
+              gard fuse-lora --out runs/fused runs/aesthetic/lora:0.7 runs/texforce/lora:0.3
             """
         ),
     )
@@ -50,7 +51,40 @@ def _parser() -> argparse.ArgumentParser:
     dpo.add_argument("config", help="YAML config file (policy, dpo, train.learning_rate, seed)")
     dpo.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     dpo.add_argument("--output-dir", default=None, help="run directory (default: output_dir or runs/NAME-TIME)")
+    fuse = sub.add_parser(
+        "fuse-lora", help="combine LoRA adapters into one (weighted sum of their weight deltas)",
+        description="Write one adapter whose weight deltas are the weighted sums of the inputs' deltas "
+                    "(any ranks; a text-encoder adapter and a UNet adapter combine into one). Exact by "
+                    "default (rank = sum of the inputs' ranks); --rank R compresses each layer by SVD.")
+    fuse.add_argument("inputs", nargs="+", metavar="IN[:W]",
+                      help="adapter directory, optional weight (default 1)")
+    fuse.add_argument("--out", required=True, help="output adapter directory")
+    fuse.add_argument("--rank", type=int, default=None,
+                      help="compress every layer to this rank (truncated SVD)")
+    fuse.add_argument("--overwrite", action="store_true", help="replace an existing adapter in --out")
     return parser
+
+
+def _fuse_lora(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> int:
+    """``gard fuse-lora``: no config and no Ray; bad inputs print one line and exit 2."""
+    stray = [item for item in extra if item.startswith("-")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    from actors.lora_fusion import LoraFusionError, fuse_lora_dirs
+
+    try:
+        result = fuse_lora_dirs(list(args.inputs) + extra, out_dir=args.out, rank=args.rank,
+                                overwrite=args.overwrite)
+    except LoraFusionError as err:
+        print(f"gard: error: {err}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    for component, layers in result.components.items():
+        ranks = sorted({layer.rank for layer in layers.values()})
+        print(f"gard: {component}: {len(layers)} layers, rank {'/'.join(map(str, ranks))}")
+    if args.rank is not None:
+        print(f"gard: max relative error of the rank-{args.rank} compression: {result.max_rel_error():.3g}")
+    print(f"gard: fused adapter written to {args.out}")
+    return 0
 
 
 def _user_error(err: BaseException) -> BaseException | None:
@@ -75,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     # Overrides may come before or after options (`gard train C --output-dir D epochs=2`).
     args, extra = parser.parse_known_args(argv)
+    if args.command == "fuse-lora":
+        return _fuse_lora(parser, args, extra)
     stray = [item for item in extra if item.startswith("-") or "=" not in item]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
