@@ -52,6 +52,18 @@ class EpochBatch:
     images: list  # ObjectRef[ImageBatch]
     scores: list  # ObjectRef[ScoredImages]
     submitted_at: float
+    prompts: list = dataclasses.field(default_factory=list)  # the prompt of every sample, per batch
+
+
+@dataclass
+class DFusionLaunch:
+    """References to one epoch's D-Fusion calls (``dpo.pair_source = dfusion``), in pair order."""
+
+    pairs: list  # ObjectRef[TrajectoryPairs]: chosen = fused, rejected = the prompt's worst sample
+    scores: list  # ObjectRef[ScoredImages] of the fused images (monitoring only, see launch_dfusion)
+    stats: list  # ObjectRef[dict]: mask_fraction per pair, unet_calls, dfusion_s
+    poor_rewards: np.ndarray  # float32 [P]
+    good_rewards: np.ndarray  # float32 [P]
 
 
 def resolve_reward_specs(config: Config) -> tuple[dict[str, dict], dict[str, float]]:
@@ -117,8 +129,17 @@ def learner_spec(config: Config) -> LearnerSpec:
                        b2_history_stages=config.b2.history_stages, dpo_beta=config.dpo.online_beta)
 
 
+def _adapters(policy) -> str:
+    """'UNet LoRA r=4 + text-encoder LoRA r=4' for the banner."""
+    parts = {"unet": f"UNet LoRA r={policy.lora_rank}",
+             "text_encoder": f"text-encoder LoRA r={policy.text_encoder_lora_rank}"}
+    adapters = " + ".join(parts[t] for t in policy.train_targets)
+    return adapters + (f", from {policy.init_adapter}" if policy.init_adapter else "")
+
+
 def banner(config: Config, run_dir: Path, ray_address: str) -> str:
     c, s, t = config.cluster, config.sampling, config.train
+    branching = config.b2.enabled and config.b2.branching
     samples = config.samples_per_epoch
     pairs = samples * config.train_steps_per_sample * t.inner_epochs
     steps = t.inner_epochs * t.updates_per_epoch
@@ -126,12 +147,12 @@ def banner(config: Config, run_dir: Path, ray_address: str) -> str:
         "=" * 72,
         f"gard train: {config.name}  ->  {run_dir}",
         f"  ray                 : {ray_address}",
-        f"  policy              : {config.policy.pretrained} (LoRA r={config.policy.lora_rank}, {config.policy.dtype})",
+        f"  policy              : {config.policy.pretrained} ({_adapters(config.policy)}, {config.policy.dtype})",
         "  rewards             : " + ", ".join(f"{k} x{v.get('weight', 1.0)}" for k, v in config.rewards.items())
         + (f", volume gamma={config.volume.gamma}" if config.volume.gamma or config.volume.gamma_end else ""),
         f"  epochs              : {config.epochs}   seed {config.seed}   max_staleness {c.max_staleness}",
-        f"  samplers            : {c.num_samplers} x {s.batches_per_sampler} batches x {s.batch_size} images"
-        f" = {samples} samples / epoch",
+        f"  samplers            : {c.num_samplers} x {s.batches_per_sampler} batches x {s.batch_size} "
+        + (f"prompts x {config.b2.n_branch} leaves" if branching else "images") + f" = {samples} samples / epoch",
         f"  DDIM                : {s.num_steps} steps, eta {s.eta}, guidance {s.guidance_scale}, {s.resolution}px",
         f"  training            : {t.algorithm}, {config.train_steps_per_sample}/{s.num_steps} timesteps per sample,"
         f" {t.inner_epochs} inner epoch(s)",
@@ -143,6 +164,10 @@ def banner(config: Config, run_dir: Path, ray_address: str) -> str:
            f" x {config.b2.epochs_per_stage} epoch(s)"
            + (f", {config.b2.n_branch} branches per prefix" if config.b2.branching else ", no branching")
            + f", selection |z| >= {config.b2.threshold}, history {config.b2.history_stages}"] if config.b2.enabled else []),
+        *([f"  D-Fusion pairs      : per prompt (fused ≻ worst), mask threshold {config.dfusion.mask_threshold}"
+           f" ({config.dfusion.mask_normalize}, {config.dfusion.mask_steps} steps), fused parts "
+           f"{config.dfusion.fuse_parts}, steps [{config.dfusion.fuse_start}, {config.dfusion.fuse_end})"]
+          if config.dpo.pair_source == "dfusion" else []),
         "=" * 72,
     ]
     return "\n".join(lines)
@@ -240,7 +265,7 @@ class Driver:
     def launch(self, epoch: int) -> EpochBatch:
         """Queues one epoch of sampling and its reward calls (rewards run while sampling continues)."""
         cfg, s = self.config, self.config.sampling
-        trajs, images, scores = [], [], []
+        trajs, images, scores, batch_prompt_lists = [], [], [], []
         gamma = self.gamma(epoch)
         for batch in range(s.batches_per_sampler):
             for worker, sampler in enumerate(self.samplers):
@@ -252,12 +277,70 @@ class Driver:
                     branch_step = self.schedule.branch_step(self.schedule.stage(epoch))
                     traj_ref, image_ref = sampler.sample_branches.options(num_returns=2).remote(
                         prompts=prompts, seed=seed, n_branch=cfg.b2.n_branch, branch_step=branch_step)
+                    batch_prompt_lists.append([p for p in prompts for _ in range(cfg.b2.n_branch)])  # group-major
                 else:
                     traj_ref, image_ref = sampler.sample.options(num_returns=2).remote(prompts=prompts, seed=seed)
+                    batch_prompt_lists.append(list(prompts))
                 trajs.append(traj_ref)
                 images.append(image_ref)
                 scores.append(self.reward_stage.score.remote(batch=image_ref, gamma=gamma))
-        return EpochBatch(trajectories=trajs, images=images, scores=scores, submitted_at=time.perf_counter())
+        return EpochBatch(trajectories=trajs, images=images, scores=scores, submitted_at=time.perf_counter(),
+                          prompts=batch_prompt_lists)
+
+    def launch_dfusion(self, current: EpochBatch, scores: list, epoch: int) -> DFusionLaunch:
+        """D-Fusion pairs (seed 004; actors/dfusion.py): per prompt of the epoch, its worst and best sample
+        (finite rewards, best > worst), fused on the samplers (pairs split evenly; only the trajectory
+        batches a sampler needs are sent, as references).
+
+        The fused samples are rewarded too, but only as a metric: the pair's order (fused ≻ worst) is
+        D-Fusion's construction (the fused image takes the best sample's content inside the prompt
+        tokens' attention mask), not a reward comparison, so training does not wait on or filter by it.
+        One extra reward batch of P images per epoch is cheap next to the fusion itself (~4 UNet
+        passes per step), and ``dfusion_reward_gain`` shows whether the construction holds for a reward.
+        """
+        from cluster.config import dfusion_spec
+        from learner.selection import preference_pairs
+
+        spec = dfusion_spec(self.config)
+        total = np.concatenate([s.total for s in scores]).astype(np.float32)
+        prompts = [p for batch in current.prompts for p in batch]
+        if len(prompts) != total.size:
+            raise RuntimeError(f"{len(prompts)} prompts but {total.size} rewards in epoch {epoch}")
+        groups = np.unique(prompts, return_inverse=True)[1]
+        best, worst = preference_pairs(groups, total)
+        where = [(b, row) for b, batch in enumerate(current.prompts) for row in range(len(batch))]  # (batch, row)
+        pair_refs, score_refs, stat_refs = [], [], []
+        if best.size:
+            for k, chunk in enumerate(np.array_split(np.arange(best.size), min(len(self.samplers), best.size))):
+                used = sorted({where[i][0] for i in np.concatenate([best[chunk], worst[chunk]])})
+                local = {b: j for j, b in enumerate(used)}
+                pairs_ref, images_ref, stats_ref = self.samplers[k].dfusion.options(num_returns=3).remote(
+                    sources=[current.trajectories[b] for b in used],
+                    poor=[(local[where[i][0]], where[i][1]) for i in worst[chunk]],
+                    good=[(local[where[i][0]], where[i][1]) for i in best[chunk]],
+                    spec=spec)
+                pair_refs.append(pairs_ref)
+                stat_refs.append(stats_ref)
+                score_refs.append(self.reward_stage.score.remote(batch=images_ref, gamma=self.gamma(epoch)))
+        return DFusionLaunch(pairs=pair_refs, scores=score_refs, stats=stat_refs, poor_rewards=total[worst],
+                             good_rewards=total[best])
+
+    def dfusion_row(self, fusion: DFusionLaunch) -> dict:
+        """Per-epoch D-Fusion metrics: pair count, mean mask fraction, rewards of fused / worst / best."""
+        row = {"n_dfusion_pairs": int(fusion.poor_rewards.size)}
+        if not fusion.pairs:
+            return row
+        stats = self._get(fusion.stats)
+        fused = np.concatenate([s.total for s in self._get(fusion.scores)])
+        row.update({
+            "dfusion_mask_fraction": float(np.mean([f for s in stats for f in s["mask_fraction"]])),
+            "dfusion_reward_mean": float(np.nanmean(fused)),
+            "dfusion_poor_reward_mean": float(np.mean(fusion.poor_rewards)),
+            "dfusion_good_reward_mean": float(np.mean(fusion.good_rewards)),
+            "dfusion_reward_gain": float(np.nanmean(fused - fusion.poor_rewards)),
+            "dfusion_s": float(max(s["dfusion_s"] for s in stats)),
+        })
+        return row
 
     def evaluate(self) -> EvalResult:
         """The fixed evaluation set (prompts x images_per_prompt, fixed seeds) with current weights."""
@@ -319,8 +402,12 @@ class Driver:
                 current = pending
                 if cfg.cluster.max_staleness >= 1 and epoch + 1 < cfg.epochs:
                     pending = self.launch(epoch + 1)  # samplers keep the current adapter while we train
+                fusion = None
+                if cfg.dpo.pair_source == "dfusion":  # the rewards pick each prompt's worst and best sample
+                    fusion = self.launch_dfusion(current, self._get(current.scores), epoch)
                 update_ref = self.learner.update.remote(
-                    trajectories=current.trajectories, rewards=current.scores, epoch=epoch
+                    trajectories=current.trajectories, rewards=current.scores, epoch=epoch,
+                    pairs=None if fusion is None else fusion.pairs,
                 )
                 wait_start = time.perf_counter()
                 scores = self._get(current.scores)
@@ -330,6 +417,8 @@ class Driver:
                 if cfg.cluster.max_staleness == 0 and epoch + 1 < cfg.epochs:
                     pending = self.launch(epoch + 1)
                 row = self._epoch_row(epoch, scores, stats, applied)
+                if fusion is not None:
+                    row.update(self.dfusion_row(fusion))
                 self._log_captions(epoch, scores)
                 row["driver_wait_s"] = time.perf_counter() - wait_start
                 last_eval = epoch + 1 == cfg.epochs
