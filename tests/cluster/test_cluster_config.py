@@ -59,6 +59,9 @@ def test_every_preset_is_valid():
         (BASE, ["volume.gamma=0.5"], r"volume.gamma = 0.5 needs text and image embeddings"),
         (BASE, ["epochs"], r"override 'epochs' is not of the form key=value"),
         (BASE, ["policy.lora_targets=to_q"], r"policy.lora_targets = 'to_q' has the wrong type: expected a list"),
+        (BASE, ["policy.train_targets=[vae]"], r"policy.train_targets = \['vae'\]: expected a non-empty list .*'unet', 'text_encoder'"),
+        (BASE, ["policy.train_targets=[]"], r"policy.train_targets = \[\]: expected a non-empty list"),
+        (BASE, ["policy.init_adapter=no/dir"], r"policy.init_adapter = 'no/dir': no pytorch_lora_weights.safetensors"),
     ],
 )
 def test_bad_config_gives_a_clear_error(tmp_path, text, overrides, pattern):

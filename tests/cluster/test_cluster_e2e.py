@@ -99,3 +99,20 @@ def test_online_dpo_run_on_branch_pairs(ray_local, tmp_path):
         assert row["n_dpo_pairs"] == n_groups  # the best and the worst leaf of every branch group
         assert 0 <= row["dpo_acc"] <= 1 and np.isfinite(row["dpo_margin"])
     assert rows[0]["dpo_loss"] < np.log(2) + 1e-6  # starts at log 2 (policy == reference), then steps lower it
+
+
+def test_texforce_run_trains_and_exports_the_text_encoder_adapter(ray_local, tmp_path):
+    from safetensors.torch import load_file
+
+    config = load_config(REPO / "configs" / "texforce_demo.yaml", [
+        f"cache_dir={tmp_path / 'cache'}", "logging.progress=false", "epochs=2", "sampling.batches_per_sampler=1",
+        "policy.train_targets=[unet,text_encoder]"])
+    run_dir = train(config, output_dir=str(tmp_path / "run"), log=lambda *_: None)
+    rows = _rows(run_dir)
+    assert [r["policy_version"] for r in rows] == [1, 2] and all(r["n_pairs"] > 0 for r in rows)
+    tensors = load_file(str(run_dir / "lora" / "pytorch_lora_weights.safetensors"))
+    text_b = [v for k, v in tensors.items() if k.startswith("text_encoder.") and ".lora_B." in k]
+    unet_b = [v for k, v in tensors.items() if k.startswith("unet.") and ".lora_B." in k]
+    # B starts at zero: both adapters were trained (and both were exported).
+    assert text_b and unet_b and max(float(v.abs().max()) for v in text_b) > 0
+    assert max(float(v.abs().max()) for v in unet_b) > 0
