@@ -75,7 +75,7 @@ def test_synchronous_run_samples_with_the_newest_adapter(ray_local, tmp_path):
 def test_b2_run_with_branch_rollouts_and_progressive_intervals(ray_local, tmp_path):
     config = load_config(REPO / "configs" / "b2_demo.yaml", [
         f"cache_dir={tmp_path / 'cache'}", "logging.progress=false", "epochs=4", "b2.num_stages=5",
-        "b2.epochs_per_stage=1", "sampling.batches_per_sampler=1"])
+        "b2.epochs_per_stage=1", "sampling.batches_per_sampler=1", "sampling.batch_size=2"])
     rows = _rows(train(config, output_dir=str(tmp_path / "run"), log=lambda *_: None))
     assert [r["bpt_stage"] for r in rows] == [0, 1, 2, 3]
     # tau = 6 + floor(5k/5) over 10 steps: intervals [4,10), [3,10), [2,10), [1,10); leaves split there.
@@ -92,7 +92,7 @@ def test_b2_run_with_branch_rollouts_and_progressive_intervals(ray_local, tmp_pa
 def test_online_dpo_run_on_branch_pairs(ray_local, tmp_path):
     config = load_config(REPO / "configs" / "b2_demo.yaml", [
         f"cache_dir={tmp_path / 'cache'}", "logging.progress=false", "epochs=2", "train.algorithm=dpo",
-        "sampling.batches_per_sampler=1"])
+        "sampling.batches_per_sampler=1", "sampling.batch_size=2"])
     rows = _rows(train(config, output_dir=str(tmp_path / "run"), log=lambda *_: None))
     n_groups = config.cluster.num_samplers * config.sampling.batch_size
     for row in rows:
