@@ -51,6 +51,39 @@ class Sampler:
         return branches.to_trajectory(), branches.to_image_batch()
 
     @torch.no_grad()
+    def dfusion(self, *, sources: list, poor: list[tuple[int, int]], good: list[tuple[int, int]],
+                spec) -> tuple:
+        """D-Fusion pairs (``actors.dfusion``): for each p, fuses the well aligned sample ``good[p]`` into
+        the poorly aligned ``poor[p]`` (same prompt) by mask-guided self-attention fusion.
+
+        sources: this epoch's Trajectory batches (values or ObjectRefs; only those indexed are read);
+        poor / good: (source index, row) per pair; spec: an ``actors.dfusion.DFusionSpec``.
+        Returns ``(TrajectoryPairs(chosen=fused, rejected=poor rows), ImageBatch of the fused images
+        (uint8), stats {"mask_fraction": [P] floats, "unet_calls", "dfusion_s"})``. No randomness.
+        """
+        from actors.dfusion import dfusion, gather_rows
+        from actors.trajectory import TrajectoryPairs
+
+        if len(poor) != len(good) or not poor:
+            raise ValueError(f"dfusion() needs as many poor as good indices (>= 1), got {len(poor)} and {len(good)}")
+        start = time.perf_counter()
+        used = sorted({s for s, _ in [*poor, *good]})
+        refs = [s for s in used if type(sources[s]).__name__ == "ObjectRef"]
+        parts = dict(zip(used, (sources[s] for s in used), strict=True))
+        if refs:
+            import ray
+
+            parts.update(zip(refs, ray.get([sources[s] for s in refs], timeout=600), strict=True))
+        poor_rows = gather_rows(parts, [(s, r) for s, r in poor])
+        good_rows = gather_rows(parts, [(s, r) for s, r in good])
+        result = dfusion(self.policy, poor=poor_rows, good=good_rows, spec=spec, policy_version=self.policy_version)
+        seconds = time.perf_counter() - start
+        images = ImageBatch(images=result.images, prompts=list(result.trajectory.prompts),
+                            policy_version=self.policy_version, sample_s=seconds)
+        stats = {"mask_fraction": result.mask_fraction.tolist(), "unet_calls": result.unet_calls, "dfusion_s": seconds}
+        return TrajectoryPairs(chosen=result.trajectory, rejected=poor_rows), images, stats
+
+    @torch.no_grad()
     def sample(self, *, prompts: list[str], seed: int) -> tuple[Trajectory, ImageBatch]:
         """One batch: x_T ~ N(0, I) from ``seed``, T stochastic DDIM steps, decoded images.
 

@@ -64,3 +64,23 @@ def concat_trajectories(parts: list[Trajectory]) -> Trajectory:
         policy_version=min(p.policy_version for p in parts),
         seed=parts[0].seed,
     )
+
+
+@dataclass
+class TrajectoryPairs:
+    """P explicit preference pairs: row p of ``chosen`` is preferred over row p of ``rejected``.
+
+    Built by the samplers when the pair source is not the reward ranking itself, e.g. D-Fusion
+    (``actors.dfusion``): chosen = the fused samples, rejected = the poorly aligned samples they were
+    built from (same prompts, same x_T). Both share one timestep schedule.
+    """
+
+    chosen: Trajectory
+    rejected: Trajectory
+
+    def __post_init__(self):
+        if len(self.chosen) != len(self.rejected):
+            raise ValueError(f"{len(self.chosen)} chosen but {len(self.rejected)} rejected trajectories")
+
+    def __len__(self) -> int:
+        return len(self.chosen)

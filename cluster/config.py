@@ -106,6 +106,25 @@ class DpoConfig:
     steps: int = field(default=100, metadata=POSITIVE)
     batch_size: int = field(default=4, metadata=POSITIVE)
     log_every: int = field(default=10, metadata=POSITIVE)
+    # Online DPO pairs: best_worst = the best and worst sample of each group (prompt or branch group);
+    # dfusion = (D-Fusion sample ≻ worst sample) per prompt, the fusion of its best into its worst (seed 004).
+    pair_source: str = field(default="best_worst", metadata=choice("best_worst", "dfusion"))
+
+
+@dataclass
+class DFusionConfig:
+    """D-Fusion (seed 004; actors/dfusion.py): how the fused sample of a (worst, best) pair is built."""
+
+    token_positions: list[int] | None = field(default=None, metadata={
+        "doc": "prompt token positions (1 = first word) whose cross-attention makes the mask; null: all content"})
+    mask_threshold: float = field(default=0.5, metadata=NON_NEGATIVE)
+    mask_normalize: str = field(default="minmax", metadata=choice("minmax", "max", "none"))
+    mask_steps: str = field(default="all", metadata=choice("all", "current"))
+    mask_factors: list[int] = field(default_factory=list, metadata={
+        "doc": "latent/layer downsampling factors of the cross-attention layers used (empty: all)"})
+    fuse_parts: list[str] = field(default_factory=lambda: ["mid", "up"])
+    fuse_start: float = field(default=0.1, metadata=_rule(lambda v: 0 <= v < 1, "in [0, 1)"))
+    fuse_end: float = field(default=1.0, metadata=FRACTION)
 
 
 @dataclass
@@ -189,6 +208,7 @@ class Config:
     rewards: dict[str, dict] = field(default_factory=lambda: {"jpeg_compressibility": {"weight": 1.0}})
     volume: VolumeConfig = field(default_factory=VolumeConfig)
     dpo: DpoConfig = field(default_factory=DpoConfig)
+    dfusion: DFusionConfig = field(default_factory=DFusionConfig)
     b2: B2Config = field(default_factory=B2Config)
     reward_service: RewardServiceConfig = field(default_factory=RewardServiceConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -409,6 +429,26 @@ def validate(config: Config, *, base_dir: Path = Path(".")) -> None:
                         num_stages=b.num_stages, epochs_per_stage=b.epochs_per_stage)
         except ValueError as err:
             raise ConfigError(f"b2: {err}") from None
+    if config.dpo.pair_source == "dfusion":
+        if config.train.algorithm != "dpo":
+            raise ConfigError(f"dpo.pair_source = 'dfusion' builds DPO pairs, but train.algorithm = "
+                              f"{config.train.algorithm!r}; set train.algorithm=dpo or dpo.pair_source=best_worst")
+        try:
+            dfusion_spec(config)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     if config.train.stat_min_count > config.train.stat_buffer_size:
         raise ConfigError(f"train.stat_min_count = {config.train.stat_min_count} exceeds train.stat_buffer_size = "
                           f"{config.train.stat_buffer_size}; per-prompt statistics would never be used")
+
+
+def dfusion_spec(config: Config):
+    """The ``dfusion`` section as an ``actors.dfusion.DFusionSpec`` (ValueError on a bad combination)."""
+    from actors.dfusion import DFusionSpec
+
+    d = config.dfusion
+    return DFusionSpec(
+        token_positions=None if d.token_positions is None else tuple(d.token_positions),
+        mask_threshold=d.mask_threshold, mask_normalize=d.mask_normalize, mask_steps=d.mask_steps,
+        mask_factors=tuple(d.mask_factors), fuse_parts=tuple(d.fuse_parts), fuse_start=d.fuse_start,
+        fuse_end=d.fuse_end)

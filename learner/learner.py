@@ -29,7 +29,7 @@ import torch
 
 from actors.ddim import ddim_mean_std, gaussian_log_prob
 from actors.policy import Policy, PolicySpec
-from actors.trajectory import Trajectory, concat_trajectories
+from actors.trajectory import Trajectory, TrajectoryPairs, concat_trajectories
 from actors.weights import WeightsPacket, pack_adapter
 from learner.advantages import PerPromptStatTracker, batch_advantages, clip_advantages
 from learner.bpt import BptSchedule
@@ -159,10 +159,13 @@ class Learner:
             return {f.name: f.read_bytes() for f in Path(tmp).iterdir() if f.is_file()}
 
     # ----- training ------------------------------------------------------------------------
-    def update(self, *, trajectories: list, rewards: list, epoch: int) -> dict[str, float]:
+    def update(self, *, trajectories: list, rewards: list, epoch: int, pairs: list | None = None) -> dict[str, float]:
         """Trains on one epoch of trajectories and their rewards (aligned lists, refs or values).
 
         ``rewards[i]`` is a float array [B_i] or an object with ``total`` [B_i] (a ScoredBatch).
+        ``pairs`` (``algorithm="dpo"`` only): explicit ``TrajectoryPairs`` (refs or values), e.g. D-Fusion's
+        (fused ≻ poorly aligned) pairs, trained instead of the best-vs-worst pairs of each group;
+        stale ones (``max_staleness``) are refused like stale trajectories.
         Returns scalar stats; the version is incremented when at least one optimizer step ran.
         """
         wait_start = time.perf_counter()
@@ -210,7 +213,12 @@ class Learner:
         data = _Batch(latents=latents, old_log_probs=old_log_probs, timesteps=timesteps, embeds=embeds,
                       prompts=prompts)
 
-        if spec.algorithm == "dpo":
+        if spec.algorithm == "dpo" and pairs is not None:
+            pair_data, winners, losers, refused = self._explicit_pairs(_resolve(pairs))
+            stats["stale_refused"] += refused
+            stats.update(self._dpo_update(pair_data, winners, losers, steps=np.arange(first, last), rng=rng)
+                         if pair_data is not None else {"n_pairs": 0.0, "n_dpo_pairs": 0.0})
+        elif spec.algorithm == "dpo":
             winners, losers = preference_pairs(groups, reward)
             stats.update(self._dpo_update(data, winners, losers, steps=np.arange(first, last), rng=rng))
         else:
@@ -351,6 +359,22 @@ class Learner:
                 (weights[torch.from_numpy(micro[:, 0])].to(log_prob.device) * log_prob).sum().backward()
             totals.index_add_(0, torch.from_numpy(micro[:, 0]), log_prob.detach().float().cpu())
         return totals
+
+    def _explicit_pairs(self, pairs: list[TrajectoryPairs]) -> tuple[_Batch | None, np.ndarray, np.ndarray, int]:
+        """Fresh explicit pairs as one batch: rows [0, P) chosen, [P, 2P) rejected -> (batch, winners,
+        losers, number of stale trajectories refused)."""
+        fresh = [p for p in pairs if self.version - min(p.chosen.policy_version, p.rejected.policy_version)
+                 <= self.spec.max_staleness]
+        refused = 2 * sum(len(p) for p in pairs if not any(p is f for f in fresh))
+        if not fresh or not sum(len(p) for p in fresh):
+            return None, np.zeros(0, np.int64), np.zeros(0, np.int64), refused
+        both = concat_trajectories([p.chosen for p in fresh] + [p.rejected for p in fresh])
+        n = len(both) // 2
+        with torch.no_grad():
+            embeds = self.policy.encode_prompts(both.prompts)
+        data = _Batch(latents=torch.from_numpy(both.latents.copy()), old_log_probs=torch.from_numpy(both.log_probs.copy()),
+                      timesteps=torch.from_numpy(both.timesteps.copy()), embeds=embeds, prompts=both.prompts)
+        return data, np.arange(n, dtype=np.int64), np.arange(n, 2 * n, dtype=np.int64), refused
 
     def _dpo_update(self, data: _Batch, winners: np.ndarray, losers: np.ndarray, *, steps: np.ndarray,
                     rng: np.random.Generator) -> dict[str, float]:

@@ -92,13 +92,15 @@ def test_b2_run_with_branch_rollouts_and_progressive_intervals(ray_local, tmp_pa
 def test_online_dpo_run_on_branch_pairs(ray_local, tmp_path):
     config = load_config(REPO / "configs" / "b2_demo.yaml", [
         f"cache_dir={tmp_path / 'cache'}", "logging.progress=false", "epochs=2", "train.algorithm=dpo",
-        "sampling.batches_per_sampler=1", "sampling.batch_size=2"])
+        "sampling.batches_per_sampler=1", "sampling.batch_size=2", "train.inner_epochs=2", "dpo.online_beta=50"])
     rows = _rows(train(config, output_dir=str(tmp_path / "run"), log=lambda *_: None))
     n_groups = config.cluster.num_samplers * config.sampling.batch_size
     for row in rows:
         assert row["n_dpo_pairs"] == n_groups  # the best and the worst leaf of every branch group
         assert 0 <= row["dpo_acc"] <= 1 and np.isfinite(row["dpo_margin"])
-    assert rows[0]["dpo_loss"] < np.log(2) + 1e-6  # starts at log 2 (policy == reference), then steps lower it
+    # The first step starts at log 2 (policy == reference); the second inner epoch revisits the same pairs
+    # after two steps on them, so the epoch's mean loss must be below log 2 and its accuracy above chance.
+    assert all(r["dpo_loss"] < np.log(2) - 1e-2 for r in rows) and rows[-1]["dpo_acc"] > 0.5
 
 
 def test_texforce_run_trains_and_exports_the_text_encoder_adapter(ray_local, tmp_path):
