@@ -101,9 +101,10 @@ def demo_learner():
 
 
 def _object_store_mib() -> float:
+    import ray
     from ray._private.internal_api import memory_summary
 
-    text = memory_summary(stats_only=True)
+    text = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
     match = re.search(r"Plasma memory usage (\d+) MiB", text)
     return float(match.group(1)) if match else float("nan")
 
@@ -129,6 +130,7 @@ def soak_and_restart(epochs: int, out: Path) -> dict:
     def pids() -> dict[str, int]:
         return {name: ray.get(a.__ray_call__.remote(lambda self: os.getpid()), timeout=120) for name, a in actors.items()}
 
+    _object_store_mib()  # fail now, not after the run, if the memory summary is unreachable
     procs = {name: psutil.Process(pid) for name, pid in pids().items()}
     procs["driver"] = psutil.Process()
     samples: list[dict] = []

@@ -62,9 +62,12 @@ def _chain(err: BaseException):
 
 
 def _actor_error(err: BaseException):
+    """The innermost RayActorError in ``err``'s chain: the actor that actually died (a dependent
+    task's RayTaskError wraps it, and Ray's dual exception classes copy its attributes)."""
     import ray
 
-    return next((e for e in _chain(err) if isinstance(e, ray.exceptions.RayActorError)), None)
+    found = [e for e in _chain(err) if isinstance(e, ray.exceptions.RayActorError)]
+    return found[-1] if found else None
 
 
 def _object_lost(err: BaseException) -> bool:
