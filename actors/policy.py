@@ -162,7 +162,11 @@ class Policy:
         kwargs = {}
         for name, state in states.items():
             kwargs[f"{name}_lora_layers"] = state
-            kwargs[f"{name}_lora_adapter_metadata"] = self.lora_configs[name].to_dict()
+            metadata = self.lora_configs[name].to_dict()
+            if isinstance(metadata.get("target_modules"), (set, frozenset, list)):
+                # peft keeps a set (hash order varies between processes): sorted, the file bytes are stable
+                metadata["target_modules"] = sorted(metadata["target_modules"])
+            kwargs[f"{name}_lora_adapter_metadata"] = metadata
         StableDiffusionPipeline.save_lora_weights(save_directory=str(directory), safe_serialization=True, **kwargs)
         return Path(directory)
 

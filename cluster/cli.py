@@ -26,6 +26,7 @@ def _parser() -> argparse.ArgumentParser:
             examples:
               gard train configs/demo.yaml
               gard train configs/demo.yaml epochs=2 seed=3 --output-dir runs/try
+              gard train configs/demo.yaml epochs=60 --output-dir runs/try --resume auto
               ray job submit --working-dir . -- python -m cluster train configs/sd15_aesthetic.yaml
               gard fuse-lora --out runs/fused runs/aesthetic/lora:0.7 runs/texforce/lora:0.3
             """
@@ -37,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="config overrides, e.g. epochs=2 train.learning_rate=1e-3")
     train.add_argument("--output-dir", default=None, help="run directory (default: output_dir or runs/NAME-TIME)")
+    train.add_argument("--resume", default=None, metavar="auto|PATH",
+                       help="continue from the newest valid checkpoint of the run directory (auto: starts fresh "
+                            "when there is none) or from a checkpoint directory PATH")
     serve_cmd = sub.add_parser(
         "serve", help="serve a config's rewards as Ray Serve applications until interrupted",
         description="Start one Serve application per reward of CONFIG (HTTP: POST /<reward>) on local Ray "
@@ -91,8 +95,11 @@ def _user_error(err: BaseException) -> BaseException | None:
     """The user-facing error inside ``err`` (Ray wraps actor exceptions), or None for a real bug."""
     from actors.weights import AdapterMismatchError, ChecksumError
     from cluster.config import ConfigError
+    from cluster.driver import RewardDownError
+    from cluster.samplers import SamplerFailedError
 
-    user_types = (ConfigError, AdapterMismatchError, ChecksumError, FileNotFoundError)
+    user_types = (ConfigError, AdapterMismatchError, ChecksumError, FileNotFoundError, RewardDownError,
+                  SamplerFailedError)
     seen = err
     for _ in range(4):
         if isinstance(seen, user_types):
@@ -131,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return serve_forever(config)
     from cluster.driver import train
+    from cluster.stop import RunInterrupted
 
     try:
         if args.command == "dpo":
@@ -138,7 +146,10 @@ def main(argv: list[str] | None = None) -> int:
 
             run_dir = run_offline_dpo(config, output_dir=args.output_dir)
         else:
-            run_dir = train(config, output_dir=args.output_dir)
+            run_dir = train(config, output_dir=args.output_dir, resume=args.resume)
+    except RunInterrupted as err:
+        print(f"gard: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print("gard: interrupted", file=sys.stderr)
         return 130

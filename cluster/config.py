@@ -169,6 +169,9 @@ class RewardServiceConfig:
     max_image_pixels: int = field(default=2048 * 2048, metadata=POSITIVE)
     max_batch: int = field(default=256, metadata=POSITIVE)
     keep_running: bool = field(default=False, metadata={"doc": "leave the apps gard train started"})
+    down_timeout_s: float = field(default=300.0, metadata={
+        **NON_NEGATIVE, "doc": "keep retrying a failing reward this long (and at least max_retries times); "
+                               "then checkpoint and stop the run"})
 
 
 @dataclass
@@ -185,6 +188,17 @@ class ClusterConfig:
     max_staleness: int = field(default=0, metadata=_rule(lambda v: v in (0, 1), "0 (synchronous) or 1 (pipelined)"))
     call_timeout_s: float = field(default=600.0, metadata=POSITIVE)
     torch_threads: int = field(default=1, metadata=POSITIVE)
+    max_sampler_failures: int = field(default=3, metadata={
+        **POSITIVE, "doc": "a sampler that dies is restarted; this many failures in a row stop the run"})
+
+
+@dataclass
+class CheckpointConfig:
+    """Atomic checkpoints under ``<run_dir>/checkpoints/`` (cluster/checkpoint.py)."""
+
+    every_epochs: int = field(default=5, metadata={
+        **NON_NEGATIVE, "doc": "0: only at the end of the run and on a graceful stop"})
+    keep_last: int = field(default=3, metadata=POSITIVE)
 
 
 @dataclass
@@ -213,6 +227,7 @@ class Config:
     reward_service: RewardServiceConfig = field(default_factory=RewardServiceConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     # ----- derived ------------------------------------------------------------------------
     @property

@@ -7,6 +7,14 @@ Pipelining (DESIGN.md §5): with ``cluster.max_staleness = 0`` each epoch sample
 adapter, then trains (synchronous DDPO). With 1, sampling of epoch k+1 is queued before the update
 on epoch k, so samplers work while the learner trains; epoch k+1 is then one version behind, which
 PPO's ratio against the recorded log-probs accounts for.
+
+Long runs (issue 6): a checkpoint every ``checkpoint.every_epochs`` epochs, at the end and on a
+graceful stop (cluster/checkpoint.py); ``resume`` continues from one. With ``max_staleness: 0`` a
+resumed run is bit-for-bit the uninterrupted one on CPU: the learner's state is restored exactly and
+every batch's prompts and noise derive from (seed, epoch, worker, batch). (With 1, the epoch after
+the checkpoint is sampled with the newest adapter instead of the one before it.) Dead samplers are
+restarted and their batches sampled again (cluster/samplers.py); a reward that stays down, or a
+sampler that keeps dying, stops the run with a checkpoint written first.
 """
 
 from __future__ import annotations
@@ -24,9 +32,18 @@ import yaml
 
 from actors.policy import PolicySpec
 from actors.tiny import resolve_pretrained
-from cluster.config import Config
+from cluster.checkpoint import (
+    Checkpoint,
+    check_compatible,
+    latest_checkpoint,
+    load_checkpoint,
+    write_checkpoint,
+)
+from cluster.config import Config, ConfigError
 from cluster.metrics import MetricsWriter, save_grid
+from cluster.samplers import BatchJob, SamplerFailedError, SamplerPool, StepAbandoned
 from cluster.seeding import batch_prompts, batch_seed, eval_seed
+from cluster.stop import EXIT_CODES, RunInterrupted, StopRequest, stop_on_signals
 from learner.bpt import BptSchedule
 from learner.learner import LearnerSpec
 from learner.schedules import linear_ramp
@@ -46,13 +63,19 @@ class EvalResult:
 
 @dataclass
 class EpochBatch:
-    """References to one epoch's sampler batches, in submission order."""
+    """One epoch's sampler batches (jobs hold the refs), in submission order."""
 
-    trajectories: list  # ObjectRef[Trajectory]
-    images: list  # ObjectRef[ImageBatch]
-    scores: list  # ObjectRef[ScoredImages]
+    jobs: list[BatchJob]
     submitted_at: float
     prompts: list = dataclasses.field(default_factory=list)  # the prompt of every sample, per batch
+
+    @property
+    def trajectories(self) -> list:  # ObjectRef[Trajectory]
+        return [job.trajectory for job in self.jobs]
+
+    @property
+    def scores(self) -> list:  # ObjectRef[ScoredImages]
+        return [job.score for job in self.jobs]
 
 
 @dataclass
@@ -64,6 +87,10 @@ class DFusionLaunch:
     stats: list  # ObjectRef[dict]: mask_fraction per pair, unet_calls, dfusion_s
     poor_rewards: np.ndarray  # float32 [P]
     good_rewards: np.ndarray  # float32 [P]
+
+
+class RewardDownError(RuntimeError):
+    """A reward stayed down past reward_service.down_timeout_s; the run stopped after a checkpoint."""
 
 
 def resolve_reward_specs(config: Config) -> tuple[dict[str, dict], dict[str, float]]:
@@ -191,7 +218,10 @@ class Driver:
         from cluster.stages import RewardStage
         from learner.learner import Learner
 
-        sampler_cls = ray.remote(num_cpus=c.sampler_num_cpus, num_gpus=c.sampler_num_gpus, runtime_env=env)(Sampler)
+        # Unlimited restarts, no transparent task retries: the driver re-sends the adapter to a
+        # restarted sampler before it samples again (cluster/samplers.py).
+        sampler_cls = ray.remote(num_cpus=c.sampler_num_cpus, num_gpus=c.sampler_num_gpus, runtime_env=env,
+                                 max_restarts=-1, max_task_retries=0)(Sampler)
         self.samplers = [
             sampler_cls.remote(
                 spec=policy_spec(config, pretrained=pretrained, num_gpus=c.sampler_num_gpus),
@@ -222,6 +252,11 @@ class Driver:
         )(RewardStage).remote(specs=specs, weights=weights, volume_modalities=tuple(config.volume.modalities),
                               service=service)
         self.weights_ref = None
+        self.pool = SamplerPool(samplers=self.samplers, reward_stage=self.reward_stage, timeout_s=self.timeout,
+                                max_failures=c.max_sampler_failures)
+        self.rows: list[dict] = []  # metric rows of the completed epochs (restored on resume)
+        self.completed_epochs = 0  # epochs whose update the learner has applied
+        self.last_checkpoint: Path | None = None
 
     def _start_reward_services(self, specs: dict[str, dict]) -> dict:
         """Deploys the reward applications not running yet; remembers what it started."""
@@ -236,7 +271,7 @@ class Driver:
         deployed = deploy_rewards(specs, options, limits=limits, http_host=rs.http_host, http_port=rs.http_port)
         self.started_apps = deployed.started
         return {"timeout_s": rs.timeout_s, "max_retries": rs.max_retries, "retry_backoff_s": rs.retry_backoff_s,
-                "apps": deployed.apps}
+                "down_timeout_s": rs.down_timeout_s, "apps": deployed.apps}
 
     def shutdown(self) -> None:
         """Removes the reward applications this run started (unless reward_service.keep_running)."""
@@ -254,38 +289,50 @@ class Driver:
         v = self.config.volume
         return linear_ramp(epoch, start=v.gamma, end=v.gamma_end, ramp_epochs=v.ramp_epochs)
 
-    def broadcast(self) -> list:
-        """Publishes the learner's adapter once (one ObjectRef) and queues it on every sampler.
+    def broadcast(self) -> list[dict]:
+        """Publishes the learner's adapter once (one ObjectRef), applies it on every sampler and waits.
 
-        Returns the samplers' acknowledgement refs ({"version", "apply_s"}).
+        Returns the samplers' acknowledgements ({"version", "apply_s"}); a sampler found dead is
+        restarted and given the adapter (cluster/samplers.py).
         """
         self.weights_ref = self.learner.publish.remote()
-        return [s.set_weights.remote(packet=self.weights_ref) for s in self.samplers]
+        return self.pool.set_weights(self.weights_ref)
 
     def launch(self, epoch: int) -> EpochBatch:
         """Queues one epoch of sampling and its reward calls (rewards run while sampling continues)."""
         cfg, s = self.config, self.config.sampling
-        trajs, images, scores, batch_prompt_lists = [], [], [], []
+        batch_prompt_lists = []
         gamma = self.gamma(epoch)
+        branches = None
+        if self.schedule is not None and cfg.b2.branching:
+            branches = (cfg.b2.n_branch, self.schedule.branch_step(self.schedule.stage(epoch)))
+        jobs = []
         for batch in range(s.batches_per_sampler):
-            for worker, sampler in enumerate(self.samplers):
+            for worker in range(len(self.samplers)):
                 prompts = batch_prompts(
                     cfg.prompts.train, size=s.batch_size, seed=cfg.seed, epoch=epoch, worker=worker, batch=batch
                 )
                 seed = batch_seed(cfg.seed, epoch=epoch, worker=worker, batch=batch)
-                if self.schedule is not None and cfg.b2.branching:
-                    branch_step = self.schedule.branch_step(self.schedule.stage(epoch))
-                    traj_ref, image_ref = sampler.sample_branches.options(num_returns=2).remote(
-                        prompts=prompts, seed=seed, n_branch=cfg.b2.n_branch, branch_step=branch_step)
-                    batch_prompt_lists.append([p for p in prompts for _ in range(cfg.b2.n_branch)])  # group-major
-                else:
-                    traj_ref, image_ref = sampler.sample.options(num_returns=2).remote(prompts=prompts, seed=seed)
-                    batch_prompt_lists.append(list(prompts))
-                trajs.append(traj_ref)
-                images.append(image_ref)
-                scores.append(self.reward_stage.score.remote(batch=image_ref, gamma=gamma))
-        return EpochBatch(trajectories=trajs, images=images, scores=scores, submitted_at=time.perf_counter(),
-                          prompts=batch_prompt_lists)
+                job = BatchJob(worker=worker, prompts=prompts, seed=seed, gamma=gamma, branches=branches)
+                jobs.append(self.pool.submit(job))
+                # the prompt of every sample, group-major for branch rollouts (D-Fusion pairs by prompt)
+                batch_prompt_lists.append([p for p in prompts for _ in range(branches[0] if branches else 1)])
+        return EpochBatch(jobs=jobs, submitted_at=time.perf_counter(), prompts=batch_prompt_lists)
+
+    def complete(self, batch: EpochBatch, *, abandon=lambda: False) -> list:
+        """Every batch's scores; batches lost with a dead sampler are sampled again first.
+
+        A reward that stayed down (RewardServiceError after its retries) becomes RewardDownError.
+        """
+        from rewards.client import RewardServiceError
+
+        try:
+            return self.pool.complete(batch.jobs, abandon=abandon)
+        except self.ray.exceptions.RayTaskError as err:
+            cause = getattr(err, "cause", None)
+            if isinstance(cause, RewardServiceError):
+                raise RewardDownError(str(cause)) from err
+            raise
 
     def launch_dfusion(self, current: EpochBatch, scores: list, epoch: int) -> DFusionLaunch:
         """D-Fusion pairs (seed 004; actors/dfusion.py): per prompt of the epoch, its worst and best sample
@@ -315,7 +362,7 @@ class Driver:
                 used = sorted({where[i][0] for i in np.concatenate([best[chunk], worst[chunk]])})
                 local = {b: j for j, b in enumerate(used)}
                 pairs_ref, images_ref, stats_ref = self.samplers[k].dfusion.options(num_returns=3).remote(
-                    sources=[current.trajectories[b] for b in used],
+                    sources=[current.jobs[b].trajectory for b in used],
                     poor=[(local[where[i][0]], where[i][1]) for i in worst[chunk]],
                     good=[(local[where[i][0]], where[i][1]) for i in best[chunk]],
                     spec=spec)
@@ -348,16 +395,11 @@ class Driver:
         prompts = [p for p in cfg.prompts.eval for _ in range(cfg.prompts.eval_images_per_prompt)]
         size = cfg.sampling.batch_size
         chunks = [prompts[i : i + size] for i in range(0, len(prompts), size)]
-        image_refs, score_refs = [], []
-        for k, chunk in enumerate(chunks):
-            sampler = self.samplers[k % len(self.samplers)]
-            _, image_ref = sampler.sample.options(num_returns=2).remote(
-                prompts=chunk, seed=eval_seed(cfg.prompts.eval_seed, chunk=k)
-            )
-            image_refs.append(image_ref)
-            score_refs.append(self.reward_stage.score.remote(batch=image_ref, gamma=0.0))
-        scores = self._get(score_refs)
-        images = np.concatenate([b.images for b in self._get(image_refs)])
+        jobs = [self.pool.submit(BatchJob(worker=k % len(self.samplers), prompts=chunk, gamma=0.0,
+                                          seed=eval_seed(cfg.prompts.eval_seed, chunk=k)))
+                for k, chunk in enumerate(chunks)]
+        scores = self.complete(EpochBatch(jobs=jobs, submitted_at=time.perf_counter()))
+        images = np.concatenate([b.images for b in self._get([job.images for job in jobs])])
         total = np.concatenate([s.total for s in scores])
         components = {
             f"eval_{name}": float(np.nanmean(np.concatenate([s.components[name] for s in scores])))
@@ -384,67 +426,162 @@ class Driver:
             (out / name).write_bytes(data)
         return out
 
-    # ----- the loop -----------------------------------------------------------------------
-    def run(self, *, log=print) -> list[dict]:
+    # ----- checkpoints ----------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        """An atomic checkpoint of the completed epochs (cluster/checkpoint.py)."""
+        from actors.rng import rng_state
+
         cfg = self.config
+        epoch = self.completed_epochs
+        learner_ref, lora_ref = self.learner.state_dict.remote(), self.learner.export_lora.remote()
+        learner_state, lora_files = self._get([learner_ref, lora_ref])
+        info = {
+            "policy_version": int(learner_state["version"]),
+            "bpt_stage": self.schedule.stage(epoch) if self.schedule is not None else None,
+            "counters": self.counters(),
+        }
+        self.last_checkpoint = write_checkpoint(
+            self.run_dir, epoch=epoch, learner_state=learner_state, lora_files=lora_files,
+            driver_state={"rng": rng_state(), "counters": self.counters()}, metrics=self.rows[:epoch],
+            config=cfg.to_dict(), info=info, keep_last=cfg.checkpoint.keep_last)
+        return self.last_checkpoint
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Puts the learner, the counters, the metric rows and the driver's RNG where the checkpoint was."""
+        from actors.rng import set_rng_state
+
+        version = self._get(self.learner.load_state_dict.remote(state=self.ray.put(checkpoint.learner_state)))
+        if version != checkpoint.meta["policy_version"]:
+            raise RuntimeError(f"restored policy version {version} != checkpoint's {checkpoint.meta['policy_version']}")
+        set_rng_state(checkpoint.driver_state["rng"])
+        counters = checkpoint.driver_state.get("counters", {})
+        self.pool.counters.restarts = int(counters.get("sampler_restarts_total", 0))
+        self.pool.counters.resampled_batches = int(counters.get("resampled_batches_total", 0))
+        self.rows = [dict(row) for row in checkpoint.metrics]
+        self.completed_epochs = checkpoint.epoch
+        self.last_checkpoint = checkpoint.path
+
+    def counters(self) -> dict:
+        return {"sampler_restarts_total": self.pool.counters.restarts,
+                "resampled_batches_total": self.pool.counters.resampled_batches,
+                "stale_refused_total": int(sum(r.get("stale_refused", 0) or 0 for r in self.rows)),
+                "nonfinite_rewards_total": int(sum(r.get("nonfinite_rewards", 0) or 0 for r in self.rows))}
+
+    def _checkpoint_due(self) -> bool:
+        every = self.config.checkpoint.every_epochs
+        return bool(every) and self.completed_epochs % every == 0
+
+    def _checkpoint_before_stopping(self, log) -> str:
+        """Writes a checkpoint of the completed epochs (unless one exists) and says where it is."""
+        if self.completed_epochs == 0:
+            return "no checkpoint (no epoch was completed)"
+        if self.last_checkpoint is None or not self.last_checkpoint.name.endswith(f"{self.completed_epochs:06d}"):
+            try:
+                self.save_checkpoint()
+            except Exception as err:  # noqa: BLE001 - report the original failure, not this one
+                log(f"gard: could not write a checkpoint before stopping: {err}")
+                return "no checkpoint could be written"
+        return f"checkpoint {self.last_checkpoint} (epoch {self.completed_epochs})"
+
+    # ----- the loop -----------------------------------------------------------------------
+    def run(self, *, log=print, resume: Checkpoint | None = None, stop: StopRequest | None = None) -> list[dict]:
+        """Runs epochs ``resume.epoch`` (0 without a checkpoint) to ``config.epochs``."""
+        cfg = self.config
+        stop = stop or StopRequest()
+        self.pool.log = log
         writer = MetricsWriter(self.run_dir, tensorboard=cfg.logging.tensorboard)
+        if resume is not None:
+            self.restore(resume)
+            writer.rows = [dict(row) for row in self.rows]
+        first = self.completed_epochs
         progress = _progress(cfg.epochs, enabled=cfg.logging.progress)
-        rows = []
+        progress.update(first)
         try:
-            self._get(self.broadcast())
-            initial = self.evaluate()
-            self.save_eval(initial, 0)
-            eval_mean = initial.mean
-            log(f"eval before training: reward {eval_mean:.4f}")
-            pending = self.launch(0)
-            last_end = time.perf_counter()
-            for epoch in range(cfg.epochs):
-                current = pending
-                if cfg.cluster.max_staleness >= 1 and epoch + 1 < cfg.epochs:
-                    pending = self.launch(epoch + 1)  # samplers keep the current adapter while we train
-                fusion = None
-                if cfg.dpo.pair_source == "dfusion":  # the rewards pick each prompt's worst and best sample
-                    fusion = self.launch_dfusion(current, self._get(current.scores), epoch)
-                update_ref = self.learner.update.remote(
-                    trajectories=current.trajectories, rewards=current.scores, epoch=epoch,
-                    pairs=None if fusion is None else fusion.pairs,
-                )
-                wait_start = time.perf_counter()
-                scores = self._get(current.scores)
-                stats = self._get(update_ref)
-                acks = self.broadcast()
-                applied = self._get(acks)  # with max_staleness 1 this also waits for epoch k+1's sampling
-                if cfg.cluster.max_staleness == 0 and epoch + 1 < cfg.epochs:
-                    pending = self.launch(epoch + 1)
-                row = self._epoch_row(epoch, scores, stats, applied)
-                if fusion is not None:
-                    row.update(self.dfusion_row(fusion))
-                self._log_captions(epoch, scores)
-                row["driver_wait_s"] = time.perf_counter() - wait_start
-                last_eval = epoch + 1 == cfg.epochs
-                every = cfg.logging.eval_every
-                if last_eval or (every and (epoch + 1) % every == 0):
-                    result = self.evaluate()
-                    row["eval_reward_mean"] = result.mean
-                    row.update(result.components)
-                    self.save_eval(result, epoch + 1)
-                if epoch == 0:
-                    row["eval_reward_mean_initial"] = eval_mean
-                now = time.perf_counter()
-                row["epoch_s"] = now - last_end
-                row["samples_per_s"] = row["n_samples_scored"] / row["epoch_s"]
-                last_end = now
-                writer.write(row)
-                rows.append(row)
-                progress.update(1)
-                progress.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row.get('kl', 0):.2e}")
-                log(_summary_line(row))
+            self.broadcast()
+            eval_mean = None
+            if first == 0:
+                initial = self.evaluate()
+                self.save_eval(initial, 0)
+                eval_mean = initial.mean
+                log(f"eval before training: reward {eval_mean:.4f}")
+            else:
+                log(f"resumed from {resume.path} at epoch {first} (policy version {resume.meta['policy_version']})")
+            try:
+                self._epochs(first, writer=writer, progress=progress, log=log, stop=stop, eval_mean=eval_mean)
+            except (RewardDownError, SamplerFailedError) as err:
+                where = self._checkpoint_before_stopping(log)
+                raise type(err)(f"{err}. The run stopped after {where}; fix the cause and continue with "
+                                f"--resume auto") from err
+            if stop.requested and self.completed_epochs < cfg.epochs:
+                where = self._checkpoint_before_stopping(log)
+                raise RunInterrupted(
+                    f"stopped by {stop.reason} after epoch {self.completed_epochs} of {cfg.epochs}; {where}; "
+                    f"continue with: gard train CONFIG --output-dir {self.run_dir} --resume auto",
+                    exit_code=EXIT_CODES.get(stop.reason, 130))
+            self._checkpoint_before_stopping(log)  # the final state, so the run can be extended
             lora_dir = self.export_lora()
             log(f"final adapter: {lora_dir}")
         finally:
             progress.close()
             writer.close()
-        return rows
+        return self.rows
+
+    def _epochs(self, first: int, *, writer, progress, log, stop: StopRequest, eval_mean) -> None:
+        cfg = self.config
+        pending = self.launch(first)
+        last_end = time.perf_counter()
+        for epoch in range(first, cfg.epochs):
+            current = pending
+            if cfg.cluster.max_staleness >= 1 and epoch + 1 < cfg.epochs:
+                pending = self.launch(epoch + 1)  # samplers keep the current adapter while we train
+            wait_start = time.perf_counter()
+            restarts_before = self.pool.counters.restarts
+            resampled_before = self.pool.counters.resampled_batches
+            try:  # every batch of the epoch, lost ones sampled again; a stop abandons the epoch here
+                scores = self.complete(current, abandon=lambda: stop.requested)
+            except StepAbandoned:
+                log(f"gard: abandoned epoch {epoch} before its update (stop requested)")
+                return
+            fusion = None
+            if cfg.dpo.pair_source == "dfusion":  # the rewards pick each prompt's worst and best sample
+                fusion = self.launch_dfusion(current, scores, epoch)
+            stats = self._get(self.learner.update.remote(
+                trajectories=current.trajectories, rewards=current.scores, epoch=epoch,
+                pairs=None if fusion is None else fusion.pairs))
+            self.completed_epochs = epoch + 1
+            applied = self.broadcast()  # with max_staleness 1 this also waits for epoch k+1's sampling
+            if cfg.cluster.max_staleness == 0 and epoch + 1 < cfg.epochs and not stop.requested:
+                pending = self.launch(epoch + 1)
+            row = self._epoch_row(epoch, scores, stats, applied)
+            row["sampler_restarts"] = self.pool.counters.restarts - restarts_before
+            row["resampled_batches"] = self.pool.counters.resampled_batches - resampled_before
+            row["sampler_restarts_total"] = self.pool.counters.restarts
+            if fusion is not None:
+                row.update(self.dfusion_row(fusion))
+            self._log_captions(epoch, scores)
+            row["driver_wait_s"] = time.perf_counter() - wait_start
+            last_eval = epoch + 1 == cfg.epochs
+            every = cfg.logging.eval_every
+            if last_eval or (every and (epoch + 1) % every == 0):
+                result = self.evaluate()
+                row["eval_reward_mean"] = result.mean
+                row.update(result.components)
+                self.save_eval(result, epoch + 1)
+            if epoch == 0 and eval_mean is not None:
+                row["eval_reward_mean_initial"] = eval_mean
+            now = time.perf_counter()
+            row["epoch_s"] = now - last_end
+            row["samples_per_s"] = row["n_samples_scored"] / row["epoch_s"]
+            last_end = now
+            writer.write(row)
+            self.rows.append(writer.rows[-1])
+            if self._checkpoint_due():
+                self.save_checkpoint()
+            progress.update(1)
+            progress.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row.get('kl', 0):.2e}")
+            log(_summary_line(row))
+            if stop.requested:
+                return
 
     def _log_captions(self, epoch: int, scores) -> None:
         """Captions of the first scored batch of each epoch (captioning rewards only) -> captions.jsonl."""
@@ -542,22 +679,60 @@ def ray_session(config: Config):
             ray.shutdown()
 
 
-def prepare_run_dir(config: Config, output_dir: str | None) -> Path:
+def prepare_run_dir(config: Config, output_dir: str | None, *, resume: Checkpoint | None = None) -> Path:
+    """Creates the run directory; metrics.jsonl starts empty, or with the resumed checkpoint's rows."""
     run_dir = Path(output_dir or config.output_dir or f"runs/{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    rows = resume.metrics if resume is not None else []
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     return run_dir
 
 
-def train(config: Config, *, output_dir: str | None = None, log=print) -> Path:
-    """Runs a whole training job; returns the run directory."""
-    run_dir = prepare_run_dir(config, output_dir)
-    with ray_session(config) as address:
+def find_resume_checkpoint(config: Config, *, resume: str, output_dir: str | None, log=print) -> Checkpoint | None:
+    """``--resume auto``: the newest valid checkpoint of the output directory (None: start fresh);
+    ``--resume PATH``: that checkpoint, or the newest one of that run directory. Refuses a checkpoint
+    whose config would sample or train differently (ConfigError naming the fields)."""
+    if resume == "auto":
+        run_dir = output_dir or config.output_dir
+        if not run_dir:
+            raise ConfigError("--resume auto looks for checkpoints in the run directory, but none is set: pass "
+                              "--output-dir DIR (or set output_dir) to the directory of the run to continue")
+        path = latest_checkpoint(Path(run_dir))
+        if path is None:
+            log(f"gard: no checkpoint in {Path(run_dir) / 'checkpoints'}: starting fresh")
+            return None
+    else:
+        path = Path(resume)
+        if (path / "checkpoints").is_dir():  # a run directory: its newest checkpoint
+            path = latest_checkpoint(path) or path / "checkpoints"
+    checkpoint = load_checkpoint(path)
+    check_compatible(checkpoint, config.to_dict())
+    return checkpoint
+
+
+def train(config: Config, *, output_dir: str | None = None, resume: str | None = None,
+          stop: StopRequest | None = None, log=print) -> Path:
+    """Runs a whole training job (or continues one: ``resume`` = "auto" or a path); returns the run
+    directory. SIGINT/SIGTERM (or ``stop.request``) end it after the current epoch with a checkpoint,
+    raising RunInterrupted."""
+    checkpoint = None
+    if resume:
+        checkpoint = find_resume_checkpoint(config, resume=resume, output_dir=output_dir, log=log)
+        if checkpoint is not None and output_dir is None and config.output_dir is None:
+            output_dir = str(checkpoint.path.parent.parent)  # --resume PATH continues in that run's directory
+    if checkpoint is not None and checkpoint.epoch >= config.epochs:
+        run_dir = Path(output_dir or config.output_dir)
+        log(f"gard: {checkpoint.path} already has {checkpoint.epoch} epochs >= epochs={config.epochs}; "
+            f"nothing to train (pass epochs=N with N > {checkpoint.epoch} to continue)")
+        return run_dir
+    run_dir = prepare_run_dir(config, output_dir, resume=checkpoint)
+    stop = stop or StopRequest()
+    with ray_session(config) as address, stop_on_signals(stop, log=log):
         log(banner(config, run_dir, address))
         driver = Driver(config, run_dir=run_dir)
         try:
-            driver.run(log=log)
+            driver.run(log=log, resume=checkpoint, stop=stop)
         finally:
             driver.shutdown()
     return run_dir

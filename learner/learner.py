@@ -146,6 +146,54 @@ class Learner:
         self.version = packet.version
         return self.version
 
+    # ----- checkpoint state ----------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything an exact resume needs from the learner, as CPU tensors and plain values.
+
+        The adapter tensors by name (every trainable parameter, whatever modules carry LoRA), the
+        optimizer state (AdamW moments, step counts, param-group hyperparameters including the
+        learning rate), the advantage statistics, the B² z-score history, the policy version and
+        this process's global RNG states. ``torch.load(weights_only=True)`` reads it back.
+        """
+        from actors.rng import rng_state
+
+        return {
+            "format": 1,
+            "version": self.version,
+            "adapter": {name: p.detach().to("cpu").clone() for name, p in self._named_params},
+            "optimizer": self.optimizer.state_dict(),
+            "stat_tracker": self.stat_tracker.state_dict(),
+            "zscores": self.zscores.state_dict(),
+            "rng": rng_state(),
+        }
+
+    def load_state_dict(self, *, state: dict) -> int:
+        """Restores ``state_dict()``'s output exactly; returns the restored policy version.
+
+        Raises AdapterMismatchError (naming the differences) when the adapter's parameters are not
+        this policy's, before changing anything.
+        """
+        from actors.rng import set_rng_state
+        from actors.weights import AdapterMismatchError
+
+        ours = {name: tuple(p.shape) for name, p in self._named_params}
+        theirs = {name: tuple(t.shape) for name, t in state["adapter"].items()}
+        if ours != theirs:
+            missing, extra = sorted(set(ours) - set(theirs))[:3], sorted(set(theirs) - set(ours))[:3]
+            shapes = [f"{k}: {theirs[k]} vs {ours[k]}" for k in ours if k in theirs and theirs[k] != ours[k]][:3]
+            raise AdapterMismatchError(
+                f"checkpointed adapter does not match the policy: missing {missing}, unexpected {extra}, "
+                f"shape differences {shapes} (check policy.lora_rank and policy.lora_targets)")
+        with torch.no_grad():
+            for name, param in self._named_params:
+                param.copy_(state["adapter"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.stat_tracker.load_state_dict(state["stat_tracker"])
+        self.zscores.load_state_dict(state["zscores"])
+        self.version = int(state["version"])
+        set_rng_state(state["rng"])
+        return self.version
+
     def save_lora(self, *, directory: str) -> str:
         return str(self.policy.save_lora(directory))
 

@@ -27,7 +27,8 @@ class RewardClient:
     """Scores batches through deployment handles (``{reward name: DeploymentHandle}``)."""
 
     def __init__(self, *, handles: dict, weights: dict[str, float], volume_modalities=("text", "image"),
-                 timeout_s: float = 120.0, max_retries: int = 2, retry_backoff_s: float = 1.0):
+                 timeout_s: float = 120.0, max_retries: int = 2, retry_backoff_s: float = 1.0,
+                 down_timeout_s: float = 0.0):
         if set(handles) != set(weights):
             raise ValueError(f"handles {sorted(handles)} and weights {sorted(weights)} must name the same rewards")
         self.handles = dict(handles)
@@ -36,13 +37,20 @@ class RewardClient:
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.retry_backoff_s = retry_backoff_s
+        # A reward that keeps failing is retried at least max_retries times and for at least
+        # down_timeout_s after its first failure (a replica restart or a redeploy can take a while).
+        self.down_timeout_s = down_timeout_s
         self.retries_total: dict[str, int] = dict.fromkeys(handles, 0)
 
     def _submit(self, name: str, images, prompts):
         return self.handles[name].score.remote(images=images, prompts=prompts, reward=name)
 
     def score(self, *, images: np.ndarray, prompts: list[str], gamma: float = 0.0) -> ScoredBatch:
-        """All rewards at once; a transient failure is retried (counted), a persistent one raises."""
+        """All rewards at once; a transient failure is retried (counted), a persistent one raises.
+
+        Never returns a partial result: either every reward answered for every image, or
+        RewardServiceError names the reward that stayed down.
+        """
         import ray
 
         check_batch(images, prompts)
@@ -53,6 +61,7 @@ class RewardClient:
         latency: dict[str, float] = {}
         retries = dict.fromkeys(self.handles, 0)
         errors: dict[str, str] = {}
+        first_failure: dict[str, float] = {}
         while pending:
             name, response = next(iter(pending.items()))
             try:
@@ -61,10 +70,12 @@ class RewardClient:
                 del pending[name]
             except Exception as err:  # noqa: BLE001 - replica death, timeout or a raised error: retry
                 errors[name] = _describe(err)
-                if retries[name] >= self.max_retries:
+                down_s = time.monotonic() - first_failure.setdefault(name, time.monotonic())
+                if retries[name] >= self.max_retries and down_s >= self.down_timeout_s:
                     raise RewardServiceError(
-                        f"reward {name!r} failed {retries[name] + 1} time(s) in a row (timeout {self.timeout_s}s "
-                        f"per call); last error: {errors[name][:500]}"
+                        f"reward {name!r} failed {retries[name] + 1} time(s) in a row over {down_s:.0f}s (timeout "
+                        f"{self.timeout_s}s per call, reward_service.down_timeout_s {self.down_timeout_s}s); "
+                        f"last error: {errors[name][:500]}"
                     ) from err
                 retries[name] += 1
                 self.retries_total[name] += 1

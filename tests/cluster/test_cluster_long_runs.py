@@ -1,0 +1,146 @@
+"""Long runs on a real local Ray (issue 6): stop + exact resume and extension against an uninterrupted
+run, a sampler killed with SIGKILL mid-epoch, and the CLI's refusal of an incompatible checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from cluster.checkpoint import list_checkpoints
+from cluster.config import load_config
+from cluster.driver import Driver, prepare_run_dir, train
+from cluster.stop import RunInterrupted, StopRequest
+
+REPO = Path(__file__).resolve().parents[2]
+EVAL_KEYS = ("eval_reward_mean", "eval_jpeg_compressibility")
+COUNTER_KEYS = ("sampler_restarts", "resampled_batches", "sampler_restarts_total")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING",
+             log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def _config(cache_dir: Path, *overrides: str):
+    """The demo, synchronous (max_staleness 0: the exact-resume setting), small and quick."""
+    return load_config(REPO / "configs" / "demo.yaml", [
+        f"cache_dir={cache_dir}", "logging.progress=false", "logging.tensorboard=false", "cluster.max_staleness=0",
+        "sampling.batches_per_sampler=1", "prompts.eval_images_per_prompt=1", "checkpoint.every_epochs=1",
+        "checkpoint.keep_last=2", *overrides])
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _training(row: dict, *, drop: tuple[str, ...] = ()) -> dict:
+    """A row without timings (they differ between two runs of the same computation)."""
+    return {k: v for k, v in row.items() if not k.endswith("_s") and k not in drop}
+
+
+def _lora(run_dir: Path) -> dict[str, bytes]:
+    """The adapter tensors' bytes (the file's JSON header holds peft's target-module set, in hash order)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(run_dir / "lora" / "pytorch_lora_weights.safetensors")
+    return {name: tensor.numpy().tobytes() for name, tensor in tensors.items()}
+
+
+@pytest.fixture(scope="module")
+def reference(ray_local, cache_dir, tmp_path_factory) -> Path:
+    """An uninterrupted 4-epoch run."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    return train(_config(cache_dir, "epochs=4"), output_dir=str(run_dir), log=lambda *_: None)
+
+
+def test_stopped_resumed_and_extended_run_equals_the_uninterrupted_one(reference, cache_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    stop = StopRequest()
+
+    lines: list[str] = []
+
+    def stop_after_first_epoch(line: str) -> None:
+        lines.append(line)
+        if line.startswith("epoch   0"):
+            stop.request("test")
+
+    # --resume auto in an empty run directory starts fresh, saying so.
+    with pytest.raises(RunInterrupted, match=r"stopped by test after epoch 1 of 4; checkpoint .*epoch-000001"):
+        train(_config(cache_dir, "epochs=4"), output_dir=str(run_dir), resume="auto", stop=stop,
+              log=stop_after_first_epoch)
+    assert any("no checkpoint in" in line and "starting fresh" in line for line in lines)
+    assert [p.name for p in list_checkpoints(run_dir)] == ["epoch-000001"]
+    assert len(_rows(run_dir)) == 1
+
+    # Resume to 2 epochs (a finished run), then extend the finished run to 4.
+    lines.clear()
+    train(_config(cache_dir, "epochs=2"), output_dir=str(run_dir), resume="auto", log=lines.append)
+    assert any(line.startswith("resumed from") and "epoch-000001" in line for line in lines)
+    train(_config(cache_dir, "epochs=4"), output_dir=str(run_dir), resume="auto", log=lambda *_: None)
+
+    expected, rows = _rows(reference), _rows(run_dir)
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
+    for got, want in zip(rows, expected, strict=True):
+        # Epoch 1 ended the 2-epoch run, which evaluated there; everything trained is identical.
+        drop = EVAL_KEYS if got["epoch"] == 1 else ()
+        assert _training(got, drop=drop) == _training(want, drop=drop)
+    assert rows[-1]["eval_reward_mean"] == expected[-1]["eval_reward_mean"]
+    assert _lora(run_dir) == _lora(reference)  # the final adapter, bit for bit
+    assert [p.name for p in list_checkpoints(run_dir)] == ["epoch-000003", "epoch-000004"]
+    lines.clear()  # a run that already has its epochs has nothing to do
+    train(_config(cache_dir, "epochs=4"), output_dir=str(run_dir), resume="auto", log=lines.append)
+    assert any("nothing to train" in line for line in lines)
+
+
+def test_sampler_killed_mid_epoch_is_restarted_and_the_run_is_unchanged(reference, cache_dir, tmp_path):
+    import ray
+
+    config = _config(cache_dir, "epochs=4")
+    run_dir = prepare_run_dir(config, str(tmp_path / "run"))
+    driver = Driver(config, run_dir=run_dir)
+    pid = ray.get(driver.samplers[0].__ray_call__.remote(lambda self: os.getpid()), timeout=120)
+    lines: list[str] = []
+
+    def kill_during_epoch_1(line: str) -> None:
+        lines.append(line)
+        if line.startswith("epoch   0"):  # epoch 1's batches were just submitted
+            os.kill(pid, signal.SIGKILL)
+
+    try:
+        rows = driver.run(log=kill_during_epoch_1)
+    finally:
+        driver.shutdown()
+    assert sum(r["sampler_restarts"] for r in rows) == 1 and rows[-1]["sampler_restarts_total"] == 1
+    assert any(line.startswith("sampler 0 died") for line in lines)
+    new_pid = ray.get(driver.samplers[0].__ray_call__.remote(lambda self: os.getpid()), timeout=120)
+    assert new_pid != pid
+    # Complete batches (never partial, never duplicated): every number equals the run without the kill.
+    for got, want in zip(rows, _rows(reference), strict=True):
+        assert got["n_samples_scored"] == config.samples_per_epoch
+        assert _training(got, drop=COUNTER_KEYS) == _training(want, drop=COUNTER_KEYS)
+    assert _lora(run_dir) == _lora(reference)
+
+
+def test_cli_refuses_a_checkpoint_of_an_incompatible_config(reference, cache_dir, capsys):
+    from cluster.cli import main
+
+    code = main(["train", str(REPO / "configs" / "demo.yaml"), f"cache_dir={cache_dir}", "cluster.max_staleness=0",
+                 "sampling.batches_per_sampler=1", "prompts.eval_images_per_prompt=1", "epochs=6",
+                 "train.learning_rate=0.5", "--output-dir", str(reference), "--resume", "auto"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "was written with a different config" in err and "train.learning_rate: 0.02 -> 0.5" in err
