@@ -8,6 +8,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Serve handles keep a metrics thread after their module's cluster is shut down; with auto-connect
+# on, its next call would silently start a fresh local Ray in the test process, and the next module's
+# ray.init would then fail. Every test starts the Ray it needs explicitly.
+os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import pickle
 import socket
 import threading
@@ -35,6 +36,10 @@ def serve_session(tmp_path_factory):
     from rewards.serve import ServeOptions, deploy_rewards, remove_rewards
     from rewards.tiny import tiny_clip_score_options
 
+    # Replicas report their own queue lengths to the autoscaler (inherited by the cluster's processes):
+    # with only handle-side reports, the autoscaling test below saw no upscaling once earlier tests of
+    # this module had created handles in this process (Ray 2.60; in isolation it scaled).
+    os.environ["RAY_SERVE_COLLECT_AUTOSCALING_METRICS_ON_HANDLE"] = "0"
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING",
              log_to_driver=False)
     port = _free_port()
@@ -46,6 +51,7 @@ def serve_session(tmp_path_factory):
     remove_rewards(deployed.started)
     serve.shutdown()
     ray.shutdown()
+    os.environ.pop("RAY_SERVE_COLLECT_AUTOSCALING_METRICS_ON_HANDLE", None)
 
 
 def _images(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
@@ -168,15 +174,17 @@ def test_autoscaling_from_one_to_two_replicas_under_load_and_back(serve_session)
 
     from rewards.serve import ServeOptions, build_reward_app
 
+    # Each request waits 0.3 s in the replica for a batch that never fills (4 in flight < 64), so the
+    # load is ~4 ongoing requests per replica however slowly this process's threads send them.
     options = ServeOptions(min_replicas=1, max_replicas=2, target_ongoing_requests=1, upscale_delay_s=0.5,
-                           downscale_delay_s=2.0, max_batch_size=4, batch_wait_timeout_s=0.0, num_cpus=0.1,
+                           downscale_delay_s=2.0, max_batch_size=64, batch_wait_timeout_s=0.3, num_cpus=0.1,
                            max_ongoing_requests=4, metrics_interval_s=0.5, look_back_period_s=2.0)
     app = "autoscale-jpeg"
     handle = serve.run(build_reward_app("jpeg_incompressibility", {}, options, LIMITS), name=app,
                        route_prefix="/autoscale", blocking=False)
     try:
         assert _running_replicas(app, "jpeg_incompressibility") == 1
-        images, prompts = _images(48, size=96, seed=1), ["x"] * 48
+        images, prompts = _images(4, size=32, seed=1), ["x"] * 4
         stop = threading.Event()
 
         def load():
