@@ -361,7 +361,11 @@ class Driver:
             for k, chunk in enumerate(np.array_split(np.arange(best.size), min(len(self.samplers), best.size))):
                 used = sorted({where[i][0] for i in np.concatenate([best[chunk], worst[chunk]])})
                 local = {b: j for j, b in enumerate(used)}
-                pairs_ref, images_ref, stats_ref = self.samplers[k].dfusion.options(num_returns=3).remote(
+                # D-Fusion is a deterministic function of its inputs, so Ray may simply run it again on a
+                # restarted sampler; until the next broadcast that sampler holds the initial adapter, and
+                # the learner then refuses its pairs as stale (counted) instead of training on them.
+                pairs_ref, images_ref, stats_ref = self.samplers[k].dfusion.options(
+                    num_returns=3, max_task_retries=2).remote(
                     sources=[current.jobs[b].trajectory for b in used],
                     poor=[(local[where[i][0]], where[i][1]) for i in worst[chunk]],
                     good=[(local[where[i][0]], where[i][1]) for i in best[chunk]],
