@@ -43,3 +43,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray on 127.0.0.1 with 2 CPUs for one test module (Serve, if a test started it, removed)."""
+    import ray
+    from ray import serve
+
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING",
+             log_to_driver=False)
+    yield
+    serve.shutdown()
+    ray.shutdown()

@@ -14,16 +14,6 @@ from cluster.driver import train
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING",
-             log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def _config(tmp_path: Path, *overrides: str):
     return load_config(REPO / "configs" / "dfusion_demo.yaml", [f"cache_dir={tmp_path / 'cache'}",
                                                                 "logging.progress=false", *overrides])

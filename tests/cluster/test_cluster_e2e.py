@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from cluster.config import load_config
 from cluster.driver import train
@@ -14,16 +13,6 @@ from cluster.driver import train
 REPO = Path(__file__).resolve().parents[2]
 REQUIRED = {"epoch", "policy_version", "reward_mean", "reward_std", "loss", "kl", "approx_kl", "clipfrac",
             "samples_per_s", "epoch_s"}
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING",
-             log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def _rows(run_dir: Path) -> list[dict]:

@@ -16,19 +16,6 @@ from cluster.driver import train
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING",
-             log_to_driver=False)
-    yield
-    from ray import serve
-
-    serve.shutdown()
-    ray.shutdown()
-
-
 def test_llava_bertscore_and_clip_with_volume_through_reward_services(ray_local, tmp_path, free_port):
     from ray import serve
 
