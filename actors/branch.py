@@ -155,12 +155,13 @@ def sample_branches(
 
     # Shared prefix x_T -> x_{branch_step}: B rows, one batched (CFG) UNet call per step.
     embeds = policy.encode_prompts(list(prompts))
+    negative = policy.negative_embeds(num_groups)  # once per call, not once per step
     latents = policy.initial_latents(num_groups, group_gens)
     prefix_states = [latents.float().cpu()]
     prefix_log_probs = []
     for i in range(branch_step):
         t = timesteps[i]
-        model_output = policy.guided_output(latents, t, embeds)
+        model_output = policy.guided_output(latents, t, embeds, negative)
         unet_calls += 1
         latents, log_prob = ddim_step_with_logprob(
             scheduler, model_output, t, latents, eta=eta, generator=group_gens
@@ -171,11 +172,12 @@ def sample_branches(
     # Continuations x_{branch_step} -> x_0: B · n_branch rows (group-major), independent noise per leaf.
     latents = latents.repeat_interleave(n_branch, dim=0)
     leaf_embeds = embeds.repeat_interleave(n_branch, dim=0)
+    leaf_negative = negative.repeat_interleave(n_branch, dim=0)
     leaf_states = []
     leaf_log_probs = []
     for i in range(branch_step, num_steps):
         t = timesteps[i]
-        model_output = policy.guided_output(latents, t, leaf_embeds)
+        model_output = policy.guided_output(latents, t, leaf_embeds, leaf_negative)
         unet_calls += 1
         latents, log_prob = ddim_step_with_logprob(
             scheduler, model_output, t, latents, eta=eta, generator=leaf_gens
