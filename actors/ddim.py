@@ -36,11 +36,47 @@ def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def _alphas(scheduler, timestep) -> tuple[torch.Tensor, torch.Tensor]:
     """(ᾱ_t, ᾱ_t') for int or [B] timesteps; t' is clamped at 0 (see the module docstring)."""
-    step = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    step = _step_size(scheduler)
     t = torch.as_tensor(timestep, dtype=torch.long).cpu()
     prev_t = (t - step).clamp(min=0)
     alphas_cumprod = scheduler.alphas_cumprod.to(torch.float32)
     return alphas_cumprod[t], alphas_cumprod[prev_t]
+
+
+def check_ddim_schedule(scheduler, *, eta: float = 1.0) -> None:
+    """Refuses a schedule on which some step has σ_t = 0 (its log-prob would be NaN).
+
+    diffusers' ``DDIMScheduler.step`` takes t' = t - T_train // num_inference_steps whatever the
+    ``timestep_spacing``, and with ``set_alpha_to_one=False`` uses ᾱ_{t'} = alphas_cumprod[0] for t' < 0.
+    A schedule that contains t = 0 (``linspace`` spacing, or ``leading`` with ``steps_offset=0``) then
+    has ᾱ_t' = ᾱ_t at its last step, σ_t = 0 and a deterministic transition with no density. gard keeps
+    diffusers' t' (so sampling equals ``DDIMScheduler.step`` for every schedule it accepts) and refuses
+    these schedules instead, naming the scheduler fields to change. Also refuses ``set_alpha_to_one=True``
+    for the same reason. Call after ``set_timesteps``; raises ValueError.
+    """
+    if scheduler.num_inference_steps is None:
+        raise ValueError("scheduler.set_timesteps(num_inference_steps) must be called before checking the schedule")
+    config = scheduler.config
+    timesteps = torch.as_tensor(scheduler.timesteps).cpu()
+    alpha_t, alpha_prev = _alphas(scheduler, timesteps)
+    if getattr(config, "set_alpha_to_one", False):
+        alpha_prev = torch.where(timesteps - _step_size(scheduler) < 0, torch.ones_like(alpha_prev), alpha_prev)
+    variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
+    bad = torch.nonzero(~(variance > 0) | ~torch.isfinite(variance)).flatten().tolist()
+    if bad:
+        k = bad[0]
+        raise ValueError(
+            f"the DDIM schedule has sigma_t = 0 at step {k} (t = {int(timesteps[k])}, previous t = "
+            f"{max(int(timesteps[k]) - _step_size(scheduler), 0)}): scheduler timestep_spacing="
+            f"{getattr(config, 'timestep_spacing', 'leading')!r}, steps_offset={getattr(config, 'steps_offset', 0)}, "
+            f"set_alpha_to_one={getattr(config, 'set_alpha_to_one', False)}, num_inference_steps="
+            f"{scheduler.num_inference_steps}, eta={eta}. A step with sigma_t = 0 has no log-probability "
+            f"(training on it gives NaN). Use sampling.timestep_spacing=trailing, or 'leading' with the "
+            f"scheduler's steps_offset=1 (Stable Diffusion's own setting), and eta > 0")
+
+
+def _step_size(scheduler) -> int:
+    return scheduler.config.num_train_timesteps // scheduler.num_inference_steps
 
 
 def ddim_mean_std(

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from actors.ddim import check_ddim_schedule
+
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -45,6 +47,7 @@ class PolicySpec:
     text_encoder_lora_rank: int = 4
     text_encoder_lora_alpha: float = 4.0
     text_encoder_lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+    timestep_spacing: str | None = None  # None: the pretrained scheduler's own
 
     def __post_init__(self):
         unknown = [t for t in self.train_targets if t not in TRAIN_TARGETS]
@@ -54,6 +57,11 @@ class PolicySpec:
 
 
 TRAIN_TARGETS = ("unet", "text_encoder")
+_TARGETS_FIELD = {"unet": "policy.lora_targets", "text_encoder": "policy.text_encoder_lora_targets"}
+
+
+class AdapterBindingError(ValueError):
+    """A requested LoRA target binds to no module, or perturbing its adapter does not change the output."""
 
 
 class Policy:
@@ -80,7 +88,8 @@ class Policy:
         )
         # σ_t > 0 at the last step needs ᾱ_{t'} = alphas_cumprod[0] (DESIGN.md §3), which is what
         # set_alpha_to_one=False gives; SD 1.x/2.x ship with it already.
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, set_alpha_to_one=False)
+        overrides = {"timestep_spacing": spec.timestep_spacing} if spec.timestep_spacing else {}
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, set_alpha_to_one=False, **overrides)
         pipe.set_progress_bar_config(disable=True)
         for module in (pipe.unet, pipe.vae, pipe.text_encoder):
             module.requires_grad_(False)
@@ -100,7 +109,12 @@ class Policy:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.init_lora_seed)
             for name, module in self.adapted.items():
-                module.add_adapter(self.lora_configs[name])
+                try:
+                    module.add_adapter(self.lora_configs[name])
+                except ValueError as err:  # peft: none of the target modules exist in this network
+                    raise AdapterBindingError(
+                        f"{_TARGETS_FIELD[name]}={sorted(self.lora_configs[name].target_modules)} match no module "
+                        f"of the {name}: {err}") from None
         # Trainable LoRA parameters stay float32 even when the frozen base runs in fp16/bf16.
         for module in self.adapted.values():
             for param in module.parameters():
@@ -110,6 +124,7 @@ class Policy:
         self.unet, self.vae, self.text_encoder, self.tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
         self.scheduler = pipe.scheduler
         self.scheduler.set_timesteps(spec.num_steps, device=self.device)
+        check_ddim_schedule(self.scheduler, eta=spec.eta)
         self.latent_channels = self.unet.config.in_channels
         self.vae_scale_factor = pipe.vae_scale_factor
         if spec.resolution % self.vae_scale_factor:
@@ -125,6 +140,61 @@ class Policy:
         return "text_encoder" in self.adapted
 
     # ----- adapter -------------------------------------------------------------------------
+    @torch.no_grad()
+    def verify_adapters(self, *, perturbation: float = 1e-2) -> dict[str, int]:
+        """Checks that every requested LoRA target is attached and live; returns {target: layers}.
+
+        peft fails only when *no* target matches; a misspelt target beside valid ones binds to nothing
+        silently, and an adapter can be attached yet never change the output (a zero scaling, a module
+        off the forward path). For each target: at least one LoRA layer whose module name is the target
+        or ends with ".target" (peft's rule), and adding ``perturbation``·N(0, 1) to those layers'
+        B matrices must change the network's output (the UNet on one latent of the sampling size; the
+        text encoder on one prompt). The weights are restored exactly. Raises AdapterBindingError.
+        """
+        counts: dict[str, int] = {}
+        for name, module in self.adapted.items():
+            layers = {n: m for n, m in module.named_modules() if hasattr(m, "lora_B")}
+            probe = self._probe_fn(name)
+            base = probe()
+            for target in sorted(self.lora_configs[name].target_modules):
+                bound = [m for n, m in layers.items() if n == target or n.endswith("." + target)]
+                counts[f"{name}:{target}"] = len(bound)
+                if not bound:
+                    raise AdapterBindingError(
+                        f"{_TARGETS_FIELD[name]}: target {target!r} matches no module of the {name} (LoRA layers "
+                        f"bound for the other targets: {len(layers)}); check the module names of this model")
+                weights = [p for m in bound for p in m.lora_B.parameters()]
+                saved = [w.clone() for w in weights]
+                gen = torch.Generator().manual_seed(0)
+                for w in weights:
+                    w.add_(perturbation * torch.randn(w.shape, generator=gen).to(w.device, w.dtype))
+                changed = probe()
+                for w, value in zip(weights, saved, strict=True):
+                    w.copy_(value)
+                if not torch.isfinite(changed).all() or not (changed != base).any():
+                    raise AdapterBindingError(
+                        f"{_TARGETS_FIELD[name]}: the LoRA on target {target!r} ({len(bound)} layers of the {name}) "
+                        f"does not change the model's output when perturbed (lora alpha 0, or modules off the "
+                        f"forward path?); refusing to train an adapter that cannot act")
+        return counts
+
+    def _probe_fn(self, name: str):
+        """A deterministic forward of network ``name`` for ``verify_adapters``."""
+        if name == "text_encoder":
+            return lambda: self.encode_prompts(["a photo"]).float()
+        size = self.spec.resolution // self.vae_scale_factor
+        latents = torch.randn((1, self.latent_channels, size, size), generator=torch.Generator().manual_seed(0))
+        latents = latents.to(self.device, self.dtype)
+        t = self.scheduler.timesteps[:1].to(self.device)
+        embeds = self._negative_embeds
+        autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32
+                    else contextlib.nullcontext())
+
+        def forward():
+            with autocast:
+                return self.unet(latents, t, embeds).sample.float()
+        return forward
+
     def named_trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """The LoRA parameters, in a fixed order (the flat weight buffer's layout), names prefixed with
         the network (``unet.`` / ``text_encoder.``)."""

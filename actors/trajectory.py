@@ -32,6 +32,13 @@ class Trajectory:
     def __len__(self) -> int:
         return len(self.prompts)
 
+    def finite_rows(self) -> np.ndarray:
+        """bool [B]: the samples whose latents and log-probs are all finite (the others are never trained
+        on: a NaN latent still decodes to a finite image with a finite reward)."""
+        n = len(self)
+        return (np.isfinite(self.latents.reshape(n, -1)).all(axis=1)
+                & np.isfinite(self.log_probs.reshape(n, -1)).all(axis=1))
+
 
 @dataclass
 class ImageBatch:

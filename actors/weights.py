@@ -24,6 +24,20 @@ class ChecksumError(ValueError):
     """The flat buffer does not hash to the checksum it was published with."""
 
 
+class NonFiniteWeightsError(ValueError):
+    """The adapter holds NaN or inf values: it is neither published nor applied."""
+
+
+def _check_finite(buffer: np.ndarray, *, version: int, layout, where: str) -> None:
+    bad = ~np.isfinite(buffer)
+    if bad.any():
+        offsets = np.cumsum([0] + [int(np.prod(shape)) for _, shape in layout])
+        first = int(np.searchsorted(offsets, int(np.flatnonzero(bad)[0]), side="right")) - 1
+        raise NonFiniteWeightsError(
+            f"adapter version {version}: {int(bad.sum())} of {buffer.size} values are NaN or inf (first in "
+            f"{layout[first][0]}); {where}")
+
+
 def buffer_checksum(buffer: np.ndarray) -> str:
     """blake2b of the buffer's bytes (hex, 16 bytes): cheap next to a copy, catches any corruption."""
     return hashlib.blake2b(memoryview(np.ascontiguousarray(buffer)).cast("B"), digest_size=16).hexdigest()
@@ -54,13 +68,14 @@ def pack_adapter(named_params: list[tuple[str, torch.Tensor]], *, version: int) 
         flat[offset : offset + n].copy_(param.detach().reshape(-1).to("cpu", torch.float32))
         offset += n
     layout = tuple((name, tuple(p.shape)) for name, p in named_params)
+    _check_finite(buffer, version=version, layout=layout, where="refusing to publish it")
     return WeightsPacket(version=version, buffer=buffer, layout=layout, checksum=buffer_checksum(buffer))
 
 
 def unpack_adapter_into(named_params: list[tuple[str, torch.Tensor]], packet: WeightsPacket) -> None:
     """Verifies ``packet`` (checksum, then layout) and copies it in place into ``named_params``.
 
-    Raises ChecksumError or AdapterMismatchError before touching any parameter.
+    Raises ChecksumError, NonFiniteWeightsError or AdapterMismatchError before touching any parameter.
     """
     actual = buffer_checksum(packet.buffer)
     if actual != packet.checksum:
@@ -68,6 +83,8 @@ def unpack_adapter_into(named_params: list[tuple[str, torch.Tensor]], packet: We
             f"adapter version {packet.version}: checksum {actual} does not match the published "
             f"{packet.checksum}; the broadcast was corrupted, refusing it"
         )
+    _check_finite(packet.buffer, version=packet.version, layout=packet.layout,
+                  where="refusing it and keeping the current adapter")
     expected = tuple((name, tuple(p.shape)) for name, p in named_params)
     if packet.layout != expected:
         theirs, ours = dict(packet.layout), dict(expected)

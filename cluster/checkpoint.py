@@ -40,6 +40,7 @@ RESUME_SAFE = (
     "epochs", "name", "output_dir", "cache_dir", "logging.", "checkpoint.", "reward_service.", "policy.device",
     "prompts.eval", "cluster.address", "cluster.local_num_cpus", "cluster.sampler_num_", "cluster.learner_num_",
     "cluster.reward_num_", "cluster.call_timeout_s", "cluster.torch_threads", "cluster.max_sampler_failures",
+    "train.max_skipped_steps",
 )
 
 
@@ -161,8 +162,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
     return Checkpoint(
         path=path,
         meta=meta,
-        learner_state=torch.load(path / "learner.pt", weights_only=True),
-        driver_state=torch.load(path / "driver.pt", weights_only=True),
+        learner_state=torch.load(path / "learner.pt", weights_only=True, map_location="cpu"),
+        driver_state=torch.load(path / "driver.pt", weights_only=True, map_location="cpu"),
         metrics=metrics,
         config=yaml.safe_load((path / "config.yaml").read_text()),
     )

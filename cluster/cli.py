@@ -93,13 +93,14 @@ def _fuse_lora(parser: argparse.ArgumentParser, args: argparse.Namespace, extra:
 
 def _user_error(err: BaseException) -> BaseException | None:
     """The user-facing error inside ``err`` (Ray wraps actor exceptions), or None for a real bug."""
-    from actors.weights import AdapterMismatchError, ChecksumError
+    from actors.policy import AdapterBindingError
+    from actors.weights import AdapterMismatchError, ChecksumError, NonFiniteWeightsError
     from cluster.config import ConfigError
-    from cluster.driver import RewardDownError
+    from cluster.driver import RewardDownError, TrainingStalledError
     from cluster.samplers import SamplerFailedError
 
     user_types = (ConfigError, AdapterMismatchError, ChecksumError, FileNotFoundError, RewardDownError,
-                  SamplerFailedError)
+                  SamplerFailedError, TrainingStalledError, AdapterBindingError, NonFiniteWeightsError)
     seen = err
     for _ in range(4):
         if isinstance(seen, user_types):

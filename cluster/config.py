@@ -58,6 +58,10 @@ class SamplingConfig:
     guidance_scale: float = field(default=5.0, metadata=NON_NEGATIVE)
     resolution: int = field(default=64, metadata=_rule(lambda v: v > 0 and v % 8 == 0, "a positive multiple of 8"))
     negative_prompt: str = ""
+    timestep_spacing: str | None = field(default=None, metadata={
+        **choice("leading", "trailing", "linspace"),
+        "doc": "override the pretrained DDIM scheduler's spacing (null: keep it); a schedule that contains "
+               "t = 0 has a step with sigma = 0 and is refused"})
     batch_size: int = field(default=8, metadata=POSITIVE)
     batches_per_sampler: int = field(default=2, metadata=POSITIVE)
 
@@ -93,6 +97,13 @@ class TrainConfig:
     kl_beta: float = field(default=0.0, metadata=NON_NEGATIVE)
     kl_beta_end: float | None = field(default=None, metadata=NON_NEGATIVE)
     kl_ramp_epochs: int = field(default=0, metadata=NON_NEGATIVE)
+    mixed_precision: str = field(default="no", metadata={
+        **choice("no", "bf16", "fp16"),
+        "doc": "the learner's precision (samplers use policy.dtype): bf16 autocast, or fp16 autocast with "
+               "loss scaling; LoRA weights and optimizer state stay float32 (learner/precision.py)"})
+    max_skipped_steps: int = field(default=10, metadata={
+        **POSITIVE, "doc": "optimizer steps skipped in a row (non-finite loss, gradient or batch) that stop "
+                           "the run, after a checkpoint"})
 
 
 @dataclass

@@ -93,6 +93,23 @@ class RewardDownError(RuntimeError):
     """A reward stayed down past reward_service.down_timeout_s; the run stopped after a checkpoint."""
 
 
+class TrainingStalledError(RuntimeError):
+    """train.max_skipped_steps optimizer steps in a row were skipped (non-finite loss, gradient or batch)."""
+
+
+def _start_error(err, actor: str) -> Exception:
+    """The error an actor's constructor raised, from Ray's ActorDiedError (Ray keeps only its text).
+
+    Refusals of the user's settings (an adapter that binds to nothing, a schedule with σ = 0) become a
+    ConfigError naming the field; anything else keeps Ray's error with its traceback."""
+    lines = [line.strip() for line in str(getattr(err, "error_msg", "") or "").splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    kind, _, message = last.partition(": ")
+    if kind.rsplit(".", 1)[-1] in ("AdapterBindingError", "ValueError") and message:
+        return ConfigError(f"the {actor} could not start: {message}")
+    return err
+
+
 def resolve_reward_specs(config: Config) -> tuple[dict[str, dict], dict[str, float]]:
     """Splits ``rewards`` into builder options and weights; ``tiny:clip`` models are built locally."""
     from rewards.tiny import tiny_aesthetic_options, tiny_clip_score_options
@@ -136,6 +153,7 @@ def policy_spec(config: Config, *, pretrained: str, num_gpus: float) -> PolicySp
         text_encoder_lora_rank=p.text_encoder_lora_rank,
         text_encoder_lora_alpha=p.text_encoder_lora_alpha,
         text_encoder_lora_targets=tuple(p.text_encoder_lora_targets),
+        timestep_spacing=s.timestep_spacing,
     )
 
 
@@ -238,6 +256,10 @@ class Driver:
             torch_threads=c.torch_threads,
             init_adapter=config.policy.init_adapter,
         )
+        try:  # the learner refuses adapters that bind to nothing: say so before anything else runs
+            ray.get(self.learner.__ray_ready__.remote(), timeout=self.timeout)
+        except ray.exceptions.RayActorError as err:
+            raise _start_error(err, "learner") from err
         self.schedule = bpt_schedule(config)
         self.started_apps: list[str] = []
         service = None
@@ -255,6 +277,7 @@ class Driver:
         self.pool = SamplerPool(samplers=self.samplers, reward_stage=self.reward_stage, timeout_s=self.timeout,
                                 max_failures=c.max_sampler_failures)
         self.rows: list[dict] = []  # metric rows of the completed epochs (restored on resume)
+        self.version = 0  # the learner's policy version after the last update
         self.completed_epochs = 0  # epochs whose update the learner has applied
         self.last_checkpoint: Path | None = None
 
@@ -463,13 +486,16 @@ class Driver:
         self.pool.counters.resampled_batches = int(counters.get("resampled_batches_total", 0))
         self.rows = [dict(row) for row in checkpoint.metrics]
         self.completed_epochs = checkpoint.epoch
+        self.version = version
         self.last_checkpoint = checkpoint.path
 
     def counters(self) -> dict:
         return {"sampler_restarts_total": self.pool.counters.restarts,
                 "resampled_batches_total": self.pool.counters.resampled_batches,
                 "stale_refused_total": int(sum(r.get("stale_refused", 0) or 0 for r in self.rows)),
-                "nonfinite_rewards_total": int(sum(r.get("nonfinite_rewards", 0) or 0 for r in self.rows))}
+                "nonfinite_rewards_total": int(sum(r.get("nonfinite_rewards", 0) or 0 for r in self.rows)),
+                "nonfinite_trajectories_total": int(sum(r.get("nonfinite_trajectories", 0) or 0 for r in self.rows)),
+                "skipped_steps_total": int(sum(r.get("skipped_steps", 0) or 0 for r in self.rows))}
 
     def _checkpoint_due(self) -> bool:
         every = self.config.checkpoint.every_epochs
@@ -512,7 +538,7 @@ class Driver:
                 log(f"resumed from {resume.path} at epoch {first} (policy version {resume.meta['policy_version']})")
             try:
                 self._epochs(first, writer=writer, progress=progress, log=log, stop=stop, eval_mean=eval_mean)
-            except (RewardDownError, SamplerFailedError) as err:
+            except (RewardDownError, SamplerFailedError, TrainingStalledError) as err:
                 where = self._checkpoint_before_stopping(log)
                 raise type(err)(f"{err}. The run stopped after {where}; fix the cause and continue with "
                                 f"--resume auto") from err
@@ -549,11 +575,16 @@ class Driver:
             fusion = None
             if cfg.dpo.pair_source == "dfusion":  # the rewards pick each prompt's worst and best sample
                 fusion = self.launch_dfusion(current, scores, epoch)
+            version_before = self.version
             stats = self._get(self.learner.update.remote(
                 trajectories=current.trajectories, rewards=current.scores, epoch=epoch,
                 pairs=None if fusion is None else fusion.pairs))
             self.completed_epochs = epoch + 1
-            applied = self.broadcast()  # with max_staleness 1 this also waits for epoch k+1's sampling
+            self.version = int(stats["version"])
+            # Nothing is published when every step was skipped: the samplers already hold this adapter.
+            # (With max_staleness 1 the broadcast also waits for epoch k+1's sampling.)
+            applied = self.broadcast() if self.version != version_before else []
+            self._check_training(stats, epoch=epoch, log=log)
             if cfg.cluster.max_staleness == 0 and epoch + 1 < cfg.epochs and not stop.requested:
                 pending = self.launch(epoch + 1)
             row = self._epoch_row(epoch, scores, stats, applied)
@@ -584,8 +615,31 @@ class Driver:
             progress.update(1)
             progress.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row.get('kl', 0):.2e}")
             log(_summary_line(row))
+            limit = cfg.train.max_skipped_steps
+            if stats.get("skipped_steps_in_row", 0) >= limit:
+                raise TrainingStalledError(
+                    f"{int(stats['skipped_steps_in_row'])} optimizer steps in a row were skipped because the "
+                    f"loss, the gradient norm or the whole batch was not finite (train.max_skipped_steps = {limit}; "
+                    f"last epoch: {int(stats.get('nonfinite_trajectories', 0))} non-finite trajectories, "
+                    f"{int(stats.get('nonfinite_rewards', 0))} non-finite rewards, loss scale "
+                    f"{stats.get('loss_scale', 1.0):g}). Lower train.learning_rate, use train.mixed_precision=bf16 "
+                    f"or policy.dtype=float32/bfloat16 if the samplers overflow in float16")
             if stop.requested:
                 return
+
+    def _check_training(self, stats: dict, *, epoch: int, log) -> None:
+        """Warns when the first-step importance ratio says sampler and learner disagree (learner/precision.py)."""
+        from learner.precision import ratio_warning
+
+        if "onpolicy_ratio_dev" not in stats:
+            return
+        deviation = stats["onpolicy_ratio_dev"]
+        if deviation != deviation and self.config.cluster.max_staleness:  # NaN: the sampling adapter is not held
+            return
+        message = ratio_warning(deviation=deviation, threshold=self.config.train.clip_range,
+                                sampler_dtype=self.config.policy.dtype, mixed_precision=self.config.train.mixed_precision)
+        if message:
+            log(f"gard: warning (epoch {epoch}): {message}")
 
     def _log_captions(self, epoch: int, scores) -> None:
         """Captions of the first scored batch of each epoch (captioning rewards only) -> captions.jsonl."""
@@ -621,9 +675,12 @@ class Driver:
         row["reward_retries"] = int(sum(sum((s.retries or {}).values()) for s in scores))
         for key in ("loss", "pg_loss", "kl", "approx_kl", "clipfrac", "ratio", "grad_norm", "beta",
                     "advantage_abs_mean", "n_pairs", "stale_refused", "nonfinite_rewards", "train_s", "wait_inputs_s",
-                    "pairs_per_s", "publish_s", "n_selected", "n_dpo_pairs", "dpo_loss", "dpo_acc", "dpo_margin"):
+                    "pairs_per_s", "publish_s", "n_selected", "n_dpo_pairs", "dpo_loss", "dpo_acc", "dpo_margin",
+                    "onpolicy_ratio_dev", "loss_scale"):
             if key in stats:
                 row[key] = stats[key]
+        for key in ("nonfinite_trajectories", "optimizer_steps", "skipped_steps", "skipped_steps_in_row"):
+            row[key] = int(stats.get(key, 0))
         if self.schedule is not None:
             stage = self.schedule.stage(epoch)
             row["bpt_stage"] = stage
@@ -631,8 +688,8 @@ class Driver:
             row["branch_step"] = self.schedule.branch_step(stage) if self.config.b2.branching else None
             row.setdefault("n_selected", 0)
         # Broadcast cost: packing + hashing on the learner, then verify + copy on the slowest sampler.
-        row["apply_weights_s"] = max(a["apply_s"] for a in applied)
-        row["broadcast_s"] = row.get("publish_s", 0.0) + row["apply_weights_s"]
+        row["apply_weights_s"] = max((a["apply_s"] for a in applied), default=0.0)
+        row["broadcast_s"] = (row.get("publish_s", 0.0) if applied else 0.0) + row["apply_weights_s"]
         return row
 
 
@@ -730,6 +787,9 @@ def train(config: Config, *, output_dir: str | None = None, resume: str | None =
         log(f"gard: {checkpoint.path} already has {checkpoint.epoch} epochs >= epochs={config.epochs}; "
             f"nothing to train (pass epochs=N with N > {checkpoint.epoch} to continue)")
         return run_dir
+    from cluster.preflight import check_scheduler
+
+    check_scheduler(config, pretrained=resolve_pretrained(config.policy.pretrained, cache_dir=config.cache_dir))
     run_dir = prepare_run_dir(config, output_dir, resume=checkpoint)
     stop = stop or StopRequest()
     with ray_session(config) as address, stop_on_signals(stop, log=log):
