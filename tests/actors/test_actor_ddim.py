@@ -107,3 +107,50 @@ def test_eta_zero_is_rejected():
     sched = _scheduler("epsilon")
     with pytest.raises(ValueError, match="eta must be > 0"):
         ddim_step_with_logprob(sched, torch.zeros(1, 4, 2, 2), sched.timesteps[0], torch.zeros(1, 4, 2, 2), eta=0.0)
+
+
+# Schedules whose timesteps contain t = 0 have σ_t = 0 at the last step (NaN log-prob): refused.
+SPACINGS = [("leading", 1, True), ("leading", 0, False), ("trailing", 0, True), ("trailing", 1, True),
+            ("linspace", 0, False), ("linspace", 1, False)]
+
+
+@pytest.mark.parametrize("spacing,offset,accepted", SPACINGS)
+@pytest.mark.parametrize("steps", [10, 50])
+def test_every_spacing_matches_diffusers_with_finite_log_probs_or_is_refused(spacing, offset, accepted, steps):
+    from actors.ddim import check_ddim_schedule
+
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False,
+                          steps_offset=offset, clip_sample=False, timestep_spacing=spacing)
+    sched.set_timesteps(steps)
+    assert accepted == bool((sched.timesteps > 0).all())  # the hand-derived rule: t = 0 in the schedule
+    if not accepted:
+        with pytest.raises(ValueError, match=rf"sigma_t = 0 at step {steps - 1} \(t = 0.*timestep_spacing="
+                                             rf"'{spacing}', steps_offset={offset}.*sampling.timestep_spacing=trailing"):
+            check_ddim_schedule(sched, eta=1.0)
+        return
+    check_ddim_schedule(sched, eta=1.0)
+    gen = torch.Generator().manual_seed(3)
+    sample, output = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen)
+    for t in sched.timesteps:
+        ours, log_prob = ddim_step_with_logprob(sched, output, t, sample, generator=torch.Generator().manual_seed(int(t)))
+        ref = sched.step(output, t, sample, eta=1.0, generator=torch.Generator().manual_seed(int(t))).prev_sample
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+        assert torch.isfinite(log_prob).all(), (spacing, offset, int(t))
+
+
+def test_a_refused_schedule_is_a_config_error_before_ray_starts(tiny_sd, tmp_path):
+    from actors.policy import Policy, PolicySpec
+    from cluster.config import ConfigError, load_config
+    from cluster.preflight import check_scheduler
+
+    config = load_config(None, ["prompts.train=[a cat]", "sampling.timestep_spacing=linspace",
+                                f"policy.pretrained={tiny_sd}"])
+    with pytest.raises(ConfigError, match=r"policy.pretrained = .* sampling.num_steps = 20: .*'linspace'"):
+        check_scheduler(config, pretrained=tiny_sd)
+    config.sampling.timestep_spacing = "trailing"
+    check_scheduler(config, pretrained=tiny_sd)
+    with pytest.raises(ValueError, match="timestep_spacing='linspace'"):
+        Policy(PolicySpec(pretrained=tiny_sd, num_steps=4, timestep_spacing="linspace"))
+    trailing = Policy(PolicySpec(pretrained=tiny_sd, num_steps=4, timestep_spacing="trailing"))
+    assert trailing.scheduler.config.timestep_spacing == "trailing"
+    assert trailing.scheduler.timesteps.tolist() == [999, 749, 499, 249]

@@ -33,6 +33,10 @@ def test_short_pipelined_run_improves_reward_and_writes_the_run_directory(ray_lo
     # Pipelining: epoch k+1 was sampled while epoch k trained, one version behind.
     assert [r["sampled_policy_version"] for r in rows] == [0] + list(range(0, 15))
     assert all(r["stale_refused"] == 0 and r["nonfinite_rewards"] == 0 for r in rows)
+    assert all(r["nonfinite_trajectories"] == 0 and r["skipped_steps"] == 0 and r["optimizer_steps"] == 4
+               for r in rows)
+    # Pipelined samples are measured under the adapter that drew them (kept one version): ρ = 1.
+    assert all(r["onpolicy_ratio_dev"] < 1e-4 for r in rows), [r["onpolicy_ratio_dev"] for r in rows]
     initial, final = rows[0]["eval_reward_mean_initial"], rows[-1]["eval_reward_mean"]
     assert final > initial + 0.02, (initial, final)
     for name in ("config.yaml", "reward_curve.png", "samples/eval_epoch0000.png", "samples/eval_epoch0016.png",
@@ -57,6 +61,8 @@ def test_synchronous_run_samples_with_the_newest_adapter(ray_local, tmp_path):
     config = _config(tmp_path, "epochs=3", "cluster.max_staleness=0", "sampling.batches_per_sampler=1")
     rows = _rows(train(config, output_dir=str(tmp_path / "run"), log=lambda *_: None))
     assert [r["sampled_policy_version"] for r in rows] == [0, 1, 2]
+    # The first-step importance ratio is measured every epoch and is 1 when sampler and learner agree.
+    assert all(0 <= r["onpolicy_ratio_dev"] < 1e-4 for r in rows), [r["onpolicy_ratio_dev"] for r in rows]
     assert "eval_reward_mean" in rows[-1] and "eval_reward_mean" not in rows[0]
     assert np.isfinite(rows[0]["eval_reward_mean_initial"])
 
@@ -107,3 +113,48 @@ def test_texforce_run_trains_and_exports_the_text_encoder_adapter(ray_local, tmp
     # B starts at zero: both adapters were trained (and both were exported).
     assert text_b and unet_b and max(float(v.abs().max()) for v in text_b) > 0
     assert max(float(v.abs().max()) for v in unet_b) > 0
+
+
+def test_a_run_whose_samplers_overflow_stops_after_max_skipped_steps_with_a_checkpoint(ray_local, tmp_path):
+    """float16 samplers on a model whose first convolution overflows fp16 (the float32 learner is fine):
+    every trajectory is NaN, nothing is trained or published, and after train.max_skipped_steps epochs
+    in a row the run stops with a checkpoint and a message saying why."""
+    import pytest
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from actors.tiny import build_tiny_sd
+    from cluster.checkpoint import latest_checkpoint, load_checkpoint
+    from cluster.driver import TrainingStalledError
+
+    pipe = StableDiffusionPipeline.from_pretrained(build_tiny_sd(tmp_path / "tiny"), local_files_only=True)
+    with torch.no_grad():
+        pipe.unet.conv_in.weight.mul_(1e6)  # ~1e6 activations: inf in float16, fine in float32
+    pipe.save_pretrained(tmp_path / "overflowing")
+    config = _config(tmp_path, "epochs=5", f"policy.pretrained={tmp_path / 'overflowing'}", "policy.dtype=float16",
+                     "train.max_skipped_steps=2", "sampling.batches_per_sampler=1", "sampling.batch_size=2",
+                     "checkpoint.every_epochs=0", "cluster.max_staleness=0")
+    messages = []
+    with pytest.raises(TrainingStalledError, match=r"2 optimizer steps in a row were skipped .*max_skipped_steps = 2"
+                                                   r".*4 non-finite trajectories.*stopped after checkpoint"):
+        train(config, output_dir=str(tmp_path / "run"), log=messages.append)
+    rows = _rows(tmp_path / "run")
+    assert [(r["epoch"], r["policy_version"], r["nonfinite_trajectories"], r["skipped_steps_in_row"]) for r in rows] \
+        == [(0, 0, 4, 1), (1, 0, 4, 2)]
+    assert all(r["n_pairs"] == 0 and r["broadcast_s"] == 0 for r in rows)
+    checkpoint = load_checkpoint(latest_checkpoint(tmp_path / "run"))
+    assert checkpoint.epoch == 2 and checkpoint.meta["policy_version"] == 0
+    assert all(torch.isfinite(t).all() for t in checkpoint.learner_state["adapter"].values())
+    assert not (tmp_path / "run" / "lora").exists()
+
+
+def test_an_adapter_target_that_binds_to_nothing_stops_the_run_at_start(ray_local, tmp_path):
+    import pytest
+
+    from cluster.config import ConfigError
+
+    config = _config(tmp_path, "epochs=1", "policy.lora_targets=[to_q, to_kk]")
+    with pytest.raises(ConfigError, match=r"the learner could not start: policy.lora_targets: target 'to_kk' "
+                                          r"matches no module of the unet"):
+        train(config, output_dir=str(tmp_path / "run"), log=lambda *_: None)
+    assert not (tmp_path / "run" / "checkpoints").exists()
