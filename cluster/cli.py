@@ -96,8 +96,9 @@ def _user_error(err: BaseException) -> BaseException | None:
     from actors.policy import AdapterBindingError
     from actors.weights import AdapterMismatchError, ChecksumError, NonFiniteWeightsError
     from cluster.config import ConfigError
-    from cluster.driver import RewardDownError, TrainingStalledError
+    from cluster.driver import RewardDownError
     from cluster.samplers import SamplerFailedError
+    from learner.precision import TrainingStalledError
 
     user_types = (ConfigError, AdapterMismatchError, ChecksumError, FileNotFoundError, RewardDownError,
                   SamplerFailedError, TrainingStalledError, AdapterBindingError, NonFiniteWeightsError)

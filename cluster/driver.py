@@ -46,6 +46,7 @@ from cluster.seeding import batch_prompts, batch_seed, eval_seed
 from cluster.stop import EXIT_CODES, RunInterrupted, StopRequest, stop_on_signals
 from learner.bpt import BptSchedule
 from learner.learner import LearnerSpec
+from learner.precision import TrainingStalledError
 from learner.schedules import linear_ramp
 
 TINY_CLIP = "tiny:clip"
@@ -91,10 +92,6 @@ class DFusionLaunch:
 
 class RewardDownError(RuntimeError):
     """A reward stayed down past reward_service.down_timeout_s; the run stopped after a checkpoint."""
-
-
-class TrainingStalledError(RuntimeError):
-    """train.max_skipped_steps optimizer steps in a row were skipped (non-finite loss, gradient or batch)."""
 
 
 def _start_error(err, actor: str) -> Exception:
@@ -200,7 +197,7 @@ def banner(config: Config, run_dir: Path, ray_address: str) -> str:
         + (f"prompts x {config.b2.n_branch} leaves" if branching else "images") + f" = {samples} samples / epoch",
         f"  DDIM                : {s.num_steps} steps, eta {s.eta}, guidance {s.guidance_scale}, {s.resolution}px",
         f"  training            : {t.algorithm}, {config.train_steps_per_sample}/{s.num_steps} timesteps per sample,"
-        f" {t.inner_epochs} inner epoch(s)",
+        f" {t.inner_epochs} inner epoch(s), precision {t.mixed_precision} (samplers {config.policy.dtype})",
         f"  (sample, t) pairs   : {pairs} / epoch in {steps} optimizer steps of ~{pairs // max(steps, 1)}"
         f" (micro-batches of {t.micro_batch_size})",
         f"  eval                : {len(config.prompts.eval)} prompts x {config.prompts.eval_images_per_prompt}"

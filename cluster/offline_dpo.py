@@ -8,6 +8,7 @@ saves the adapter in diffusers format to ``<run_dir>/lora`` (``pipe.load_lora_we
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from pathlib import Path
@@ -19,6 +20,7 @@ from cluster.config import Config, ConfigError
 from cluster.driver import policy_spec, prepare_run_dir
 from cluster.metrics import MetricsWriter
 from learner.offline_dpo import OfflineDpoTrainer, PreferenceDataError, load_preferences, window_means
+from learner.precision import TrainingStalledError, training_dtype
 
 
 def load_dataset(config: Config) -> list:
@@ -46,7 +48,7 @@ def banner(config: Config, *, run_dir: Path, device: str, n_pairs: int, n_prompt
     return "\n".join([
         "=" * 72,
         f"gard dpo: {config.name}  ->  {run_dir}",
-        f"  policy              : {config.policy.pretrained} (LoRA r={config.policy.lora_rank}, {config.policy.dtype},"
+        f"  policy              : {config.policy.pretrained} (LoRA r={config.policy.lora_rank}, train precision {config.train.mixed_precision},"
         f" {device}), {config.sampling.resolution}px",
         f"  dataset             : {d.dataset}: {n_pairs} pairs, {n_prompts} distinct prompts",
         f"  steps               : {d.steps} x {d.batch_size} pairs = {seen} pairs"
@@ -70,6 +72,8 @@ def run_offline_dpo(config: Config, *, output_dir: str | None = None, log=print)
     except ValueError as err:
         raise ConfigError(f"policy.pretrained: {err}") from None
     spec = policy_spec(config, pretrained=pretrained, num_gpus=1 if torch.cuda.is_available() else 0)
+    # The trainer's precision is train.mixed_precision (no sampler here): bf16, or fp16 with loss scaling.
+    spec = dataclasses.replace(spec, dtype=training_dtype(config.train.mixed_precision))
     if spec.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("policy.device = 'cuda' but no CUDA device is visible; use policy.device=auto or cpu")
     run_dir = prepare_run_dir(config, output_dir)
@@ -86,6 +90,7 @@ def run_offline_dpo(config: Config, *, output_dir: str | None = None, log=print)
         policy=policy, pairs=pairs, beta=config.dpo.beta, learning_rate=t.learning_rate,
         adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_weight_decay=t.adam_weight_decay,
         adam_eps=t.adam_eps, max_grad_norm=t.max_grad_norm, batch_size=config.dpo.batch_size, seed=config.seed,
+        mixed_precision=t.mixed_precision,
     )
     writer = MetricsWriter(run_dir, tensorboard=config.logging.tensorboard)
     steps, every = config.dpo.steps, config.dpo.log_every
@@ -99,10 +104,18 @@ def run_offline_dpo(config: Config, *, output_dir: str | None = None, log=print)
             except PreferenceDataError as err:  # an image whose header parsed but whose data does not decode
                 raise ConfigError(f"dpo.dataset: {err}") from None
             window.append(stats)
+            if stats["skipped_in_row"] >= t.max_skipped_steps:
+                lora_dir = policy.save_lora(run_dir / "lora")
+                raise TrainingStalledError(
+                    f"offline DPO: {int(stats['skipped_in_row'])} steps in a row (up to step {step + 1}) were skipped "
+                    f"because the loss or the gradient norm was not finite (train.max_skipped_steps = "
+                    f"{t.max_skipped_steps}, loss scale {stats['loss_scale']:g}); the adapter as of the last applied "
+                    f"step is in {lora_dir}. Lower train.learning_rate or dpo.beta, or use train.mixed_precision=bf16")
             if (step + 1) % every == 0 or step + 1 == steps:
                 means = window_means(window)
                 row = {"epoch": step + 1, **{k: stats[k] for k in ("loss", "implicit_acc", "reward_margin",
-                                                                      "grad_norm")},
+                                                                      "grad_norm", "loss_scale")},
+                       "skipped_steps": int(sum(r["skipped"] for r in window)),
                        **means, "window_steps": len(window), "step_s": sum(r["step_s"] for r in window) / len(window),
                        "elapsed_s": time.perf_counter() - start}
                 writer.write(row)

@@ -40,6 +40,7 @@ import torch
 
 from actors.policy import Policy
 from learner.dpo import diffusion_dpo_loss, per_sample_mse
+from learner.precision import GuardedStep, training_dtype
 
 PREFERENCE_KEYS = ("prompt", "chosen", "rejected")
 _BATCH_STREAM = 4  # a generator stream id of its own (cluster/seeding.py uses 1..3)
@@ -201,6 +202,7 @@ class OfflineDpoTrainer:
         max_grad_norm: float = 1.0,
         batch_size: int = 4,
         seed: int = 0,
+        mixed_precision: str = "no",
     ):
         if not pairs:
             raise ValueError("pairs is empty: offline DPO needs at least one preference pair")
@@ -225,10 +227,15 @@ class OfflineDpoTrainer:
         self._params = [p for _, p in policy.named_trainable_parameters()]
         if not self._params:
             raise ValueError("the policy has no trainable (LoRA) parameters")
+        if policy.dtype != getattr(torch, training_dtype(mixed_precision)):
+            raise ValueError(f"train.mixed_precision={mixed_precision!r} needs the policy loaded in "
+                             f"{training_dtype(mixed_precision)}, got {policy.dtype}")
         self.optimizer = torch.optim.AdamW(
             self._params, lr=learning_rate, betas=(adam_beta1, adam_beta2),
             weight_decay=adam_weight_decay, eps=adam_eps,
         )
+        self.stepper = GuardedStep(self._params, self.optimizer, mixed_precision=mixed_precision,
+                                   device_type=policy.device.type, max_grad_norm=max_grad_norm)
         self._latents: dict[tuple[int, str], torch.Tensor] = {}
         self._prompt_embeds: dict[str, torch.Tensor] = {}
 
@@ -326,23 +333,24 @@ class OfflineDpoTrainer:
         return diffusion_dpo_loss(model_err[:b], model_err[b:], ref_err[:b], ref_err[b:], beta=self.beta)
 
     def step(self, step_index: int) -> dict[str, float]:
-        """One AdamW step on the batch of ``step_index``: loss, implicit_acc, reward_margin, grad_norm."""
+        """One AdamW step on the batch of ``step_index``: loss, implicit_acc, reward_margin, grad_norm,
+        skipped (1 when the loss or the gradient norm was not finite and the step was not applied),
+        skipped_in_row, loss_scale (fp16)."""
         start = time.perf_counter()
         for module in self.policy.adapted.values():
             module.train()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.stepper.zero_grad()
         loss, stats = self.losses(step_index)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"offline DPO step {step_index}: the loss is {loss.item()} (lower the "
-                                     f"learning rate or beta, or use float32)")
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.max_grad_norm)
-        self.optimizer.step()
+        self.stepper.backward(loss)
+        result = self.stepper.step(loss_finite=bool(torch.isfinite(loss)))
         return {
             "loss": loss.item(),
             "implicit_acc": stats["implicit_acc"].item(),
             "reward_margin": stats["reward_margin"].item(),
-            "grad_norm": grad_norm.item(),
+            "grad_norm": result.grad_norm,
+            "skipped": float(result.skipped),
+            "skipped_in_row": float(self.stepper.skipped_in_row),
+            "loss_scale": self.stepper.loss_scale,
             "step_s": time.perf_counter() - start,
         }
 
@@ -395,4 +403,5 @@ def write_synthetic_preferences(
 def window_means(rows: Sequence[dict[str, float]]) -> dict[str, float]:
     """Means of the step stats over a window of steps (``<key>_mean``)."""
     keys = ("loss", "implicit_acc", "reward_margin", "grad_norm")
+    rows = [r for r in rows if not r.get("skipped")]  # a skipped step's stats are not finite
     return {f"{k}_mean": (sum(r[k] for r in rows) / len(rows)) if rows else math.nan for k in keys}

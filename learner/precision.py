@@ -37,6 +37,10 @@ def training_dtype(mixed_precision: str) -> str:
     return MIXED_PRECISION[mixed_precision]
 
 
+class TrainingStalledError(RuntimeError):
+    """train.max_skipped_steps optimizer steps in a row were skipped (non-finite loss, gradient or batch)."""
+
+
 @dataclass
 class StepResult:
     """One optimizer step: the gradient norm before clipping (NaN/inf when skipped) and whether it ran."""

@@ -125,7 +125,7 @@ def test_a_run_whose_samplers_overflow_stops_after_max_skipped_steps_with_a_chec
 
     from actors.tiny import build_tiny_sd
     from cluster.checkpoint import latest_checkpoint, load_checkpoint
-    from cluster.driver import TrainingStalledError
+    from learner.precision import TrainingStalledError
 
     pipe = StableDiffusionPipeline.from_pretrained(build_tiny_sd(tmp_path / "tiny"), local_files_only=True)
     with torch.no_grad():

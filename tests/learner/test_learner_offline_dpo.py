@@ -4,6 +4,7 @@ set (log 2 at step 0, then the loss falls and the implicit accuracy rises), and 
 from __future__ import annotations
 
 import json
+import dataclasses
 import math
 import os
 import subprocess
@@ -169,6 +170,32 @@ def test_trainer_v_prediction_and_deterministic_draws(tiny_sd_v, tmp_path):
     assert math.isfinite(second["loss"]) and second["loss"] != pytest.approx(math.log(2), abs=1e-9)
     latent = trainer._latents[(0, "chosen")]
     assert latent.shape == (4, 4, 4) and latent.dtype == torch.float32
+
+
+def test_trainer_skips_nonfinite_steps_and_trains_in_bf16(tiny_sd, tmp_path):
+    """An adapter whose output overflows gives a non-finite loss: the step is skipped (weights and
+    optimizer untouched) and counted in a row; bf16 training keeps the LoRA in float32."""
+    pairs = load_preferences(write_synthetic_preferences(tmp_path, n_pairs=3, prompts=["a cat"], size=32, seed=1))
+    policy = _policy(tiny_sd, rank=4)
+    with torch.no_grad():
+        for _, p in policy.named_trainable_parameters():
+            p.fill_(1e30)
+    before = [p.detach().clone() for _, p in policy.named_trainable_parameters()]
+    trainer = OfflineDpoTrainer(policy=policy, pairs=pairs, beta=100.0, learning_rate=1e-3, batch_size=2, seed=0)
+    rows = [trainer.step(k) for k in range(2)]
+    assert [(r["skipped"], r["skipped_in_row"]) for r in rows] == [(1.0, 1.0), (1.0, 2.0)]
+    assert not trainer.optimizer.state
+    for b, (_, p) in zip(before, policy.named_trainable_parameters(), strict=True):
+        assert torch.equal(b, p.detach())
+
+    bf16 = Policy(dataclasses.replace(_policy(tiny_sd, rank=4).spec, dtype="bfloat16"))
+    with pytest.raises(ValueError, match="needs the policy loaded in float32"):
+        OfflineDpoTrainer(policy=bf16, pairs=pairs, beta=100.0, learning_rate=1e-3)
+    trainer = OfflineDpoTrainer(policy=bf16, pairs=pairs, beta=100.0, learning_rate=1e-3, batch_size=2,
+                                mixed_precision="bf16")
+    row = trainer.step(0)
+    assert row["skipped"] == 0 and row["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert all(p.dtype == torch.float32 for _, p in bf16.named_trainable_parameters())
 
 
 # ----- gard dpo ----------------------------------------------------------------------------------
