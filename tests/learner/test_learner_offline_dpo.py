@@ -3,8 +3,8 @@ set (log 2 at step 0, then the loss falls and the implicit accuracy rises), and 
 
 from __future__ import annotations
 
-import json
 import dataclasses
+import json
 import math
 import os
 import subprocess
