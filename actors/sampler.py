@@ -56,8 +56,9 @@ class Sampler:
         """D-Fusion pairs (``actors.dfusion``): for each p, fuses the well aligned sample ``good[p]`` into
         the poorly aligned ``poor[p]`` (same prompt) by mask-guided self-attention fusion.
 
-        sources: this epoch's Trajectory batches (values or ObjectRefs; only those indexed are read);
-        poor / good: (source index, row) per pair; spec: an ``actors.dfusion.DFusionSpec``.
+        sources: the epoch's Trajectory batches the pairs index (values; ``cluster.remote.RemoteSampler``
+        resolves the driver's references); poor / good: (source index, row) per pair; spec: an
+        ``actors.dfusion.DFusionSpec``.
         Returns ``(TrajectoryPairs(chosen=fused, rejected=poor rows), ImageBatch of the fused images
         (uint8), stats {"mask_fraction": [P] floats, "unet_calls", "dfusion_s"})``. No randomness.
         """
@@ -67,13 +68,7 @@ class Sampler:
         if len(poor) != len(good) or not poor:
             raise ValueError(f"dfusion() needs as many poor as good indices (>= 1), got {len(poor)} and {len(good)}")
         start = time.perf_counter()
-        used = sorted({s for s, _ in [*poor, *good]})
-        refs = [s for s in used if type(sources[s]).__name__ == "ObjectRef"]
-        parts = dict(zip(used, (sources[s] for s in used), strict=True))
-        if refs:
-            import ray
-
-            parts.update(zip(refs, ray.get([sources[s] for s in refs], timeout=600), strict=True))
+        parts = dict(enumerate(sources))
         poor_rows = gather_rows(parts, [(s, r) for s, r in poor])
         good_rows = gather_rows(parts, [(s, r) for s, r in good])
         result = dfusion(self.policy, poor=poor_rows, good=good_rows, spec=spec, policy_version=self.policy_version)

@@ -57,6 +57,22 @@ class WeightsPacket:
     checksum: str
 
 
+def check_adapter_layout(*, ours: list[tuple[str, tuple[int, ...]]], theirs: list[tuple[str, tuple[int, ...]]],
+                         what: str) -> None:
+    """Raises AdapterMismatchError naming missing, unexpected and reshaped parameters (up to 3 each)
+    when ``theirs`` (name, shape) pairs are not ``ours``, in the same order."""
+    if [(n, tuple(s)) for n, s in theirs] == [(n, tuple(s)) for n, s in ours]:
+        return
+    mine, other = dict(ours), {n: tuple(s) for n, s in theirs}
+    missing = sorted(set(mine) - set(other))[:3]
+    extra = sorted(set(other) - set(mine))[:3]
+    shapes = [f"{k}: {other[k]} vs {mine[k]}" for k in mine if k in other and other[k] != tuple(mine[k])][:3]
+    raise AdapterMismatchError(
+        f"{what} does not match the policy: missing {missing}, unexpected {extra}, shape differences {shapes}"
+        f"{'' if missing or extra or shapes else ' (same parameters in a different order)'} (check policy.lora_rank, "
+        f"policy.lora_targets and policy.train_targets)")
+
+
 def pack_adapter(named_params: list[tuple[str, torch.Tensor]], *, version: int) -> WeightsPacket:
     """Copies the adapter tensors into one flat float32 buffer and stamps it."""
     total = sum(p.numel() for _, p in named_params)
@@ -85,16 +101,8 @@ def unpack_adapter_into(named_params: list[tuple[str, torch.Tensor]], packet: We
         )
     _check_finite(packet.buffer, version=packet.version, layout=packet.layout,
                   where="refusing it and keeping the current adapter")
-    expected = tuple((name, tuple(p.shape)) for name, p in named_params)
-    if packet.layout != expected:
-        theirs, ours = dict(packet.layout), dict(expected)
-        missing = sorted(set(ours) - set(theirs))[:3]
-        extra = sorted(set(theirs) - set(ours))[:3]
-        shapes = [f"{k}: {theirs[k]} vs {ours[k]}" for k in ours if k in theirs and theirs[k] != ours[k]][:3]
-        raise AdapterMismatchError(
-            f"adapter version {packet.version} does not match the policy: missing {missing}, "
-            f"unexpected {extra}, shape differences {shapes} (check lora rank and target modules)"
-        )
+    check_adapter_layout(ours=[(name, tuple(p.shape)) for name, p in named_params], theirs=list(packet.layout),
+                         what=f"adapter version {packet.version}")
     with warnings.catch_warnings():
         # Ray hands out zero-copy, read-only arrays; we only read from them.
         warnings.simplefilter("ignore", UserWarning)

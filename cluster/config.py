@@ -29,6 +29,12 @@ NON_NEGATIVE = _rule(lambda v: v >= 0, ">= 0")
 FRACTION = _rule(lambda v: 0 < v <= 1, "in (0, 1]")
 
 
+def _algorithm_names() -> list[str]:
+    from learner.algorithms import ALGORITHMS  # the registry is the one list of update rules
+
+    return list(ALGORITHMS)
+
+
 def choice(*options: str) -> dict:
     return _rule(lambda v: v in options, f"one of {list(options)}")
 
@@ -78,7 +84,8 @@ class PromptsConfig:
 
 @dataclass
 class TrainConfig:
-    algorithm: str = field(default="ppo", metadata=choice("ppo", "pg", "dpo"))
+    algorithm: str = field(default="ppo", metadata={
+        "check": lambda v: v in _algorithm_names(), "rule": lambda: f"one of {_algorithm_names()}"})
     learning_rate: float = field(default=3e-4, metadata=POSITIVE)
     adam_beta1: float = field(default=0.9, metadata=_rule(lambda v: 0 <= v < 1, "in [0, 1)"))
     adam_beta2: float = field(default=0.999, metadata=_rule(lambda v: 0 <= v < 1, "in [0, 1)"))
@@ -310,7 +317,8 @@ def _build(cls, data: dict, prefix: str):
         value = _coerce(path, value, tp)
         rule = fields[name].metadata
         if value is not None and "check" in rule and not rule["check"](value):
-            raise ConfigError(f"{path} = {value!r} is out of range: expected {rule['rule']}")
+            expected = rule["rule"]() if callable(rule["rule"]) else rule["rule"]
+            raise ConfigError(f"{path} = {value!r} is out of range: expected {expected}")
         kwargs[name] = value
     return cls(**kwargs)
 

@@ -229,29 +229,30 @@ class Driver:
         pretrained = resolve_pretrained(config.policy.pretrained, cache_dir=config.cache_dir)
         specs, weights = resolve_reward_specs(config)
         env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(c.torch_threads)}}
-        from actors.sampler import Sampler
+        from cluster.remote import RemoteLearner, RemoteSampler
         from cluster.stages import RewardStage
-        from learner.learner import Learner
 
         # Unlimited restarts, no transparent task retries: the driver re-sends the adapter to a
         # restarted sampler before it samples again (cluster/samplers.py).
         sampler_cls = ray.remote(num_cpus=c.sampler_num_cpus, num_gpus=c.sampler_num_gpus, runtime_env=env,
-                                 max_restarts=-1, max_task_retries=0)(Sampler)
+                                 max_restarts=-1, max_task_retries=0)(RemoteSampler)
         self.samplers = [
             sampler_cls.remote(
                 spec=policy_spec(config, pretrained=pretrained, num_gpus=c.sampler_num_gpus),
                 worker_index=i,
                 torch_threads=c.torch_threads,
+                call_timeout_s=self.timeout,
             )
             for i in range(c.num_samplers)
         ]
         self.learner = ray.remote(num_cpus=c.learner_num_cpus, num_gpus=c.learner_num_gpus, runtime_env=env)(
-            Learner
+            RemoteLearner
         ).remote(
             policy_spec=policy_spec(config, pretrained=pretrained, num_gpus=c.learner_num_gpus),
             spec=learner_spec(config),
             torch_threads=c.torch_threads,
             init_adapter=config.policy.init_adapter,
+            call_timeout_s=self.timeout,
         )
         try:  # the learner refuses adapters that bind to nothing: say so before anything else runs
             ray.get(self.learner.__ray_ready__.remote(), timeout=self.timeout)

@@ -66,13 +66,10 @@ def test_text_encoder_lora_gets_gradients_through_log_probs_and_changes_embeddin
 
     # The gradient of one transition's log-prob w.r.t. the text encoder's LoRA: B starts at 0, so
     # ∂/∂B = (∂/∂W) Aᵀ is nonzero while ∂/∂A = Bᵀ(∂/∂W) is exactly zero.
-    from learner.learner import _Batch
+    from learner.transitions import TransitionBatch, transition_log_prob
 
-    with torch.no_grad():
-        embeds = policy.encode_prompts(traj.prompts)
-    data = _Batch(latents=torch.from_numpy(traj.latents.copy()), old_log_probs=torch.from_numpy(traj.log_probs.copy()),
-                  timesteps=torch.from_numpy(traj.timesteps.copy()), embeds=embeds, prompts=list(traj.prompts))
-    log_prob = learner._transition_log_prob(torch.tensor([0, 2]), torch.tensor([1, 1]), data)[0]
+    data = TransitionBatch.from_trajectory(policy, traj)
+    log_prob = transition_log_prob(policy, data, torch.tensor([0, 2]), torch.tensor([1, 1]))[0]
     log_prob.sum().backward()
     grads = {n: p.grad for n, p in policy.named_trainable_parameters()}
     b_norm = sum(float(g.norm()) for n, g in grads.items() if "lora_B" in n and g is not None)

@@ -69,7 +69,7 @@ def test_learner_state_round_trip_continues_bit_for_bit(policy_spec, batches, tm
     assert resumed.load_state_dict(state=checkpoint.learner_state) == 1
     for (name, a), (_, b) in zip(original._named_params, resumed._named_params, strict=True):
         assert torch.equal(a, b), name
-    assert resumed.stat_tracker.state_dict() == original.stat_tracker.state_dict()
+    assert resumed.state.stat_tracker.state_dict() == original.state.stat_tracker.state_dict()
     # One more update on both: the same stats and the same adapter, bit for bit (AdamW moments restored).
     stats_a = original.update(trajectories=[second], rewards=[rewards[1]], epoch=1)
     stats_b = resumed.update(trajectories=[second], rewards=[rewards[1]], epoch=1)

@@ -1,0 +1,65 @@
+"""The actor classes as the driver starts them: the plain classes, with the object references they
+are sent resolved in the actor's own process first.
+
+The plain ``Sampler`` and ``Learner`` take values, so tests and the GPU device check run them
+in-process. The driver moves references only (latents never pass through it); Ray resolves references
+passed as top-level arguments by itself, but not inside lists, so these subclasses fetch the lists'
+references with the run's call timeout (``cluster.call_timeout_s``) and call the plain method.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from actors.sampler import Sampler
+from learner.learner import Learner
+
+
+def resolve(values: list, *, timeout_s: float) -> list:
+    """``values`` with every ``ray.ObjectRef`` replaced by its value (one ``ray.get`` for all)."""
+    import ray
+
+    refs = [i for i, value in enumerate(values) if isinstance(value, ray.ObjectRef)]
+    out = list(values)
+    if refs:
+        for i, value in zip(refs, ray.get([values[i] for i in refs], timeout=timeout_s), strict=True):
+            out[i] = value
+    return out
+
+
+def _reward_totals(scored: list) -> list[np.ndarray]:
+    """The reward stage's ScoredImages (or plain arrays) -> the float32 totals the learner trains on."""
+    from cluster.stages import ScoredImages
+
+    return [s.total if isinstance(s, ScoredImages) else np.asarray(s, dtype=np.float32) for s in scored]
+
+
+class RemoteLearner(Learner):
+    """``Learner`` whose ``update`` accepts lists of references (trajectories, scores, pairs)."""
+
+    def __init__(self, *, call_timeout_s: float, **kwargs):
+        super().__init__(**kwargs)
+        self.call_timeout_s = call_timeout_s
+
+    def update(self, *, trajectories: list, rewards: list, epoch: int, pairs: list | None = None) -> dict[str, float]:
+        start = time.perf_counter()
+        trajectories = resolve(trajectories, timeout_s=self.call_timeout_s)
+        totals = _reward_totals(resolve(rewards, timeout_s=self.call_timeout_s))
+        pairs = None if pairs is None else resolve(pairs, timeout_s=self.call_timeout_s)
+        waited = time.perf_counter() - start  # train_s excludes waiting for the samplers and rewards
+        stats = super().update(trajectories=trajectories, rewards=totals, epoch=epoch, pairs=pairs)
+        return {**stats, "wait_inputs_s": waited}
+
+
+class RemoteSampler(Sampler):
+    """``Sampler`` whose ``dfusion`` accepts references to the source trajectory batches."""
+
+    def __init__(self, *, call_timeout_s: float, **kwargs):
+        super().__init__(**kwargs)
+        self.call_timeout_s = call_timeout_s
+
+    def dfusion(self, *, sources: list, poor: list[tuple[int, int]], good: list[tuple[int, int]], spec) -> tuple:
+        return super().dfusion(sources=resolve(sources, timeout_s=self.call_timeout_s), poor=poor, good=good,
+                               spec=spec)
