@@ -11,7 +11,7 @@ i = 0..T-1; ``branch_step`` = T - τ (``learner.bpt.BptSchedule.branch_step``). 
 guidance each step is one batched UNet call, so a rollout costs ``branch_step + (T - branch_step) =
 T`` UNet calls (each continuation call n_branch times wider), not ``n_branch · T``.
 
-Randomness (DESIGN.md §2, explicit generators): group g (prompt g of the batch) gets
+Randomness (explicit generators): group g (prompt g of the batch) gets
 ``torch.Generator`` seeded from ``SeedSequence(seed, spawn_key=(g,))``; it draws x_T and the prefix
 noise. Leaf j of group g gets its own generator seeded from ``SeedSequence(seed, spawn_key=(g, j))``
 for the continuation noise. A group's leaves thus depend on (seed, g) only, not on the other prompts.

@@ -1,6 +1,6 @@
 """The DDIM step with the log-probability of the transition it samples (pure math, no I/O).
 
-Notation (DESIGN.md §3; DDIM paper, Song et al. 2021, eq. 12 and 16; DDPO, Black et al. 2023):
+Notation (DDIM paper, Song et al. 2021, eq. 12 and 16; DDPO, Black et al. 2023):
 
     ᾱ_t  = scheduler.alphas_cumprod[t]         t' = t - T_train // num_inference_steps
     ᾱ_t' = alphas_cumprod[t'] for t' >= 0, else alphas_cumprod[0]   (so σ_t > 0 at the last step)

@@ -1,11 +1,11 @@
 """D-Fusion: visually consistent, trainable preference pairs by mask-guided self-attention fusion.
 
 Hu, Zhang & Kuang, "D-Fusion: Direct Preference Optimization for Aligning Diffusion Models with
-Visually Consistent Samples" (ICML 2025, arXiv 2505.22002; seed 004). The seed text holds only the
-abstract; the operations below follow the method as the paper describes it (§3: cross-attention mask
-extraction, then self-attention fusion while the poorly aligned sample is denoised again) and the
-authors' release (``run_sample.py``, ``diffusers/models/attention_processor.py``,
-``unet_2d_condition.py``), written anew for this code base. Where we deviate, it says so.
+Visually Consistent Samples" (ICML 2025, arXiv 2505.22002). The operations below follow the method as
+the paper describes it (§3: cross-attention mask extraction, then self-attention fusion while the
+poorly aligned sample is denoised again) and the authors' release (``run_sample.py``,
+``diffusers/models/attention_processor.py``, ``unet_2d_condition.py``), written anew for this code
+base. Where we deviate, it says so.
 
 Given, for one prompt, a poorly aligned sample (the *base*, p) and a well aligned one (the
 *reference*, g), both stored DDIM trajectories x_T..x_0 of the same policy, D-Fusion builds a third
@@ -61,7 +61,7 @@ H heads of width d; S = 77 text tokens. With classifier-free guidance the UNet b
    bit for bit, so f = p). The stored log-probs are those of f's transitions under the **plain**
    (unfused) policy, the distribution the learner evaluates and trains:
 
-       log p_θ(x^f_{i+1} | x^f_i) = log N(x^f_{i+1}; μ_θ(x^f_i), σ_i² I)   (dimension mean, DESIGN.md §3)
+       log p_θ(x^f_{i+1} | x^f_i) = log N(x^f_{i+1}; μ_θ(x^f_i), σ_i² I)   (dimension mean)
 
    so ``ddim_step_with_logprob(..., prev_sample=x^f_{i+1})`` under the same weights reproduces them.
 

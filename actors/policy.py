@@ -1,5 +1,5 @@
 """The diffusion policy: a diffusers Stable Diffusion 1.x/2.x pipeline with peft LoRA on the UNet
-and/or the CLIP text encoder (TexForce, seed 002).
+and/or the CLIP text encoder (TexForce, Chen et al., ECCV 2024).
 
 The policy owns the network pieces both the samplers and the learner need: prompt encoding,
 the classifier-free-guided network output, the reference model (the same UNet with its adapters
@@ -86,7 +86,7 @@ class Policy:
             requires_safety_checker=False,
             local_files_only=local,
         )
-        # σ_t > 0 at the last step needs ᾱ_{t'} = alphas_cumprod[0] (DESIGN.md §3), which is what
+        # σ_t > 0 at the last step needs ᾱ_{t'} = alphas_cumprod[0] (``actors/ddim.py``), which is what
         # set_alpha_to_one=False gives; SD 1.x/2.x ship with it already.
         overrides = {"timestep_spacing": spec.timestep_spacing} if spec.timestep_spacing else {}
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, set_alpha_to_one=False, **overrides)

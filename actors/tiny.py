@@ -1,7 +1,7 @@
 """Tiny Stable Diffusion pipelines built from configs with random weights (no download).
 
 Tests and the CPU demo use these; they are saved with ``save_pretrained`` and loaded back through
-the same ``from_pretrained`` path as real checkpoints (DESIGN.md §6). Sizes follow ENVIRONMENT.md:
+the same ``from_pretrained`` path as real checkpoints. Sizes:
 UNet ~0.8M params (block_out_channels (32, 64)), a 2-layer CLIP text encoder of width 32, an
 AutoencoderKL with scale factor 8, and the real CLIP BPE vocabulary that ships inside open_clip.
 """

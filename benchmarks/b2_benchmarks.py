@@ -45,7 +45,7 @@ def main() -> None:
     from actors.sampler import Sampler
     from actors.tiny import resolve_pretrained
     from cluster.config import load_config
-    from cluster.driver import learner_spec, policy_spec
+    from cluster.specs import learner_spec, policy_spec
     from learner.learner import Learner
 
     parser = argparse.ArgumentParser()

@@ -1,4 +1,4 @@
-"""Long-run benchmarks (issue 6); prints a markdown section for BENCHMARKS.md and writes a plot.
+"""Long-run benchmarks; prints a markdown section for BENCHMARKS.md and writes a plot.
 
 1. Checkpoint write / load time and size: the demo's learner (tiny UNet, demo LoRA targets), and
    SD 1.5-sized LoRA state (the shapes of SD 1.5's attention projections to_q/k/v/out in all 16
@@ -88,7 +88,7 @@ def time_checkpoint(learner_state: dict, lora: dict[str, bytes], *, repeats: int
 def demo_learner():
     from actors.tiny import resolve_pretrained
     from cluster.config import load_config
-    from cluster.driver import learner_spec, policy_spec
+    from cluster.specs import learner_spec, policy_spec
     from learner.learner import Learner
 
     config = load_config(REPO / "configs" / "demo.yaml", ["cache_dir=.cache/gard"])
@@ -114,7 +114,8 @@ def soak_and_restart(epochs: int, out: Path) -> dict:
     import ray
 
     from cluster.config import load_config
-    from cluster.driver import Driver, prepare_run_dir
+    from cluster.driver import Driver
+    from cluster.run import prepare_run_dir
 
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING",
              log_to_driver=False)

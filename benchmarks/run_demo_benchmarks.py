@@ -44,7 +44,7 @@ def in_process(config) -> dict:
     from actors.sampler import Sampler
     from actors.tiny import resolve_pretrained
     from actors.weights import pack_adapter
-    from cluster.driver import learner_spec, policy_spec
+    from cluster.specs import learner_spec, policy_spec
     from learner.learner import Learner
 
     torch.set_num_threads(1)
@@ -87,7 +87,7 @@ def in_process(config) -> dict:
 
 def ray_run(config_path: Path, *, epochs: int, staleness: int, out: Path) -> dict:
     from cluster.config import load_config
-    from cluster.driver import train
+    from cluster.run import train
 
     config = load_config(config_path, [f"epochs={epochs}", f"cluster.max_staleness={staleness}",
                                        "logging.progress=false", "logging.tensorboard=false"])

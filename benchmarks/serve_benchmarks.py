@@ -101,7 +101,7 @@ def captions_per_s(options: dict) -> float:
 
 def reward_wait_share(cache: Path, port: int, llava: dict, clip: dict) -> dict:
     from cluster.config import load_config
-    from cluster.driver import train
+    from cluster.run import train
 
     rewards = {"clip_score": {**clip, "weight": 1.0, "serve": {"num_cpus": 0.1}}}
     if llava:

@@ -96,21 +96,13 @@ def _user_error(err: BaseException) -> BaseException | None:
     from actors.policy import AdapterBindingError
     from actors.weights import AdapterMismatchError, ChecksumError, NonFiniteWeightsError
     from cluster.config import ConfigError
-    from cluster.driver import RewardDownError
+    from cluster.errors import RewardDownError, cause_chain
     from cluster.samplers import SamplerFailedError
     from learner.precision import TrainingStalledError
 
     user_types = (ConfigError, AdapterMismatchError, ChecksumError, FileNotFoundError, RewardDownError,
                   SamplerFailedError, TrainingStalledError, AdapterBindingError, NonFiniteWeightsError)
-    seen = err
-    for _ in range(4):
-        if isinstance(seen, user_types):
-            return seen
-        cause = getattr(seen, "cause", None) or seen.__cause__
-        if cause is None:
-            return None
-        seen = cause
-    return None
+    return next((e for e in cause_chain(err) if isinstance(e, user_types)), None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         from cluster.service import serve_forever
 
         return serve_forever(config)
-    from cluster.driver import train
+    from cluster.run import train
     from cluster.stop import RunInterrupted
 
     try:

@@ -17,8 +17,9 @@ import torch
 
 from actors.tiny import resolve_pretrained
 from cluster.config import Config, ConfigError
-from cluster.driver import policy_spec, prepare_run_dir
 from cluster.metrics import MetricsWriter
+from cluster.run import prepare_run_dir
+from cluster.specs import policy_spec
 from learner.offline_dpo import OfflineDpoTrainer, PreferenceDataError, load_preferences, window_means
 from learner.precision import TrainingStalledError, training_dtype
 

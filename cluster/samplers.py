@@ -14,6 +14,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from cluster.errors import cause_chain
+
 
 class SamplerFailedError(RuntimeError):
     """A sampler kept dying; names the worker and the last error."""
@@ -52,28 +54,19 @@ class FailureCounters:
     recovery_s: list[float] = field(default_factory=list)  # failure noticed -> adapter re-applied
 
 
-def _chain(err: BaseException):
-    seen = err
-    for _ in range(6):
-        if seen is None:
-            return
-        yield seen
-        seen = getattr(seen, "cause", None) or seen.__cause__
-
-
 def _actor_error(err: BaseException):
     """The innermost RayActorError in ``err``'s chain: the actor that actually died (a dependent
     task's RayTaskError wraps it, and Ray's dual exception classes copy its attributes)."""
     import ray
 
-    found = [e for e in _chain(err) if isinstance(e, ray.exceptions.RayActorError)]
+    found = [e for e in cause_chain(err) if isinstance(e, ray.exceptions.RayActorError)]
     return found[-1] if found else None
 
 
 def _object_lost(err: BaseException) -> bool:
     import ray
 
-    return any(isinstance(e, ray.exceptions.ObjectLostError) for e in _chain(err))
+    return any(isinstance(e, ray.exceptions.ObjectLostError) for e in cause_chain(err))
 
 
 class SamplerPool:

@@ -6,7 +6,8 @@ import signal
 import threading
 
 from cluster.config import Config, serve_options
-from cluster.driver import ray_session, resolve_reward_specs
+from cluster.run import ray_session
+from cluster.specs import resolve_reward_specs
 from rewards.http_codec import HttpLimits
 from rewards.serve import deploy_rewards, remove_rewards
 

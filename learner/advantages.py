@@ -1,4 +1,4 @@
-"""Advantage estimation from scalar rewards (DDPO's per-prompt stat tracker, DESIGN.md §3)."""
+"""Advantage estimation from scalar rewards (DDPO's per-prompt stat tracker)."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ which splits the S stages into n equal bins, one per value of τ, and reaches τ
 bin (this needs S >= n). It is the schedule of the authors' release (``run_process.sh``:
 ``level = i * (SplitStepRight - SplitStepLeft + 1) / StageCnt``, ``split_step = level +
 SplitStepLeft`` with 14, 20 and 100): for T = 20, τ_start = 14, τ_end = 20, S = 100 it gives
-τ_k = 14 + floor(7k / 100) (``BptSchedule.paper_reference()``, DESIGN.md §3).
+τ_k = 14 + floor(7k / 100) (``BptSchedule.paper_reference()``).
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """Diffusion-DPO losses (pure functions: tensors in, a loss and a stats dict out).
 
-Two forms (DESIGN.md §3):
+Two forms:
 
 1. Offline, on preference pairs of images (x0_w preferred over x0_l) noised to a common x_t with a
-   common ε (Wallace et al. 2023, "Diffusion Model Alignment Using Direct Preference Optimization",
-   final objective, with the timestep weight T·ω(λ_t) folded into β; the pseudo-code of seed 003, ``/work/shared/seeds/003_18013ee34631c1cb.txt``)::
+   common ε (Wallace et al., CVPR 2024, "Diffusion Model Alignment Using Direct Preference
+   Optimization", final objective, eq. 14, with the timestep weight T·ω(λ_t) folded into β; the
+   paper's pseudo-code)::
 
        w_diff = ‖ε - ε_θ(x_t^w)‖² - ‖ε - ε_ref(x_t^w)‖²
        l_diff = ‖ε - ε_θ(x_t^l)‖² - ‖ε - ε_ref(x_t^l)‖²
@@ -12,12 +13,12 @@ Two forms (DESIGN.md §3):
        L      = -log σ(inside)
 
    ``inside`` is the implicit reward margin: it is > 0 when the policy denoises the winner better
-   (relative to the reference) than the loser. Seed 003 writes ``.norm().pow(2)`` (a sum over
+   (relative to the reference) than the loser. The paper's pseudo-code writes ``.norm().pow(2)`` (a sum over
    dimensions) and β; the authors' training script uses the per-sample *mean* squared error and
    ``inside = -½ β (w_diff - l_diff)``, which is this function with ``beta = β_script / 2``. The
    error reduction (sum or mean) sets the scale β is calibrated to; ``per_sample_mse`` is the mean.
 
-2. Online, on branch pairs of DDIM trajectories (B²-DiffuRL §4.5 "DPO"; DESIGN.md §3)::
+2. Online, on branch pairs of DDIM trajectories (B²-DiffuRL §4.5 "DPO")::
 
        h = β Σ_t [(log p_θ - log p_ref)(x_{t-1}^w | x_t^w) - (log p_θ - log p_ref)(x_{t-1}^l | x_t^l)]
        L = -log σ(h)
@@ -69,7 +70,7 @@ def diffusion_dpo_loss(
     *,
     beta: float,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Offline Diffusion-DPO (Wallace et al.; seed 003's pseudo-code, line for line).
+    """Offline Diffusion-DPO (Wallace et al., CVPR 2024, eq. 14; the paper's pseudo-code, line for line).
 
     Args: per-sample noise-prediction errors [B] of the policy (with grad) and of the reference
     (adapters disabled, no grad) on the winner (w) and loser (l) of each pair; β > 0.
@@ -97,7 +98,7 @@ def trajectory_dpo_loss(
     *,
     beta: float,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Online trajectory DPO on branch pairs (DESIGN.md §3; B²-DiffuRL §4.5 with DPO).
+    """Online trajectory DPO on branch pairs (B²-DiffuRL §4.5 with DPO).
 
     L = mean_p -log σ(β Σ_t [(logp_θ - logp_ref)(w_t) - (logp_θ - logp_ref)(l_t)]).
 

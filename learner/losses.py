@@ -1,7 +1,7 @@
 """Policy losses on DDIM transitions (pure functions: tensors in, tensors and a stats dict out).
 
 Shapes: every per-transition input is [N] (N = a minibatch of (sample, timestep) pairs); losses are
-means over N, so gradients are averaged over samples x timesteps (DESIGN.md §3).
+means over N, so gradients are averaged over samples x timesteps.
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
-"""Offline Diffusion-DPO on a preference dataset of image pairs (seed 003; ``gard dpo``).
+"""Offline Diffusion-DPO on a preference dataset of image pairs (Wallace et al., CVPR 2024; ``gard dpo``).
 
 Data: a JSONL file, one object per line, ``{"prompt": str, "chosen": path, "rejected": path}`` (image
 paths relative to the JSONL file's folder, or absolute). ``load_preferences`` validates every line up
 front and names the file, the 1-based line, the field and what was expected.
 
-Training (seed 003, ``/work/shared/seeds/003_18013ee34631c1cb.txt``: the loss
+Training (Diffusion-DPO, Wallace et al., CVPR 2024, eq. 14: the loss
 ``L(θ) = -E log σ(-β T ω(λ_t) (‖ε^w - ε_θ(x_t^w)‖² - ‖ε^w - ε_ref(x_t^w)‖² - (‖ε^l - ε_θ(x_t^l)‖² - ‖ε^l - ε_ref(x_t^l)‖²)))``
-and its pseudo-code), one optimizer step on a batch of B pairs::
+and the paper's pseudo-code), one optimizer step on a batch of B pairs::
 
     x0_w, x0_l = VAE(chosen), VAE(rejected)             # latents [B, 4, R/8, R/8] (mean · scaling_factor)
     t     ~ U[0, num_train_timesteps)                   # [B], one per pair
@@ -182,7 +182,7 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 
 class OfflineDpoTrainer:
-    """Trains the policy's LoRA with offline Diffusion-DPO (seed 003) on preference pairs.
+    """Trains the policy's LoRA with offline Diffusion-DPO (Wallace et al., CVPR 2024) on preference pairs.
 
     A plain class (no Ray). Latents of the pair images are encoded with the policy's VAE the first
     time a pair is drawn and cached on the CPU (float32 [4, R/8, R/8] per image: 64 KiB at 512 px).
@@ -317,7 +317,7 @@ class OfflineDpoTrainer:
         noise, timesteps = noise.to(device), timesteps.to(device)
         scheduler = self.policy.scheduler
         x0 = torch.cat([x0_w, x0_l])                        # [2B, 4, h, w]: winners, then losers
-        eps = torch.cat([noise, noise])                     # the same ε for w and l (seed 003)
+        eps = torch.cat([noise, noise])                     # the same ε for w and l (Wallace et al.)
         t = torch.cat([timesteps, timesteps])
         noisy = scheduler.add_noise(x0, eps, t)
         target = eps if self.prediction_type == "epsilon" else scheduler.get_velocity(x0, eps, t)

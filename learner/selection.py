@@ -11,8 +11,8 @@ G- (eq. 5-6); the authors' release (``run_select.py``) makes that a threshold te
 
 so a group contributes 0, 1 or 2 leaves. Defaults follow the released launch script
 ``run_process.sh``: ``PosThreshold=0.5, NegThreshold=-0.5, History_Cnt=8`` (with ``SplitTime=5``
-branches); the config file ``config/stage_process.py`` ships ±0.7 and H = 8. The paper's appendix,
-which states them, is not part of the seed text, so these are the release's values.
+branches); the config file ``config/stage_process.py`` ships ±0.7 and H = 8. These are the release's
+values; the paper's appendix, which states them, was not consulted.
 
 Shapes: N leaves; ``group_ids`` int [N] (leaves of one prefix share an id); rewards / z-scores [N].
 Returned indices are int64 into those arrays, groups in ascending id order.
@@ -49,8 +49,8 @@ class ZScoreHistory:
     taken over every recorded reward of prompt p in the retained stages: the most recent stage and
     the ``history_stages`` recorded before it (``run_select.py``: the stored history plus the current
     scores). std is the sample standard deviation (ddof = 1, as ``torch.std``); a prompt with a
-    single retained reward gets z = 0. Non-finite rewards are never recorded (dropped, as
-    DESIGN.md §5 asks); their z-score, and that of a prompt with no finite retained reward, is NaN
+    single retained reward gets z = 0. Non-finite rewards are never recorded (dropped, never
+    trained on); their z-score, and that of a prompt with no finite retained reward, is NaN
     (``select_contrastive`` never selects those). A prompt absent from every retained stage is an error.
     """
 

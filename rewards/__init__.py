@@ -1,4 +1,4 @@
-"""Reward models, their weighted combination and the GARD volume term (DESIGN.md §3-4)."""
+"""Reward models, their weighted combination and the GARD volume term."""
 
 from rewards.base import Reward, RewardOutput, check_batch
 from rewards.combine import CombinedReward, combine_rewards

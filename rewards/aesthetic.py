@@ -1,4 +1,4 @@
-"""LAION aesthetic predictor: a linear MLP head on unit-norm CLIP image embeddings (DESIGN.md §4).
+"""LAION aesthetic predictor: a linear MLP head on unit-norm CLIP image embeddings.
 
 The head is improved-aesthetic-predictor's ``MLP`` (no nonlinearities; dropout only in training),
 trained on OpenAI CLIP ViT-L/14 embeddings (768-d). Its parameter names match

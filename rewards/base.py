@@ -1,7 +1,7 @@
 """The reward contract shared by every reward model, the Serve wrappers and the learner.
 
-A reward is a plain class with a ``name`` and ``__call__(images, prompts) -> RewardOutput``
-(DESIGN.md §4). Images are uint8 ``[B, H, W, 3]`` numpy arrays (what samplers decode); scores are
+A reward is a plain class with a ``name`` and ``__call__(images, prompts) -> RewardOutput``.
+Images are uint8 ``[B, H, W, 3]`` numpy arrays (what samplers decode); scores are
 float32 ``[B]``. Rewards that embed images and prompts (CLIP) also return unit-norm embeddings,
 keyed by modality, for the GARD volume term (GARD eq. 12-13).
 """

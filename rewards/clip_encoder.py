@@ -1,6 +1,6 @@
 """One open_clip model, loaded once, that turns uint8 images and prompts into unit-norm embeddings.
 
-Shared by ``clip_score`` and ``aesthetic`` (DESIGN.md §4) so the loading rules and the image
+Shared by ``clip_score`` and ``aesthetic`` so the loading rules and the image
 preprocessing exist once. Preprocessing runs batched in torch (no PIL loop) and follows open_clip's
 eval transform: resize (bicubic, antialias) per the model's ``resize_mode``, center crop or pad to
 ``model.visual.image_size``, scale to [0, 1], normalize with the model's mean/std.

@@ -1,4 +1,4 @@
-"""CLIP score: cosine of open_clip image and prompt embeddings (DESIGN.md §4).
+"""CLIP score: cosine of open_clip image and prompt embeddings.
 
 Also returns both unit-norm embeddings, ``{"image": [B, n], "text": [B, n]}``, which the GARD
 volume term (GARD eq. 12-13) uses as ``φ_I(x0)`` and ``φ_T(prompt)``.

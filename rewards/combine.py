@@ -1,7 +1,7 @@
 """Weighted combination of reward outputs with the GARD volume shaping term (GARD eq. 13).
 
 ``total_i = Σ_j w_j r_ij - γ · Vol_i`` where ``Vol_i`` is the volume of item i's embeddings in
-``volume_modalities`` (``rewards.volume.gram_volume``; DESIGN.md §3).
+``volume_modalities`` (``rewards.volume.gram_volume``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""JPEG (in)compressibility rewards (DDPO; DESIGN.md §4).
+"""JPEG (in)compressibility rewards (DDPO).
 
 Each image is encoded with PIL at ``quality`` (95 by default, as DDPO) and its size taken in kB
 (bytes / 1000, as DDPO): ``jpeg_compressibility`` scores ``-kB`` (smaller files score higher),

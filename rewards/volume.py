@@ -1,4 +1,4 @@
-"""The GARD volume of k unit-norm embeddings (GARD eq. 12-13; DESIGN.md §3)."""
+"""The GARD volume of k unit-norm embeddings (GARD eq. 12-13)."""
 
 from __future__ import annotations
 

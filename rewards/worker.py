@@ -1,4 +1,4 @@
-"""A reward worker: builds the configured rewards once and scores batches with them (DESIGN.md §4).
+"""A reward worker: builds the configured rewards once and scores batches with them.
 
 A plain class; the cluster code wraps it with ``ray.remote`` (or a Serve deployment) itself, so this
 module never imports ray.

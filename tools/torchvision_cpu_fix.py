@@ -2,7 +2,7 @@
 
 Why: torchvision 0.28.0 is the only release for torch 2.13.0 and PyPI ships it as a CUDA build.
 Its ``_C`` extension fails to load against ``torch 2.13.0+cpu``, and the import then dies with
-``operator torchvision::nms does not exist`` (ENVIRONMENT.md). Defining the two op schemas before
+``operator torchvision::nms does not exist``. Defining the two op schemas before
 torchvision is imported lets its Python parts (transforms, models) import and work; only the
 detection ops stay unusable, and gard uses none of them.
 

@@ -1,4 +1,4 @@
-"""TexForce (seed 002): a LoRA on the CLIP text encoder, trained through the policy's log-probs,
+"""TexForce (Chen et al., ECCV 2024): a LoRA on the CLIP text encoder, trained through the policy's log-probs,
 broadcast to samplers like the UNet's, exported and re-imported in diffusers format."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""End to end on a real local Ray: online DPO on D-Fusion pairs (seed 004; configs/dfusion_demo.yaml)."""
+"""End to end on a real local Ray: online DPO on D-Fusion pairs (ICML 2025; configs/dfusion_demo.yaml)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cluster.config import ConfigError, load_config
-from cluster.driver import train
+from cluster.run import train
 
 REPO = Path(__file__).resolve().parents[2]
 

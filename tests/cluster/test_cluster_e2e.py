@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from cluster.config import load_config
-from cluster.driver import train
+from cluster.run import train
 
 REPO = Path(__file__).resolve().parents[2]
 REQUIRED = {"epoch", "policy_version", "reward_mean", "reward_std", "loss", "kl", "approx_kl", "clipfrac",

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cluster.config import load_config
-from cluster.driver import train
+from cluster.run import train
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,4 +1,4 @@
-"""Long runs on a real local Ray (issue 6): stop + exact resume and extension against an uninterrupted
+"""Long runs on a real local Ray: stop + exact resume and extension against an uninterrupted
 run, a sampler killed with SIGKILL mid-epoch, and the CLI's refusal of an incompatible checkpoint."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import pytest
 
 from cluster.checkpoint import list_checkpoints
 from cluster.config import load_config
-from cluster.driver import Driver, prepare_run_dir, train
+from cluster.driver import Driver
+from cluster.run import prepare_run_dir, train
 from cluster.stop import RunInterrupted, StopRequest
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,4 +1,4 @@
-"""Graceful stop and reward outages on a real local Ray + Serve (issue 6): SIGTERM to a running
+"""Graceful stop and reward outages on a real local Ray + Serve: SIGTERM to a running
 ``gard train`` (a second driver on this test's cluster) leaves a valid checkpoint and no Serve
 applications; a reward that stays down stops the run with a clear error after a checkpoint."""
 
@@ -18,7 +18,8 @@ import pytest
 
 from cluster.checkpoint import latest_checkpoint, load_checkpoint
 from cluster.config import load_config
-from cluster.driver import RewardDownError, train
+from cluster.errors import RewardDownError
+from cluster.run import train
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = ["logging.progress=false", "logging.tensorboard=false", "cluster.max_staleness=0",

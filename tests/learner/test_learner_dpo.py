@@ -1,4 +1,4 @@
-"""Diffusion-DPO losses: hand-derived values, the sign of the gradient, stability, seed 003's
+"""Diffusion-DPO losses: hand-derived values, the sign of the gradient, stability, Wallace et al.'s
 pseudo-code, and input validation."""
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def test_diffusion_dpo_lowering_the_winner_error_lowers_the_loss():
 
 
 def test_diffusion_dpo_matches_seed_003_pseudo_code():
-    """Seed 003's snippet, line for line (errors as .norm().pow(2)), for a batch of pairs."""
+    """Wallace et al.'s snippet, line for line (errors as .norm().pow(2)), for a batch of pairs."""
     gen = torch.Generator().manual_seed(3)
     noise = torch.randn(3, 4, 8, 8, generator=gen)
     preds = {k: noise + 0.3 * torch.randn(3, 4, 8, 8, generator=gen) for k in ("mw", "ml", "rw", "rl")}

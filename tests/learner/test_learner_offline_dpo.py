@@ -1,5 +1,6 @@
-"""Offline Diffusion-DPO (seed 003): preference-file validation, the trainer on a generated preference
-set (log 2 at step 0, then the loss falls and the implicit accuracy rises), and ``gard dpo`` end to end."""
+"""Offline Diffusion-DPO (Wallace et al., CVPR 2024): preference-file validation, the trainer on a
+generated preference set (log 2 at step 0, then the loss falls and the implicit accuracy rises), and
+``gard dpo`` end to end."""
 
 from __future__ import annotations
 

@@ -1,0 +1,34 @@
+"""Errors that stop a run, and the helpers that find the user-facing error inside Ray's wrappers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from cluster.config import ConfigError
+
+
+class RewardDownError(RuntimeError):
+    """A reward stayed down past reward_service.down_timeout_s; the run stopped after a checkpoint."""
+
+
+def cause_chain(err: BaseException | None, *, limit: int = 8) -> Iterator[BaseException]:
+    """``err`` and its causes, outermost first: Ray's ``RayTaskError.cause`` (the exception the remote
+    task raised) or Python's ``__cause__``."""
+    for _ in range(limit):
+        if err is None:
+            return
+        yield err
+        err = getattr(err, "cause", None) or err.__cause__
+
+
+def actor_start_error(err, actor: str) -> Exception:
+    """The error an actor's constructor raised, from Ray's ActorDiedError (Ray keeps only its text).
+
+    Refusals of the user's settings (an adapter that binds to nothing, a schedule with σ = 0) become a
+    ConfigError naming the field; anything else keeps Ray's error with its traceback."""
+    lines = [line.strip() for line in str(getattr(err, "error_msg", "") or "").splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    kind, _, message = last.partition(": ")
+    if kind.rsplit(".", 1)[-1] in ("AdapterBindingError", "ValueError") and message:
+        return ConfigError(f"the {actor} could not start: {message}")
+    return err

@@ -1,0 +1,139 @@
+"""What the actors of a run are built from, derived from the config: policy, learner and reward specs,
+and the start-up banner that prints the derived batch arithmetic (like ddpo-pytorch's)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from actors.policy import PolicySpec
+from cluster.config import Config
+from learner.bpt import BptSchedule
+from learner.spec import LearnerSpec
+
+TINY_CLIP = "tiny:clip"
+
+
+def resolve_reward_specs(config: Config) -> tuple[dict[str, dict], dict[str, float]]:
+    """Splits ``rewards`` into builder options and weights; ``tiny:clip`` models are built locally."""
+    from rewards.tiny import tiny_aesthetic_options, tiny_clip_score_options
+
+    specs, weights = {}, {}
+    cache_dir = Path(config.cache_dir).resolve()  # absolute: reward replicas may run in another cwd
+    tiny_dir = cache_dir / "tiny-clip"
+    for name, options in config.rewards.items():
+        options = dict(options)
+        weights[name] = float(options.pop("weight", 1.0))
+        options.pop("serve", None)
+        if name == "clip_score" and options.get("model") == TINY_CLIP:
+            options = {**options, **tiny_clip_score_options(tiny_dir, seed=options.get("seed", 0))}
+        if name == "aesthetic" and options.get("clip_model") == TINY_CLIP:
+            options = {**options, **tiny_aesthetic_options(tiny_dir, seed=options.get("seed", 0))}
+        if name == "llava_bertscore":
+            options.setdefault("cache_dir", str(cache_dir))
+        specs[name] = options
+    return specs, weights
+
+
+def policy_spec(config: Config, *, pretrained: str, num_gpus: float) -> PolicySpec:
+    device = config.policy.device
+    if device == "auto":
+        device = "cuda" if num_gpus > 0 else "cpu"
+    s, p = config.sampling, config.policy
+    return PolicySpec(
+        pretrained=pretrained,
+        lora_rank=p.lora_rank,
+        lora_alpha=p.lora_alpha,
+        lora_targets=tuple(p.lora_targets),
+        dtype=p.dtype,
+        device=device,
+        num_steps=s.num_steps,
+        guidance_scale=s.guidance_scale,
+        eta=s.eta,
+        resolution=s.resolution,
+        negative_prompt=s.negative_prompt,
+        init_lora_seed=p.init_lora_seed,
+        train_targets=tuple(p.train_targets),
+        text_encoder_lora_rank=p.text_encoder_lora_rank,
+        text_encoder_lora_alpha=p.text_encoder_lora_alpha,
+        text_encoder_lora_targets=tuple(p.text_encoder_lora_targets),
+        timestep_spacing=s.timestep_spacing,
+    )
+
+
+def bpt_schedule(config: Config) -> BptSchedule | None:
+    """The B² backward-progressive schedule, or None when B² is off."""
+    b = config.b2
+    if not b.enabled:
+        return None
+    return BptSchedule(num_steps=config.sampling.num_steps, tau_start=b.tau_start, tau_end=b.tau_end,
+                       num_stages=b.num_stages, epochs_per_stage=b.epochs_per_stage)
+
+
+def learner_spec(config: Config) -> LearnerSpec:
+    fields = {f.name for f in dataclasses.fields(LearnerSpec)}
+    train = {k: v for k, v in dataclasses.asdict(config.train).items() if k in fields}
+    return LearnerSpec(**train, max_staleness=config.cluster.max_staleness, seed=config.seed,
+                       bpt=bpt_schedule(config), b2_threshold=config.b2.threshold,
+                       b2_history_stages=config.b2.history_stages, dpo_beta=config.dpo.online_beta)
+
+
+def _adapters(policy) -> str:
+    """'UNet LoRA r=4 + text-encoder LoRA r=4' for the banner."""
+    parts = {"unet": f"UNet LoRA r={policy.lora_rank}",
+             "text_encoder": f"text-encoder LoRA r={policy.text_encoder_lora_rank}"}
+    adapters = " + ".join(parts[t] for t in policy.train_targets)
+    return adapters + (f", from {policy.init_adapter}" if policy.init_adapter else "")
+
+
+def banner(config: Config, run_dir: Path, ray_address: str) -> str:
+    c, s, t = config.cluster, config.sampling, config.train
+    branching = config.b2.enabled and config.b2.branching
+    samples = config.samples_per_epoch
+    pairs = samples * config.train_steps_per_sample * t.inner_epochs
+    steps = t.inner_epochs * t.updates_per_epoch
+    lines = [
+        "=" * 72,
+        f"gard train: {config.name}  ->  {run_dir}",
+        f"  ray                 : {ray_address}",
+        f"  policy              : {config.policy.pretrained} ({_adapters(config.policy)}, {config.policy.dtype})",
+        "  rewards             : " + ", ".join(f"{k} x{v.get('weight', 1.0)}" for k, v in config.rewards.items())
+        + (f", volume gamma={config.volume.gamma}" if config.volume.gamma or config.volume.gamma_end else ""),
+        f"  epochs              : {config.epochs}   seed {config.seed}   max_staleness {c.max_staleness}",
+        f"  samplers            : {c.num_samplers} x {s.batches_per_sampler} batches x {s.batch_size} "
+        + (f"prompts x {config.b2.n_branch} leaves" if branching else "images") + f" = {samples} samples / epoch",
+        f"  DDIM                : {s.num_steps} steps, eta {s.eta}, guidance {s.guidance_scale}, {s.resolution}px",
+        f"  training            : {t.algorithm}, {config.train_steps_per_sample}/{s.num_steps} timesteps per sample,"
+        f" {t.inner_epochs} inner epoch(s), precision {t.mixed_precision} (samplers {config.policy.dtype})",
+        f"  (sample, t) pairs   : {pairs} / epoch in {steps} optimizer steps of ~{pairs // max(steps, 1)}"
+        f" (micro-batches of {t.micro_batch_size})",
+        f"  eval                : {len(config.prompts.eval)} prompts x {config.prompts.eval_images_per_prompt}"
+        f" images, fixed seeds",
+        *([f"  B²-DiffuRL          : tau {config.b2.tau_start}->{config.b2.tau_end} over {config.b2.num_stages} stages"
+           f" x {config.b2.epochs_per_stage} epoch(s)"
+           + (f", {config.b2.n_branch} branches per prefix" if config.b2.branching else ", no branching")
+           + f", selection |z| >= {config.b2.threshold}, history {config.b2.history_stages}"] if config.b2.enabled else []),
+        *([f"  D-Fusion pairs      : per prompt (fused ≻ worst), mask threshold {config.dfusion.mask_threshold}"
+           f" ({config.dfusion.mask_normalize}, {config.dfusion.mask_steps} steps), fused parts "
+           f"{config.dfusion.fuse_parts}, steps [{config.dfusion.fuse_start}, {config.dfusion.fuse_end})"]
+          if config.dpo.pair_source == "dfusion" else []),
+        "=" * 72,
+    ]
+    return "\n".join(lines)
+
+
+
+def start_reward_services(config: Config, specs: dict[str, dict]) -> tuple[dict, list[str]]:
+    """Deploys the reward applications that are not running yet -> (the reward stage's ``service``
+    settings with the apps' handles, the names of the apps this call started)."""
+    from cluster.config import serve_options
+    from rewards.http_codec import HttpLimits
+    from rewards.serve import deploy_rewards
+
+    rs = config.reward_service
+    options = {name: serve_options(name, config.rewards[name].get("serve")) for name in specs}
+    limits = HttpLimits(max_body_bytes=rs.max_body_bytes, max_image_pixels=rs.max_image_pixels, max_batch=rs.max_batch)
+    deployed = deploy_rewards(specs, options, limits=limits, http_host=rs.http_host, http_port=rs.http_port)
+    service = {"timeout_s": rs.timeout_s, "max_retries": rs.max_retries, "retry_backoff_s": rs.retry_backoff_s,
+               "down_timeout_s": rs.down_timeout_s, "apps": deployed.apps}
+    return service, deployed.started
