@@ -94,7 +94,7 @@ def main() -> None:
             stats = learner.update(trajectories=[t], rewards=[rewards], epoch=0)
             if epoch:
                 times.append(time.perf_counter() - start)
-                pairs.append(stats["n_pairs"])
+                pairs.append(stats["train/n_pairs"])
         learner_times[label] = (statistics.median(times), statistics.median(pairs))
 
     lines = [

@@ -115,7 +115,7 @@ def reward_wait_share(cache: Path, port: int, llava: dict, clip: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = train(config, output_dir=tmp, log=lambda *_: None)
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][2:]
-    med = {k: statistics.median(r[k] for r in rows) for k in ("epoch_s", "reward_s", "wait_inputs_s", "sample_s")}
+    med = {k: statistics.median(r[f"time/{k}"] for r in rows) for k in ("epoch_s", "reward_s", "wait_inputs_s", "sample_s")}
     n_batches = config.cluster.num_samplers * config.sampling.batches_per_sampler
     med["reward_tail_s"] = med["reward_s"] / n_batches  # the last batch's scoring: the part nothing overlaps
     return med

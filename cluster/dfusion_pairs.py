@@ -61,15 +61,15 @@ def fusion_tasks(batch_prompts: list[list[str]], total: np.ndarray, *, num_sampl
 
 def dfusion_row(fusion: DFusionLaunch, *, stats: list[dict], fused: np.ndarray | None) -> dict:
     """Per-epoch D-Fusion metrics: pair count, mean mask fraction, rewards of fused / worst / best."""
-    row = {"n_dfusion_pairs": int(fusion.poor_rewards.size)}
+    row = {"dfusion/n_pairs": int(fusion.poor_rewards.size)}
     if not fusion.pairs:
         return row
     row.update({
-        "dfusion_mask_fraction": float(np.mean([f for s in stats for f in s["mask_fraction"]])),
-        "dfusion_reward_mean": float(np.nanmean(fused)),
-        "dfusion_poor_reward_mean": float(np.mean(fusion.poor_rewards)),
-        "dfusion_good_reward_mean": float(np.mean(fusion.good_rewards)),
-        "dfusion_reward_gain": float(np.nanmean(fused - fusion.poor_rewards)),
-        "dfusion_s": float(max(s["dfusion_s"] for s in stats)),
+        "dfusion/mask_fraction": float(np.mean([f for s in stats for f in s["mask_fraction"]])),
+        "dfusion/reward_mean": float(np.nanmean(fused)),
+        "dfusion/poor_reward_mean": float(np.mean(fusion.poor_rewards)),
+        "dfusion/good_reward_mean": float(np.mean(fusion.good_rewards)),
+        "dfusion/reward_gain": float(np.nanmean(fused - fusion.poor_rewards)),
+        "time/dfusion_s": float(max(s["dfusion_s"] for s in stats)),
     })
     return row

@@ -352,7 +352,7 @@ class Driver:
                 trajectories=current.trajectories, rewards=current.scores, epoch=epoch,
                 pairs=None if fusion is None else fusion.pairs))
             self.completed_epochs = epoch + 1
-            self.version = int(stats["version"])
+            self.version = int(stats["train/policy_version"])
             # Nothing is published when every step was skipped: the samplers already hold this adapter.
             # (With max_staleness 1 the broadcast also waits for epoch k+1's sampling.)
             applied = self.broadcast() if self.version != version_before else []
@@ -361,23 +361,23 @@ class Driver:
             if cfg.cluster.max_staleness == 0 and epoch + 1 < cfg.epochs and not stop.requested:
                 pending = self.launch(epoch + 1)
             row = self._epoch_row(epoch, scores, stats, applied)
-            row.update(sampler_restarts=self.pool.counters.restarts - restarts_before,
-                       resampled_batches=self.pool.counters.resampled_batches - resampled_before,
-                       sampler_restarts_total=self.pool.counters.restarts,
-                       driver_wait_s=time.perf_counter() - wait_start)
+            row.update({"sampler/restarts": self.pool.counters.restarts - restarts_before,
+                        "sampler/resampled_batches": self.pool.counters.resampled_batches - resampled_before,
+                        "sampler/restarts_total": self.pool.counters.restarts,
+                        "time/driver_wait_s": time.perf_counter() - wait_start})
             if fusion is not None:
                 row.update(self.dfusion_row(fusion))
             log_captions(self.run_dir, epoch, scores)
             self._evaluate_if_due(row, epoch, eval_mean)
             now = time.perf_counter()
-            row["epoch_s"], row["samples_per_s"] = now - last_end, row["n_samples_scored"] / (now - last_end)
+            row["time/epoch_s"], row["time/samples_per_s"] = now - last_end, row["reward/n_scored"] / (now - last_end)
             last_end = now
             writer.write(row)
             self.rows.append(writer.rows[-1])
             if self._checkpoint_due():
                 self.save_checkpoint()
             progress.update(1)
-            progress.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row.get('kl', 0):.2e}")
+            progress.set_postfix(reward=f"{row['reward/mean']:.3f}", kl=f"{row.get('train/kl', 0):.2e}")
             log(summary_line(row))
             if (stalled := stalled_error(stats, limit=cfg.train.max_skipped_steps)) is not None:
                 raise stalled
@@ -389,11 +389,11 @@ class Driver:
         every = self.config.logging.eval_every
         if epoch + 1 == self.config.epochs or (every and (epoch + 1) % every == 0):
             result = self.evaluate()
-            row["eval_reward_mean"] = result.mean
+            row["eval/reward_mean"] = result.mean
             row.update(result.components)
             self.save_eval(result, epoch + 1)
         if epoch == 0 and eval_mean is not None:
-            row["eval_reward_mean_initial"] = eval_mean
+            row["eval/reward_mean_initial"] = eval_mean
 
     def _epoch_row(self, epoch, scores, stats, applied) -> dict:
         return epoch_row(epoch, scores=scores, stats=stats, applied=applied, config=self.config,

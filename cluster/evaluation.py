@@ -19,7 +19,7 @@ from cluster.seeding import eval_seed
 class EvalResult:
     mean: float
     images: np.ndarray  # uint8 [N, H, W, 3]
-    components: dict[str, float]  # eval_<reward> -> mean
+    components: dict[str, float]  # eval/<reward> -> mean
     prompts: list[str]
     scores: np.ndarray  # float32 [N]
     captions: list[str] | None
@@ -38,7 +38,7 @@ def eval_jobs(config: Config, *, num_samplers: int) -> list[BatchJob]:
 def eval_result(jobs: list[BatchJob], scores: list, image_batches: list) -> EvalResult:
     """One evaluation from its jobs, their ScoredImages and their ImageBatches (in job order)."""
     total = np.concatenate([s.total for s in scores])
-    components = {f"eval_{name}": float(np.nanmean(np.concatenate([s.components[name] for s in scores])))
+    components = {f"eval/{name}": float(np.nanmean(np.concatenate([s.components[name] for s in scores])))
                   for name in scores[0].components}
     captions = [c for s in scores for c in (s.captions or [])] or None
     return EvalResult(mean=float(np.nanmean(total)), images=np.concatenate([b.images for b in image_batches]),

@@ -37,14 +37,23 @@ class MetricsWriter:
             f.write(json.dumps(row) + "\n")
         if self._tb is not None:
             for key, value in row.items():
-                if isinstance(value, (int, float)) and key != "epoch":
-                    self._tb.add_scalar(key, value, global_step=row["epoch"])
+                if isinstance(value, (int, float)) and key not in ("epoch", "step"):
+                    self._tb.add_scalar(key, value, global_step=row.get("epoch", row.get("step")))
             self._tb.flush()
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
         plot_reward_curve(self.rows, self.run_dir / "reward_curve.png")
+
+
+def reward_curve_points(rows: list[dict]) -> tuple[list[dict], list[tuple[int, float]]]:
+    """(rows with a training reward, [(x, evaluation reward)]): the evaluation before the first update
+    is drawn at x = 0, the one after epoch k's update at x = k + 1."""
+    train = [r for r in rows if r.get("reward/mean") is not None]
+    evals = [(0, r["eval/reward_mean_initial"]) for r in rows[:1] if r.get("eval/reward_mean_initial") is not None]
+    evals += [(r["epoch"] + 1, r["eval/reward_mean"]) for r in rows if r.get("eval/reward_mean") is not None]
+    return train, evals
 
 
 def plot_reward_curve(rows: list[dict], path: Path) -> None:
@@ -54,20 +63,20 @@ def plot_reward_curve(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [r for r in rows if r.get("reward_mean") is not None]
-    evals = [r for r in rows if r.get("eval_reward_mean") is not None]
+    train, evals = reward_curve_points(rows)
     fig, ax = plt.subplots(figsize=(6, 4))
     if train:
         x = np.array([r["epoch"] for r in train])
-        mean = np.array([r["reward_mean"] for r in train])
-        std = np.array([r.get("reward_std") or 0.0 for r in train])
+        mean = np.array([r["reward/mean"] for r in train])
+        std = np.array([r.get("reward/std") or 0.0 for r in train])
         ax.plot(x, mean, label="train reward (mean)")
         ax.fill_between(x, mean - std, mean + std, alpha=0.2)
     if evals:
-        ax.plot([r["epoch"] for r in evals], [r["eval_reward_mean"] for r in evals], "o-", label="eval reward (fixed set)")
+        ax.plot([e for e, _ in evals], [v for _, v in evals], "o-", label="eval reward (fixed set)")
     ax.set_xlabel("epoch")
     ax.set_ylabel("reward")
-    ax.legend()
+    if train or evals:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -114,17 +114,19 @@ def run_offline_dpo(config: Config, *, output_dir: str | None = None, log=print)
                     f"step is in {lora_dir}. Lower train.learning_rate or dpo.beta, or use train.mixed_precision=bf16")
             if (step + 1) % every == 0 or step + 1 == steps:
                 means = window_means(window)
-                row = {"epoch": step + 1, **{k: stats[k] for k in ("loss", "implicit_acc", "reward_margin",
-                                                                      "grad_norm", "loss_scale")},
-                       "skipped_steps": int(sum(r["skipped"] for r in window)),
-                       **means, "window_steps": len(window), "step_s": sum(r["step_s"] for r in window) / len(window),
-                       "elapsed_s": time.perf_counter() - start}
+                row = {"step": step + 1, "dpo/loss": stats["loss"], "dpo/implicit_acc": stats["implicit_acc"],
+                       "dpo/reward_margin": stats["reward_margin"], "train/grad_norm": stats["grad_norm"],
+                       "train/loss_scale": stats["loss_scale"],
+                       "train/skipped_steps": int(sum(r["skipped"] for r in window)),
+                       **{f"dpo/{k}": v for k, v in means.items()}, "dpo/window_steps": len(window),
+                       "time/step_s": sum(r["step_s"] for r in window) / len(window),
+                       "time/elapsed_s": time.perf_counter() - start}
                 writer.write(row)
                 first_mean = first_mean or means
                 last_mean = means
                 log(f"step {step + 1:>5}/{steps}  loss {means['loss_mean']:.4f}  implicit_acc "
                     f"{means['implicit_acc_mean']:.3f}  reward_margin {means['reward_margin_mean']:+.3f}  grad_norm "
-                    f"{means['grad_norm_mean']:.3f}  ({row['step_s']:.2f}s/step)")
+                    f"{means['grad_norm_mean']:.3f}  ({row['time/step_s']:.2f}s/step)")
                 window = []
     finally:
         with warnings.catch_warnings():  # close() also plots the (here empty) reward curve

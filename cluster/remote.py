@@ -50,7 +50,7 @@ class RemoteLearner(Learner):
         pairs = None if pairs is None else resolve(pairs, timeout_s=self.call_timeout_s)
         waited = time.perf_counter() - start  # train_s excludes waiting for the samplers and rewards
         stats = super().update(trajectories=trajectories, rewards=totals, epoch=epoch, pairs=pairs)
-        return {**stats, "wait_inputs_s": waited}
+        return {**stats, "time/wait_inputs_s": waited}
 
 
 class RemoteSampler(Sampler):

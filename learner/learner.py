@@ -6,7 +6,7 @@ references it is sent). One ``update`` per epoch:
 1. drop trajectories older than ``max_staleness`` versions, samples whose reward is NaN/inf and
    samples whose latents or log-probs are not finite (each counted, never trained on);
 2. measure the importance ratio on one micro-batch of the newest samples, under the adapter version
-   that sampled them, before any optimizer step: it must be 1 up to numerics (``onpolicy_ratio_dev``);
+   that sampled them, before any optimizer step: it must be 1 up to numerics (``train/onpolicy_ratio_dev``);
 3. run the rule of ``learner.algorithms.ALGORITHMS`` (PPO / PG with β·KL, online DPO), over the
    B²-DiffuRL stage's interval of denoising steps when that schedule is on; every optimizer step goes
    through ``learner.precision.GuardedStep`` (bf16, or fp16 with loss scaling; non-finite steps skipped);
@@ -152,7 +152,8 @@ class Learner:
         ``rewards[i]`` is float32 [B_i] for ``trajectories[i]``. ``pairs`` (``algorithm="dpo"`` only):
         explicit ``TrajectoryPairs``, e.g. D-Fusion's (fused ≻ poorly aligned), trained instead of the
         best-vs-worst pairs of each group; stale ones are refused like stale trajectories.
-        Returns scalar stats; the version is incremented when at least one optimizer step was applied.
+        Returns scalar stats named ``train/``, ``reward/``, ``time/``, ``b2/``, ``dpo/`` (counts as ints); the
+        version is incremented when at least one optimizer step was applied.
         """
         spec = self.spec
         start = time.perf_counter()
@@ -164,19 +165,19 @@ class Learner:
                 raise ValueError(f"a trajectory batch of {len(part)} samples came with {total.shape[0]} rewards")
         fresh = [i for i, p in enumerate(trajectories) if self.version - p.policy_version <= spec.max_staleness]
         stats: dict[str, float] = {
-            "stale_refused": float(sum(len(p) for i, p in enumerate(trajectories) if i not in fresh)),
-            "nonfinite_rewards": 0.0, "nonfinite_trajectories": 0.0}
+            "train/stale_refused": sum(len(p) for i, p in enumerate(trajectories) if i not in fresh),
+            "reward/nonfinite": 0, "train/nonfinite_trajectories": 0}
         if not fresh:
             return {**stats, **self._no_update_stats()}
         joined = concat_trajectories([trajectories[i] for i in fresh])
         versions = np.concatenate([np.full(len(trajectories[i]), trajectories[i].policy_version) for i in fresh])
         reward = np.concatenate([totals[i] for i in fresh])
         finite_reward, finite_trajectory = np.isfinite(reward), joined.finite_rows()
-        stats["nonfinite_rewards"] = float((~finite_reward).sum())
-        stats["nonfinite_trajectories"] = float((~finite_trajectory).sum())
+        stats["reward/nonfinite"] = int((~finite_reward).sum())
+        stats["train/nonfinite_trajectories"] = int((~finite_trajectory).sum())
         keep = np.flatnonzero(finite_reward & finite_trajectory)
         if keep.size == 0:
-            if stats["nonfinite_trajectories"]:
+            if stats["train/nonfinite_trajectories"]:
                 self.stepper.record_skip()  # a batch that is entirely NaN counts as a skipped step
             return {**stats, **self._no_update_stats()}
         batch = TransitionBatch.from_trajectory(self.policy, joined, keep)
@@ -187,18 +188,18 @@ class Learner:
         if self.state.schedule is not None:
             stage = self.state.schedule.stage(epoch)
             first, last = self.state.schedule.interval(stage)
-            stats.update({"bpt_stage": float(stage), "train_first_step": float(first), "train_last_step": float(last)})
+            stats.update({"b2/stage": int(stage), "b2/first_step": int(first), "b2/last_step": int(last)})
         steps = np.arange(first, last)
-        stats["onpolicy_ratio_dev"] = self._first_step_ratio(batch, versions[keep], steps)
+        stats["train/onpolicy_ratio_dev"] = self._first_step_ratio(batch, versions[keep], steps)
         if spec.max_staleness > 0:
             self._previous = (self.version, [p.detach().clone() for _, p in self._named_params])
         pair_batch = None
         if pairs is not None and spec.algorithm == "dpo":
             pair_batch, refused, nonfinite = self._explicit_pairs(pairs)
-            stats["stale_refused"] += refused
-            stats["nonfinite_trajectories"] += nonfinite
+            stats["train/stale_refused"] += refused
+            stats["train/nonfinite_trajectories"] += nonfinite
             if pair_batch is None:  # every explicit pair stale or non-finite: nothing to train
-                stats.update({"n_pairs": 0.0, "n_dpo_pairs": 0.0})
+                stats.update({"train/n_pairs": 0, "dpo/n_pairs": 0})
         skipped_before = self.stepper.skipped_total
         result = None
         if pairs is None or spec.algorithm != "dpo" or pair_batch is not None:
@@ -210,19 +211,19 @@ class Learner:
         if applied:  # a skipped step leaves the adapter as it was
             self.version += 1
         train_s = time.perf_counter() - start
-        stats.update({"n_samples": float(len(prompts)), "train_s": train_s, "version": float(self.version),
-                      "publish_s": self.last_publish_s, "optimizer_steps": float(applied),
-                      "skipped_steps": float(self.stepper.skipped_total - skipped_before),
-                      "skipped_steps_in_row": float(self.stepper.skipped_in_row),
-                      "loss_scale": self.stepper.loss_scale,
-                      "pairs_per_s": stats.get("n_pairs", 0.0) / train_s if train_s > 0 else math.nan})
+        stats.update({"train/n_samples": len(prompts), "time/train_s": train_s, "train/policy_version": self.version,
+                      "time/publish_s": self.last_publish_s, "train/optimizer_steps": applied,
+                      "train/skipped_steps": self.stepper.skipped_total - skipped_before,
+                      "train/skipped_steps_in_row": self.stepper.skipped_in_row,
+                      "train/loss_scale": self.stepper.loss_scale,
+                      "train/pairs_per_s": stats.get("train/n_pairs", 0) / train_s if train_s > 0 else math.nan})
         return stats
 
     def _no_update_stats(self) -> dict[str, float]:
         """Stats of an update that trained nothing (every batch stale or non-finite)."""
-        return {"n_samples": 0.0, "n_pairs": 0.0, "train_s": 0.0, "version": float(self.version),
-                "optimizer_steps": 0.0, "skipped_steps": 0.0,
-                "skipped_steps_in_row": float(self.stepper.skipped_in_row)}
+        return {"train/n_samples": 0, "train/n_pairs": 0, "time/train_s": 0.0, "train/policy_version": self.version,
+                "train/optimizer_steps": 0, "train/skipped_steps": 0,
+                "train/skipped_steps_in_row": self.stepper.skipped_in_row}
 
     def _first_step_ratio(self, batch: TransitionBatch, versions: np.ndarray, steps: np.ndarray) -> float:
         """max |ρ − 1| over one micro-batch of the newest samples, before any optimizer step, under the

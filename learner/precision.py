@@ -146,9 +146,9 @@ def ratio_warning(*, deviation: float, threshold: float, sampler_dtype: str, mix
 
 
 def ratio_check(stats: dict, *, config) -> str | None:
-    """The warning for an update's ``onpolicy_ratio_dev`` (None when fine or not measured), with the
+    """The warning for an update's ``train/onpolicy_ratio_dev`` (None when fine or not measured), with the
     run's clip range as the threshold. NaN with pipelining means the sampling adapter was not held."""
-    deviation = stats.get("onpolicy_ratio_dev")
+    deviation = stats.get("train/onpolicy_ratio_dev")
     if deviation is None or (deviation != deviation and config.cluster.max_staleness):
         return None
     return ratio_warning(deviation=deviation, threshold=config.train.clip_range, sampler_dtype=config.policy.dtype,
@@ -157,13 +157,13 @@ def ratio_check(stats: dict, *, config) -> str | None:
 
 def stalled_error(stats: dict, *, limit: int) -> TrainingStalledError | None:
     """TrainingStalledError when ``limit`` optimizer steps in a row were skipped, else None."""
-    in_row = int(stats.get("skipped_steps_in_row", 0))
+    in_row = int(stats.get("train/skipped_steps_in_row", 0))
     if in_row < limit:
         return None
     return TrainingStalledError(
         f"{in_row} optimizer steps in a row were skipped because the loss, the gradient norm or the whole "
         f"batch was not finite (train.max_skipped_steps = {limit}; last epoch: "
-        f"{int(stats.get('nonfinite_trajectories', 0))} non-finite trajectories, "
-        f"{int(stats.get('nonfinite_rewards', 0))} non-finite rewards, loss scale {stats.get('loss_scale', 1.0):g}). "
+        f"{int(stats.get('train/nonfinite_trajectories', 0))} non-finite trajectories, "
+        f"{int(stats.get('reward/nonfinite', 0))} non-finite rewards, loss scale {stats.get('train/loss_scale', 1.0):g}). "
         f"Lower train.learning_rate, use train.mixed_precision=bf16 or policy.dtype=float32/bfloat16 if the "
         f"samplers overflow in float16")

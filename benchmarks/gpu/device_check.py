@@ -192,11 +192,12 @@ def measure_training(args, pretrained: str, trajectory) -> tuple[dict, object]:
     start = time.perf_counter()
     packet = pack_adapter(learner.policy.named_trainable_parameters(), version=learner.version)
     publish_s = time.perf_counter() - start
-    useful = flops_per_pair * stats["n_pairs"]
-    out = {"pairs": stats["n_pairs"], "seconds": stats["train_s"], "pairs_per_s": stats["n_pairs"] / stats["train_s"],
-           "tflop_per_pair": flops_per_pair / 1e12, "achieved_tflops": useful / stats["train_s"] / 1e12,
-           "optimizer_steps": stats["optimizer_steps"], "skipped_steps": stats["skipped_steps"],
-           "first_step_ratio_dev": stats["onpolicy_ratio_dev"], "loss": stats.get("loss", math.nan),
+    pairs, seconds = stats["train/n_pairs"], stats["time/train_s"]
+    useful = flops_per_pair * pairs
+    out = {"pairs": pairs, "seconds": seconds, "pairs_per_s": pairs / seconds,
+           "tflop_per_pair": flops_per_pair / 1e12, "achieved_tflops": useful / seconds / 1e12,
+           "optimizer_steps": stats["train/optimizer_steps"], "skipped_steps": stats["train/skipped_steps"],
+           "first_step_ratio_dev": stats["train/onpolicy_ratio_dev"], "loss": stats.get("train/loss", math.nan),
            "adapter_mb": packet.buffer.nbytes / 2**20, "publish_s": publish_s}
     if args.device == "cuda":
         out["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
@@ -230,10 +231,10 @@ def measure_precision(args, pretrained: str) -> dict:
             grads["fp16_no_scaler"] = learner.probe_gradient(**probe)
             learner.stepper.scaler = scaler
         rewards = [advantages]
-        vs_fp32[mode] = learner.update(trajectories=[reference], rewards=rewards, epoch=0)["onpolicy_ratio_dev"]
+        vs_fp32[mode] = learner.update(trajectories=[reference], rewards=rewards, epoch=0)["train/onpolicy_ratio_dev"]
         own = reference if mode == "no" else Sampler(spec=_specs(args, pretrained, dtype)).sample(
             prompts=prompts, seed=1)[0]
-        same[mode] = learner.update(trajectories=[own], rewards=rewards, epoch=1)["onpolicy_ratio_dev"]
+        same[mode] = learner.update(trajectories=[own], rewards=rewards, epoch=1)["train/onpolicy_ratio_dev"]
         del learner, own
         _free()
 

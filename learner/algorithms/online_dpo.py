@@ -32,9 +32,9 @@ def online_dpo(state: TrainState, inputs: UpdateInputs) -> UpdateResult:
         batch = inputs.batch
         winners, losers = preference_pairs(inputs.groups, inputs.rewards)
     if winners.size == 0:
-        return UpdateResult(stats={"n_pairs": 0.0, "n_dpo_pairs": 0.0})
+        return UpdateResult(stats={"train/n_pairs": 0, "dpo/n_pairs": 0})
     sums_of = dict(policy=state.policy, batch=batch, steps=steps, micro_batch_size=spec.micro_batch_size)
-    totals = {"dpo_loss": 0.0, "dpo_acc": 0.0, "dpo_margin": 0.0, "grad_norm": 0.0}
+    totals = {"dpo/loss": 0.0, "dpo/acc": 0.0, "dpo/margin": 0.0, "train/grad_norm": 0.0}
     applied, n_transitions = 0, 0
     for _ in range(spec.inner_epochs):
         order = inputs.rng.permutation(winners.size)
@@ -53,15 +53,16 @@ def online_dpo(state: TrainState, inputs: UpdateInputs) -> UpdateResult:
             result = state.stepper.step(loss_finite=math.isfinite(float(loss)))
             if result.skipped:
                 continue
-            totals["grad_norm"] += result.grad_norm
-            totals["dpo_loss"] += float(loss)
-            totals["dpo_acc"] += float(dpo_stats["implicit_acc"])
-            totals["dpo_margin"] += float(dpo_stats["reward_margin"])
+            totals["train/grad_norm"] += result.grad_norm
+            totals["dpo/loss"] += float(loss)
+            totals["dpo/acc"] += float(dpo_stats["implicit_acc"])
+            totals["dpo/margin"] += float(dpo_stats["reward_margin"])
             applied += 1
             n_transitions += 2 * len(chunk) * len(steps)
     state.stepper.zero_grad()
     if not applied:
-        return UpdateResult(stats={"n_pairs": 0.0, "n_dpo_pairs": float(winners.size)})
+        return UpdateResult(stats={"train/n_pairs": 0, "dpo/n_pairs": int(winners.size)})
     stats = {k: v / applied for k, v in totals.items()}
-    stats.update({"loss": stats["dpo_loss"], "n_pairs": float(n_transitions), "n_dpo_pairs": float(winners.size)})
+    # train/n_pairs counts trained (sample, timestep) transitions, dpo/n_pairs preference pairs.
+    stats.update({"train/loss": stats["dpo/loss"], "train/n_pairs": n_transitions, "dpo/n_pairs": int(winners.size)})
     return UpdateResult(stats=stats, optimizer_steps=applied)

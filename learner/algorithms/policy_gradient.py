@@ -39,7 +39,7 @@ def advantages_for(state: TrainState, inputs: UpdateInputs, stats: dict) -> tupl
         selected = np.concatenate([positive, negative])
         advantages = np.zeros(len(prompts), dtype=np.float32)
         advantages[selected] = z[selected]
-        stats["n_selected"] = float(selected.size)
+        stats["b2/n_selected"] = int(selected.size)
     else:
         selected = np.arange(len(prompts))
         if spec.advantage == "per_prompt":
@@ -51,7 +51,7 @@ def advantages_for(state: TrainState, inputs: UpdateInputs, stats: dict) -> tupl
 
 def micro_batch_loss(state: TrainState, batch: TransitionBatch, micro: np.ndarray, advantages: torch.Tensor, *,
                      clipped: bool, beta: float, measure_kl: bool) -> tuple[torch.Tensor, dict[str, float]]:
-    """Loss [] (with a graph into the adapter) and stats of one micro-batch of (sample, step) pairs [m, 2]."""
+    """Loss [] (with a graph into the adapter) and ``train/`` stats of one micro-batch of (sample, step) pairs [m, 2]."""
     policy = state.policy
     i, j = torch.from_numpy(micro[:, 0]), torch.from_numpy(micro[:, 1])
     log_prob, mean, std, (x_t, t) = transition_log_prob(policy, batch, i, j)
@@ -61,15 +61,15 @@ def micro_batch_loss(state: TrainState, batch: TransitionBatch, micro: np.ndarra
         pg_loss, stats = ppo_clip_loss(log_prob, old, adv, clip_range=state.spec.clip_range)
     else:
         pg_loss, stats = policy_gradient_loss(log_prob, old, adv)
-    out = {name: float(value) for name, value in stats.items()}
-    out["pg_loss"] = float(pg_loss.detach())
+    out = {f"train/{name}": float(value) for name, value in stats.items()}
+    out["train/pg_loss"] = float(pg_loss.detach())
     loss = pg_loss
     if measure_kl:
         kl = gaussian_kl(mean, reference_mean(policy, batch, i, x_t, t), std).mean()
-        out["kl"] = float(kl.detach())
+        out["train/kl"] = float(kl.detach())
         if beta > 0:
             loss = loss + beta * kl
-    out["loss"] = float(loss.detach())
+    out["train/loss"] = float(loss.detach())
     return loss, out
 
 
@@ -78,8 +78,8 @@ def _update(state: TrainState, inputs: UpdateInputs, *, clipped: bool) -> Update
     stats: dict[str, float] = {}
     selected, advantages = advantages_for(state, inputs, stats)
     beta = linear_ramp(inputs.epoch, start=spec.kl_beta, end=spec.kl_beta_end, ramp_epochs=spec.kl_ramp_epochs)
-    stats["beta"] = float(beta)
-    stats["advantage_abs_mean"] = float(np.abs(advantages[selected]).mean()) if selected.size else 0.0
+    stats["train/kl_beta"] = float(beta)
+    stats["train/advantage_abs_mean"] = float(np.abs(advantages[selected]).mean()) if selected.size else 0.0
     adv = torch.from_numpy(advantages)
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
@@ -104,18 +104,18 @@ def _update(state: TrainState, inputs: UpdateInputs, *, clipped: bool) -> Update
                                                      measure_kl=measure_kl)
                 state.stepper.backward(loss * (len(micro) / len(chunk)))
                 step_stats.append((micro_stats, len(micro)))
-            result = state.stepper.step(loss_finite=all(math.isfinite(s["loss"]) for s, _ in step_stats))
+            result = state.stepper.step(loss_finite=all(math.isfinite(s["train/loss"]) for s, _ in step_stats))
             if result.skipped:  # nothing of a skipped step enters the averages
                 continue
             for micro_stats, size in step_stats:
                 for name, value in micro_stats.items():
                     add(name, value, size)
-            add("grad_norm", result.grad_norm, 1)
+            add("train/grad_norm", result.grad_norm, 1)
             n_pairs += len(chunk)
             applied += 1
     state.stepper.zero_grad()
     stats.update({name: sums[name] / counts[name] for name in sums})
-    stats["n_pairs"] = float(n_pairs)
+    stats["train/n_pairs"] = n_pairs
     return UpdateResult(stats=stats, optimizer_steps=applied)
 
 

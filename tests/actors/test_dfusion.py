@@ -267,8 +267,8 @@ def test_learner_trains_explicit_pairs_and_refuses_stale_ones(tiny_sd, sampler, 
                                                                         inner_epochs=2))
     rewards = np.array([0.0, 1.0, 0.0, 1.0], dtype=np.float32)
     stats = learner.update(trajectories=[traj], rewards=[rewards], epoch=0, pairs=[pairs])
-    assert stats["n_dpo_pairs"] == 2 and stats["n_pairs"] == 2 * (2 * 2 * T)  # 2 passes x (chosen + rejected) x T
-    assert stats["dpo_loss"] < np.log(2) and learner.version == 1
+    assert stats["dpo/n_pairs"] == 2 and stats["train/n_pairs"] == 2 * (2 * 2 * T)  # 2 passes x (chosen + rejected) x T
+    assert stats["dpo/loss"] < np.log(2) and learner.version == 1
     fresh_traj = dataclasses.replace(traj, policy_version=1)  # fresh samples, but pairs of version 0 < 1
     stale = learner.update(trajectories=[fresh_traj], rewards=[rewards], epoch=1, pairs=[pairs])
-    assert stale["n_dpo_pairs"] == 0 and stale["stale_refused"] == 2 * len(pairs) and learner.version == 1
+    assert stale["dpo/n_pairs"] == 0 and stale["train/stale_refused"] == 2 * len(pairs) and learner.version == 1

@@ -78,7 +78,7 @@ def test_text_encoder_lora_gets_gradients_through_log_probs_and_changes_embeddin
     learner.optimizer.zero_grad(set_to_none=True)
 
     stats = learner.update(trajectories=[traj], rewards=[np.array([1.0, -1.0, 0.5, -0.5], np.float32)], epoch=0)
-    assert stats["n_pairs"] > 0 and stats["version"] == 1
+    assert stats["train/n_pairs"] > 0 and stats["train/policy_version"] == 1
     with torch.no_grad():
         after = policy.encode_prompts(["a cat", "blurry"])
     assert (after - before).abs().amax(dim=(1, 2)).min() > 0  # prompt and negative prompt both moved

@@ -73,7 +73,7 @@ def test_learner_state_round_trip_continues_bit_for_bit(policy_spec, batches, tm
     # One more update on both: the same stats and the same adapter, bit for bit (AdamW moments restored).
     stats_a = original.update(trajectories=[second], rewards=[rewards[1]], epoch=1)
     stats_b = resumed.update(trajectories=[second], rewards=[rewards[1]], epoch=1)
-    assert stats_a["loss"] == stats_b["loss"] and stats_a["n_pairs"] == stats_b["n_pairs"] > 0
+    assert stats_a["train/loss"] == stats_b["train/loss"] and stats_a["train/n_pairs"] == stats_b["train/n_pairs"] > 0
     for (name, a), (_, b) in zip(original._named_params, resumed._named_params, strict=True):
         assert torch.equal(a, b), name
 

@@ -27,18 +27,18 @@ def test_online_dpo_run_on_dfusion_pairs(ray_local, tmp_path):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2
     for row in rows:
-        assert 1 <= row["n_dfusion_pairs"] <= len(config.prompts.train)  # at most one pair per prompt
-        assert row["n_dpo_pairs"] == row["n_dfusion_pairs"]  # DPO trained exactly the fused pairs
-        assert row["n_pairs"] == 2 * row["n_dpo_pairs"] * 6 * config.train.inner_epochs  # both rows x all steps
-        assert 0 < row["dfusion_mask_fraction"] <= 1
-        assert np.isfinite(row["dfusion_reward_mean"]) and np.isfinite(row["dfusion_reward_gain"])
-        assert row["dfusion_good_reward_mean"] > row["dfusion_poor_reward_mean"]
-        assert 0 <= row["dpo_acc"] <= 1 and np.isfinite(row["dpo_margin"])
+        assert 1 <= row["dfusion/n_pairs"] <= len(config.prompts.train)  # at most one pair per prompt
+        assert row["dpo/n_pairs"] == row["dfusion/n_pairs"]  # DPO trained exactly the fused pairs
+        assert row["train/n_pairs"] == 2 * row["dpo/n_pairs"] * 6 * config.train.inner_epochs  # both rows x all steps
+        assert 0 < row["dfusion/mask_fraction"] <= 1
+        assert np.isfinite(row["dfusion/reward_mean"]) and np.isfinite(row["dfusion/reward_gain"])
+        assert row["dfusion/good_reward_mean"] > row["dfusion/poor_reward_mean"]
+        assert 0 <= row["dpo/acc"] <= 1 and np.isfinite(row["dpo/margin"])
     # The first step sees policy == reference (loss log 2, margin 0); the following steps on the same
     # pairs lower the loss and make the margins positive.
-    assert rows[0]["dpo_loss"] < np.log(2) - 1e-3, rows[0]["dpo_loss"]
-    assert rows[0]["dpo_acc"] > 0 and rows[0]["dpo_margin"] > 0
-    assert [r["policy_version"] for r in rows] == [1, 2]
+    assert rows[0]["dpo/loss"] < np.log(2) - 1e-3, rows[0]["dpo/loss"]
+    assert rows[0]["dpo/acc"] > 0 and rows[0]["dpo/margin"] > 0
+    assert [r["train/policy_version"] for r in rows] == [1, 2]
     assert (run_dir / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 

@@ -11,8 +11,8 @@ from cluster.config import load_config
 from cluster.run import train
 
 REPO = Path(__file__).resolve().parents[2]
-REQUIRED = {"epoch", "policy_version", "reward_mean", "reward_std", "loss", "kl", "approx_kl", "clipfrac",
-            "samples_per_s", "epoch_s"}
+REQUIRED = {"epoch", "train/policy_version", "reward/mean", "reward/std", "train/loss", "train/kl", "train/approx_kl", "train/clipfrac",
+            "time/samples_per_s", "time/epoch_s"}
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -29,15 +29,15 @@ def test_short_pipelined_run_improves_reward_and_writes_the_run_directory(ray_lo
     run_dir = train(config, output_dir=str(tmp_path / "run"), log=lambda *_: None)
     rows = _rows(run_dir)
     assert len(rows) == 16 and all(REQUIRED <= set(r) for r in rows)
-    assert [r["policy_version"] for r in rows] == list(range(1, 17))
+    assert [r["train/policy_version"] for r in rows] == list(range(1, 17))
     # Pipelining: epoch k+1 was sampled while epoch k trained, one version behind.
-    assert [r["sampled_policy_version"] for r in rows] == [0] + list(range(0, 15))
-    assert all(r["stale_refused"] == 0 and r["nonfinite_rewards"] == 0 for r in rows)
-    assert all(r["nonfinite_trajectories"] == 0 and r["skipped_steps"] == 0 and r["optimizer_steps"] == 4
+    assert [r["sampler/policy_version"] for r in rows] == [0] + list(range(0, 15))
+    assert all(r["train/stale_refused"] == 0 and r["reward/nonfinite"] == 0 for r in rows)
+    assert all(r["train/nonfinite_trajectories"] == 0 and r["train/skipped_steps"] == 0 and r["train/optimizer_steps"] == 4
                for r in rows)
     # Pipelined samples are measured under the adapter that drew them (kept one version): ρ = 1.
-    assert all(r["onpolicy_ratio_dev"] < 1e-4 for r in rows), [r["onpolicy_ratio_dev"] for r in rows]
-    initial, final = rows[0]["eval_reward_mean_initial"], rows[-1]["eval_reward_mean"]
+    assert all(r["train/onpolicy_ratio_dev"] < 1e-4 for r in rows), [r["train/onpolicy_ratio_dev"] for r in rows]
+    initial, final = rows[0]["eval/reward_mean_initial"], rows[-1]["eval/reward_mean"]
     assert final > initial + 0.02, (initial, final)
     for name in ("config.yaml", "reward_curve.png", "samples/eval_epoch0000.png", "samples/eval_epoch0016.png",
                  "lora/pytorch_lora_weights.safetensors"):
@@ -60,11 +60,11 @@ def test_short_pipelined_run_improves_reward_and_writes_the_run_directory(ray_lo
 def test_synchronous_run_samples_with_the_newest_adapter(ray_local, tmp_path):
     config = _config(tmp_path, "epochs=3", "cluster.max_staleness=0", "sampling.batches_per_sampler=1")
     rows = _rows(train(config, output_dir=str(tmp_path / "run"), log=lambda *_: None))
-    assert [r["sampled_policy_version"] for r in rows] == [0, 1, 2]
+    assert [r["sampler/policy_version"] for r in rows] == [0, 1, 2]
     # The first-step importance ratio is measured every epoch and is 1 when sampler and learner agree.
-    assert all(0 <= r["onpolicy_ratio_dev"] < 1e-4 for r in rows), [r["onpolicy_ratio_dev"] for r in rows]
+    assert all(0 <= r["train/onpolicy_ratio_dev"] < 1e-4 for r in rows), [r["train/onpolicy_ratio_dev"] for r in rows]
     assert "eval_reward_mean" in rows[-1] and "eval_reward_mean" not in rows[0]
-    assert np.isfinite(rows[0]["eval_reward_mean_initial"])
+    assert np.isfinite(rows[0]["eval/reward_mean_initial"])
 
 
 def test_b2_run_with_branch_rollouts_and_progressive_intervals(ray_local, tmp_path):
@@ -72,16 +72,16 @@ def test_b2_run_with_branch_rollouts_and_progressive_intervals(ray_local, tmp_pa
         f"cache_dir={tmp_path / 'cache'}", "logging.progress=false", "epochs=4", "b2.num_stages=5",
         "b2.epochs_per_stage=1", "sampling.batches_per_sampler=1", "sampling.batch_size=2"])
     rows = _rows(train(config, output_dir=str(tmp_path / "run"), log=lambda *_: None))
-    assert [r["bpt_stage"] for r in rows] == [0, 1, 2, 3]
+    assert [r["b2/stage"] for r in rows] == [0, 1, 2, 3]
     # tau = 6 + floor(5k/5) over 10 steps: intervals [4,10), [3,10), [2,10), [1,10); leaves split there.
-    assert [r["train_interval"] for r in rows] == [[4, 10], [3, 10], [2, 10], [1, 10]]
-    assert [r["branch_step"] for r in rows] == [4, 3, 2, 1]
+    assert [r["b2/train_interval"] for r in rows] == [[4, 10], [3, 10], [2, 10], [1, 10]]
+    assert [r["b2/branch_step"] for r in rows] == [4, 3, 2, 1]
     n_leaves = config.cluster.num_samplers * config.sampling.batch_size * config.b2.n_branch
-    assert all(r["n_samples_scored"] == n_leaves for r in rows)
+    assert all(r["reward/n_scored"] == n_leaves for r in rows)
     # At most one best and one worst leaf per group are selected; each trains only interval steps.
     n_groups = n_leaves // config.b2.n_branch
-    assert all(0 < r["n_selected"] <= 2 * n_groups for r in rows)
-    assert all(r["n_pairs"] == r["n_selected"] * (10 - r["train_interval"][0]) for r in rows)
+    assert all(0 < r["b2/n_selected"] <= 2 * n_groups for r in rows)
+    assert all(r["train/n_pairs"] == r["b2/n_selected"] * (10 - r["b2/train_interval"][0]) for r in rows)
 
 
 def test_online_dpo_run_on_branch_pairs(ray_local, tmp_path):
@@ -91,11 +91,11 @@ def test_online_dpo_run_on_branch_pairs(ray_local, tmp_path):
     rows = _rows(train(config, output_dir=str(tmp_path / "run"), log=lambda *_: None))
     n_groups = config.cluster.num_samplers * config.sampling.batch_size
     for row in rows:
-        assert row["n_dpo_pairs"] == n_groups  # the best and the worst leaf of every branch group
-        assert 0 <= row["dpo_acc"] <= 1 and np.isfinite(row["dpo_margin"])
+        assert row["dpo/n_pairs"] == n_groups  # the best and the worst leaf of every branch group
+        assert 0 <= row["dpo/acc"] <= 1 and np.isfinite(row["dpo/margin"])
     # The first step starts at log 2 (policy == reference); the second inner epoch revisits the same pairs
     # after two steps on them, so the epoch's mean loss must be below log 2 and its accuracy above chance.
-    assert all(r["dpo_loss"] < np.log(2) - 1e-2 for r in rows) and rows[-1]["dpo_acc"] > 0.5
+    assert all(r["dpo/loss"] < np.log(2) - 1e-2 for r in rows) and rows[-1]["dpo/acc"] > 0.5
 
 
 def test_texforce_run_trains_and_exports_the_text_encoder_adapter(ray_local, tmp_path):
@@ -106,7 +106,7 @@ def test_texforce_run_trains_and_exports_the_text_encoder_adapter(ray_local, tmp
         "policy.train_targets=[unet,text_encoder]"])
     run_dir = train(config, output_dir=str(tmp_path / "run"), log=lambda *_: None)
     rows = _rows(run_dir)
-    assert [r["policy_version"] for r in rows] == [1, 2] and all(r["n_pairs"] > 0 for r in rows)
+    assert [r["train/policy_version"] for r in rows] == [1, 2] and all(r["train/n_pairs"] > 0 for r in rows)
     tensors = load_file(str(run_dir / "lora" / "pytorch_lora_weights.safetensors"))
     text_b = [v for k, v in tensors.items() if k.startswith("text_encoder.") and ".lora_B." in k]
     unet_b = [v for k, v in tensors.items() if k.startswith("unet.") and ".lora_B." in k]
@@ -139,9 +139,9 @@ def test_a_run_whose_samplers_overflow_stops_after_max_skipped_steps_with_a_chec
                                                    r".*4 non-finite trajectories.*stopped after checkpoint"):
         train(config, output_dir=str(tmp_path / "run"), log=messages.append)
     rows = _rows(tmp_path / "run")
-    assert [(r["epoch"], r["policy_version"], r["nonfinite_trajectories"], r["skipped_steps_in_row"]) for r in rows] \
+    assert [(r["epoch"], r["train/policy_version"], r["train/nonfinite_trajectories"], r["train/skipped_steps_in_row"]) for r in rows] \
         == [(0, 0, 4, 1), (1, 0, 4, 2)]
-    assert all(r["n_pairs"] == 0 and r["broadcast_s"] == 0 for r in rows)
+    assert all(r["train/n_pairs"] == 0 and r["time/broadcast_s"] == 0 for r in rows)
     checkpoint = load_checkpoint(latest_checkpoint(tmp_path / "run"))
     assert checkpoint.epoch == 2 and checkpoint.meta["policy_version"] == 0
     assert all(torch.isfinite(t).all() for t in checkpoint.learner_state["adapter"].values())

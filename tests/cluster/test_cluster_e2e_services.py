@@ -33,12 +33,12 @@ def test_llava_bertscore_and_clip_with_volume_through_reward_services(ray_local,
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2
     for row in rows:
-        for key in ("reward_llava_bertscore", "reward_clip_score", "volume_mean", "latency_llava_bertscore_s"):
+        for key in ("reward/llava_bertscore", "reward/clip_score", "reward/volume", "time/latency_llava_bertscore_s"):
             assert np.isfinite(row[key]), (key, row)
         # The trained reward is w1 r_llava + w2 r_clip - gamma Vol, so its mean is the same mix of the means.
-        expected = row["reward_llava_bertscore"] + 0.5 * row["reward_clip_score"] - 0.25 * row["volume_mean"]
-        assert row["reward_mean"] == pytest.approx(expected, abs=1e-4)
-        assert 0 < row["volume_mean"] <= 1 and row["reward_retries"] == 0
+        expected = row["reward/llava_bertscore"] + 0.5 * row["reward/clip_score"] - 0.25 * row["reward/volume"]
+        assert row["reward/mean"] == pytest.approx(expected, abs=1e-4)
+        assert 0 < row["reward/volume"] <= 1 and row["reward/retries"] == 0
     captions = [json.loads(line) for line in (run_dir / "captions.jsonl").read_text().splitlines()]
     assert len(captions) == 2 * config.sampling.batch_size and all(c["caption"] for c in captions)
     final = json.loads((run_dir / "samples" / "eval_epoch0002.json").read_text())

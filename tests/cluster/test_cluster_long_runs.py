@@ -17,8 +17,8 @@ from cluster.run import prepare_run_dir, train
 from cluster.stop import RunInterrupted, StopRequest
 
 REPO = Path(__file__).resolve().parents[2]
-EVAL_KEYS = ("eval_reward_mean", "eval_jpeg_compressibility")
-COUNTER_KEYS = ("sampler_restarts", "resampled_batches", "sampler_restarts_total")
+EVAL_KEYS = ("eval/reward_mean", "eval/jpeg_compressibility")
+COUNTER_KEYS = ("sampler/restarts", "sampler/resampled_batches", "sampler/restarts_total")
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_stopped_resumed_and_extended_run_equals_the_uninterrupted_one(reference
         # Epoch 1 ended the 2-epoch run, which evaluated there; everything trained is identical.
         drop = EVAL_KEYS if got["epoch"] == 1 else ()
         assert _training(got, drop=drop) == _training(want, drop=drop)
-    assert rows[-1]["eval_reward_mean"] == expected[-1]["eval_reward_mean"]
+    assert rows[-1]["eval/reward_mean"] == expected[-1]["eval/reward_mean"]
     assert _lora(run_dir) == _lora(reference)  # the final adapter, bit for bit
     assert [p.name for p in list_checkpoints(run_dir)] == ["epoch-000003", "epoch-000004"]
     lines.clear()  # a run that already has its epochs has nothing to do
@@ -115,13 +115,13 @@ def test_sampler_killed_mid_epoch_is_restarted_and_the_run_is_unchanged(referenc
         rows = driver.run(log=kill_during_epoch_1)
     finally:
         driver.shutdown()
-    assert sum(r["sampler_restarts"] for r in rows) == 1 and rows[-1]["sampler_restarts_total"] == 1
+    assert sum(r["sampler/restarts"] for r in rows) == 1 and rows[-1]["sampler/restarts_total"] == 1
     assert any(line.startswith("sampler 0 died") for line in lines)
     new_pid = ray.get(driver.samplers[0].__ray_call__.remote(lambda self: os.getpid()), timeout=120)
     assert new_pid != pid
     # Complete batches (never partial, never duplicated): every number equals the run without the kill.
     for got, want in zip(rows, _rows(reference), strict=True):
-        assert got["n_samples_scored"] == config.samples_per_epoch
+        assert got["reward/n_scored"] == config.samples_per_epoch
         assert _training(got, drop=COUNTER_KEYS) == _training(want, drop=COUNTER_KEYS)
     assert _lora(run_dir) == _lora(reference)
 

@@ -61,8 +61,8 @@ def test_writer_appends_to_an_existing_metrics_file(tmp_path):
 def test_close_writes_the_reward_curve_png_from_the_rows(tmp_path):
     writer = MetricsWriter(tmp_path, tensorboard=False)
     for epoch in range(4):
-        writer.write({"epoch": epoch, "reward_mean": float(epoch), "reward_std": 0.5 if epoch else None,
-                      "eval_reward_mean": 1.0 + epoch if epoch % 2 == 0 else float("nan")})
+        writer.write({"epoch": epoch, "reward/mean": float(epoch), "reward/std": 0.5 if epoch else None,
+                      "eval/reward_mean": 1.0 + epoch if epoch % 2 == 0 else float("nan")})
     writer.close()
 
     with Image.open(tmp_path / "reward_curve.png") as image:
@@ -71,10 +71,20 @@ def test_close_writes_the_reward_curve_png_from_the_rows(tmp_path):
 
 def test_reward_curve_plots_rows_without_rewards_and_creates_no_other_files(tmp_path):
     path = tmp_path / "curve.png"
-    plot_reward_curve([{"epoch": 0, "reward_mean": None}, {"epoch": 1, "eval_reward_mean": 0.3}], path)
+    plot_reward_curve([{"epoch": 0, "reward/mean": None}, {"epoch": 1, "eval/reward_mean": 0.3}], path)
     with Image.open(path) as image:
         assert image.size == (600, 400)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curve.png"]
+
+
+def test_reward_curve_includes_the_evaluation_before_training_at_epoch_zero():
+    from cluster.metrics import reward_curve_points
+
+    rows = [{"epoch": 0, "reward/mean": 1.0, "eval/reward_mean_initial": 0.2},
+            {"epoch": 1, "reward/mean": 2.0, "eval/reward_mean": 0.5}, {"epoch": 2, "reward/mean": None}]
+    train, evals = reward_curve_points(rows)
+    assert [r["epoch"] for r in train] == [0, 1]
+    assert evals == [(0, 0.2), (2, 0.5)]  # before the first update, then after epoch 1's update
 
 
 def test_tensorboard_mirrors_numeric_scalars_by_epoch(tmp_path):

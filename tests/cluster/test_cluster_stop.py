@@ -118,6 +118,6 @@ def test_a_reward_that_stays_down_stops_the_run_after_a_checkpoint(ray_cluster, 
     assert 1 <= checkpoint.epoch < 8
     # Every trained epoch had a complete, finite reward for every sample: nothing silently zero or missing.
     for row in checkpoint.metrics:
-        assert row["n_samples_scored"] == config.samples_per_epoch and row["nonfinite_rewards"] == 0
-        assert np.isfinite(row["reward_mean"]) and row["reward_mean"] != 0
+        assert row["reward/n_scored"] == config.samples_per_epoch and row["reward/nonfinite"] == 0
+        assert np.isfinite(row["reward/mean"]) and row["reward/mean"] != 0
     assert _reward_apps() == []

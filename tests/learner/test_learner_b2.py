@@ -59,8 +59,8 @@ def test_only_the_stage_interval_is_trained(policy_spec, branches, algorithm):
     stats = learner.update(trajectories=[branches], rewards=[REWARDS], epoch=0)
     interval = set(int(t) for t in branches.timesteps[4:6])  # stage 0: steps [4, 6)
     assert seen and set(seen) <= interval, (sorted(set(seen)), interval)
-    assert stats["bpt_stage"] == 0 and (stats["train_first_step"], stats["train_last_step"]) == (4, 6)
-    assert stats["n_pairs"] > 0 and learner.version == 1
+    assert stats["b2/stage"] == 0 and (stats["b2/first_step"], stats["b2/last_step"]) == (4, 6)
+    assert stats["train/n_pairs"] > 0 and learner.version == 1
 
 
 def test_gradients_are_zero_outside_the_interval(policy_spec, branches):
@@ -77,20 +77,20 @@ def test_contrastive_selection_on_a_hand_made_table(policy_spec, branches):
     stats = learner.update(trajectories=[branches], rewards=[REWARDS], epoch=0)
     # Per-prompt z over the current stage: cat [0, 1, .2, .4] -> best leaf 1 (z > .5), worst leaf 0
     # (z < -.5); dog [5, 5.1, 4, 5] -> best leaf 5 (z = .61), worst leaf 6 (z = -1.48). 4 selected.
-    assert stats["n_selected"] == 4
-    assert stats["n_pairs"] == 4 * 2  # selected leaves x the 2 interval steps
+    assert stats["b2/n_selected"] == 4
+    assert stats["train/n_pairs"] == 4 * 2  # selected leaves x the 2 interval steps
     tight = Learner(policy_spec=policy_spec, spec=_spec(algorithm="pg", b2_threshold=1.4))
     stats = tight.update(trajectories=[branches], rewards=[REWARDS], epoch=0)
-    assert stats["n_selected"] == 1  # only the dog group's worst leaf clears |z| >= 1.4
+    assert stats["b2/n_selected"] == 1  # only the dog group's worst leaf clears |z| >= 1.4
 
 
 def test_online_dpo_starts_at_log2_and_raises_the_preferred_margin(policy_spec, branches):
     learner = Learner(policy_spec=policy_spec, spec=_spec(algorithm="dpo", dpo_beta=1.0, learning_rate=3e-2))
     first = learner.update(trajectories=[branches], rewards=[REWARDS], epoch=0)
-    assert first["n_dpo_pairs"] == 2
-    assert first["dpo_loss"] == pytest.approx(np.log(2), abs=1e-6)  # policy == reference before any step
+    assert first["dpo/n_pairs"] == 2
+    assert first["dpo/loss"] == pytest.approx(np.log(2), abs=1e-6)  # policy == reference before any step
     margins = []
     for _ in range(3):
         current = dataclasses.replace(branches, policy_version=learner.version)
-        margins.append(learner.update(trajectories=[current], rewards=[REWARDS], epoch=0)["dpo_margin"])
+        margins.append(learner.update(trajectories=[current], rewards=[REWARDS], epoch=0)["dpo/margin"])
     assert margins[-1] > 0 and margins[-1] > margins[0]

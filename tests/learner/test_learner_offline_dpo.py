@@ -214,9 +214,10 @@ def test_gard_dpo_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "gard dpo: dpo-demo" in proc.stdout and "gard dpo: done: 5 steps" in proc.stdout
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [2, 4, 5]
-    assert rows[0]["loss"] is not None and rows[-1]["window_steps"] == 1
-    assert {"loss", "implicit_acc", "reward_margin", "grad_norm", "loss_mean", "implicit_acc_mean"} <= set(rows[0])
+    assert [r["step"] for r in rows] == [2, 4, 5]
+    assert rows[0]["dpo/loss"] is not None and rows[-1]["dpo/window_steps"] == 1
+    assert {"dpo/loss", "dpo/implicit_acc", "dpo/reward_margin", "train/grad_norm", "dpo/loss_mean",
+            "dpo/implicit_acc_mean", "train/skipped_steps", "time/step_s"} <= set(rows[0])
     weights = run_dir / "lora" / "pytorch_lora_weights.safetensors"
     assert weights.is_file()
     from safetensors.torch import load_file

@@ -78,11 +78,11 @@ def test_bf16_and_fp16_training_keep_fp32_adapter_and_optimizer_state(policy_spe
         learner = Learner(policy_spec=policy_spec, spec=_spec(mixed_precision=mode))
         assert learner.policy.dtype == dtype and learner.sampler_dtype == "float32"
         stats = learner.update(trajectories=[traj], rewards=[REWARDS], epoch=0)
-        assert stats["optimizer_steps"] == 1 and stats["skipped_steps"] == 0 and learner.version == 1
+        assert stats["train/optimizer_steps"] == 1 and stats["train/skipped_steps"] == 0 and learner.version == 1
         for param in learner.optimizer.param_groups[0]["params"]:
             assert param.dtype == torch.float32
             assert learner.optimizer.state[param]["exp_avg"].dtype == torch.float32
-        assert stats["loss_scale"] == (2.0**16 if mode == "fp16" else 1.0)
+        assert stats["train/loss_scale"] == (2.0**16 if mode == "fp16" else 1.0)
 
 
 # ----- non-finite guards ------------------------------------------------------------------------
@@ -93,14 +93,14 @@ def test_nonfinite_latents_or_log_probs_are_dropped_and_counted(policy_spec, tra
     poisoned = dataclasses.replace(traj, latents=latents, log_probs=log_probs)
     learner = Learner(policy_spec=policy_spec, spec=_spec())
     stats = learner.update(trajectories=[poisoned], rewards=[REWARDS], epoch=0)
-    assert stats["nonfinite_trajectories"] == 2 and stats["n_samples"] == 2 and stats["n_pairs"] == 2 * 4
+    assert stats["train/nonfinite_trajectories"] == 2 and stats["train/n_samples"] == 2 and stats["train/n_pairs"] == 2 * 4
     assert learner.version == 1 and all(torch.isfinite(p).all() for p in _adapter(learner))
 
     # A batch that is entirely non-finite trains nothing, keeps the version, and counts as a skip.
     before = _adapter(learner)
     all_nan = dataclasses.replace(traj, latents=np.full_like(traj.latents, np.nan), policy_version=1)
     stats = learner.update(trajectories=[all_nan], rewards=[REWARDS], epoch=1)
-    assert stats["nonfinite_trajectories"] == 4 and stats["n_pairs"] == 0 and stats["skipped_steps_in_row"] == 1
+    assert stats["train/nonfinite_trajectories"] == 4 and stats["train/n_pairs"] == 0 and stats["train/skipped_steps_in_row"] == 1
     assert learner.version == 1
     _assert_same(before, _adapter(learner))
 
@@ -116,12 +116,12 @@ def test_a_nonfinite_loss_skips_the_step_and_skips_are_counted_in_a_row(policy_s
     before = _adapter(learner)
     for epoch in range(2):
         stats = learner.update(trajectories=[overflowing], rewards=[REWARDS], epoch=epoch)
-        assert stats["skipped_steps"] == 1 and stats["optimizer_steps"] == 0 and stats["n_pairs"] == 0
-        assert stats["skipped_steps_in_row"] == epoch + 1
+        assert stats["train/skipped_steps"] == 1 and stats["train/optimizer_steps"] == 0 and stats["train/n_pairs"] == 0
+        assert stats["train/skipped_steps_in_row"] == epoch + 1
     assert learner.version == 0 and not learner.optimizer.state
     _assert_same(before, _adapter(learner))
     stats = learner.update(trajectories=[traj], rewards=[REWARDS], epoch=2)
-    assert stats["optimizer_steps"] == 1 and stats["skipped_steps_in_row"] == 0 and learner.version == 1
+    assert stats["train/optimizer_steps"] == 1 and stats["train/skipped_steps_in_row"] == 0 and learner.version == 1
 
 
 def test_nonfinite_adapters_are_neither_published_nor_applied(policy_spec):
@@ -163,7 +163,7 @@ def test_checkpoint_state_is_cpu_snapshot_and_round_trips(policy_spec, traj):
     resumed.load_state_dict(state=loaded)
     assert resumed.stepper.steps_taken == 1 and resumed.stepper.loss_scale == 2.0**16
     stats = resumed.update(trajectories=[current], rewards=[REWARDS], epoch=1)
-    assert stats["version"] == learner.version == 2
+    assert stats["train/policy_version"] == learner.version == 2
     _assert_same(_adapter(learner), _adapter(resumed))
 
 
@@ -176,8 +176,8 @@ def test_tensors_not_on_cpu_names_the_offending_paths():
 def test_first_step_ratio_is_one_on_policy_and_flags_a_mismatch(policy_spec, traj):
     sync = Learner(policy_spec=policy_spec, spec=_spec())
     stats = sync.update(trajectories=[traj], rewards=[REWARDS], epoch=0)
-    assert 0 <= stats["onpolicy_ratio_dev"] < 1e-4, stats["onpolicy_ratio_dev"]
-    assert ratio_warning(deviation=stats["onpolicy_ratio_dev"], threshold=1e-4, sampler_dtype="float32",
+    assert 0 <= stats["train/onpolicy_ratio_dev"] < 1e-4, stats["train/onpolicy_ratio_dev"]
+    assert ratio_warning(deviation=stats["train/onpolicy_ratio_dev"], threshold=1e-4, sampler_dtype="float32",
                          mixed_precision="no") is None
 
     # Pipelined: the next batch was sampled one version behind; the learner measures it under the
@@ -186,7 +186,7 @@ def test_first_step_ratio_is_one_on_policy_and_flags_a_mismatch(policy_spec, tra
     piped.update(trajectories=[traj], rewards=[REWARDS], epoch=0)
     second = Sampler(spec=policy_spec).sample(prompts=PROMPTS, seed=1)[0]  # version 0, learner at 1
     stats = piped.update(trajectories=[second], rewards=[REWARDS], epoch=1)
-    assert stats["onpolicy_ratio_dev"] < 1e-4 and piped.version == 2
+    assert stats["train/onpolicy_ratio_dev"] < 1e-4 and piped.version == 2
 
     # A sampler whose adapter differs from the one its trajectories are stamped with.
     drifted = Sampler(spec=policy_spec)
@@ -195,8 +195,8 @@ def test_first_step_ratio_is_one_on_policy_and_flags_a_mismatch(policy_spec, tra
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
     wrong = drifted.sample(prompts=PROMPTS, seed=2)[0]
     stats = Learner(policy_spec=policy_spec, spec=_spec()).update(trajectories=[wrong], rewards=[REWARDS], epoch=0)
-    assert stats["onpolicy_ratio_dev"] > 1e-2
-    message = ratio_warning(deviation=stats["onpolicy_ratio_dev"], threshold=1e-4, sampler_dtype="float16",
+    assert stats["train/onpolicy_ratio_dev"] > 1e-2
+    message = ratio_warning(deviation=stats["train/onpolicy_ratio_dev"], threshold=1e-4, sampler_dtype="float16",
                             mixed_precision="bf16")
     assert "exceeds the clip range" in message and "policy.dtype=float16" in message
 

@@ -59,20 +59,20 @@ def test_update_raises_log_prob_of_positive_advantage_samples(policy_spec, batch
     after = _log_probs(learner, traj)
     delta = (after - before).sum(dim=1)
     assert delta[0] > 0 and delta[2] > 0 and delta[1] < 0 and delta[3] < 0
-    assert learner.version == 1 and stats["n_pairs"] == 16 and stats["n_samples"] == 4
-    for key in ("loss", "kl", "approx_kl", "clipfrac", "grad_norm", "train_s"):
+    assert learner.version == 1 and stats["train/n_pairs"] == 16 and stats["train/n_samples"] == 4
+    for key in ("train/loss", "train/kl", "train/approx_kl", "train/clipfrac", "train/grad_norm", "time/train_s"):
         assert np.isfinite(stats[key]), key
-    assert stats["kl"] >= 0
+    assert stats["train/kl"] >= 0
 
 
 def test_nonfinite_rewards_are_dropped_and_counted(policy_spec, batch):
     traj, _ = batch
     learner = Learner(policy_spec=policy_spec, spec=_spec())
     stats = learner.update(trajectories=[traj], rewards=[np.array([1.0, np.nan, np.inf, 0.0], np.float32)], epoch=0)
-    assert stats["nonfinite_rewards"] == 2 and stats["n_samples"] == 2 and stats["n_pairs"] == 8
+    assert stats["reward/nonfinite"] == 2 and stats["train/n_samples"] == 2 and stats["train/n_pairs"] == 8
     current = dataclasses.replace(traj, policy_version=learner.version)
     all_nan = learner.update(trajectories=[current], rewards=[np.full(4, np.nan, np.float32)], epoch=1)
-    assert all_nan["n_pairs"] == 0 and all_nan["nonfinite_rewards"] == 4
+    assert all_nan["train/n_pairs"] == 0 and all_nan["reward/nonfinite"] == 4
 
 
 def test_stale_trajectories_are_refused_and_counted(policy_spec, batch):
@@ -83,18 +83,18 @@ def test_stale_trajectories_are_refused_and_counted(policy_spec, batch):
     fresh = dataclasses.replace(traj, policy_version=1)
     params = [p.clone() for _, p in learner.policy.named_trainable_parameters()]
     stats = learner.update(trajectories=[stale], rewards=[np.arange(4, dtype=np.float32)], epoch=0)
-    assert stats["stale_refused"] == 4 and stats["n_pairs"] == 0
+    assert stats["train/stale_refused"] == 4 and stats["train/n_pairs"] == 0
     for before, (_, p) in zip(params, learner.policy.named_trainable_parameters(), strict=True):
         torch.testing.assert_close(before, p)  # nothing trained on stale data
     stats = learner.update(trajectories=[stale, fresh], rewards=[np.arange(4.0), np.arange(4.0)], epoch=0)
-    assert stats["stale_refused"] == 4 and stats["n_samples"] == 4
+    assert stats["train/stale_refused"] == 4 and stats["train/n_samples"] == 4
 
 
 def test_timestep_fraction_and_updates_per_epoch(policy_spec, batch):
     traj, _ = batch
     learner = Learner(policy_spec=policy_spec, spec=_spec(timestep_fraction=0.5, updates_per_epoch=3, inner_epochs=2))
     stats = learner.update(trajectories=[traj], rewards=[np.arange(4, dtype=np.float32)], epoch=0)
-    assert stats["n_pairs"] == 2 * 4 * 2  # inner epochs x samples x kept steps
+    assert stats["train/n_pairs"] == 2 * 4 * 2  # inner epochs x samples x kept steps
     assert learner.optimizer.state[learner.optimizer.param_groups[0]["params"][0]]["step"] == 6
 
 
@@ -110,8 +110,8 @@ def test_kl_term_pulls_toward_the_reference(policy_spec, batch):
     for epoch in range(1, 6):
         current = dataclasses.replace(traj, policy_version=learner.version)
         last = learner.update(trajectories=[current], rewards=[flat], epoch=epoch)
-    assert first["kl"] > 0 and last["kl"] < first["kl"]
-    assert first["beta"] == 1.0
+    assert first["train/kl"] > 0 and last["train/kl"] < first["train/kl"]
+    assert first["train/kl_beta"] == 1.0
 
 
 def test_publish_packs_the_current_adapter_with_version(policy_spec, batch):
