@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from actors.ddim import ddim_step_with_logprob
+from actors.seeding import spawned_generator
 from actors.trajectory import ImageBatch, Trajectory
 
 
@@ -91,17 +92,12 @@ class BranchTrajectory:
         )
 
 
-def _generator(seed: int, spawn_key: tuple[int, ...], device: str = "cpu") -> torch.Generator:
-    state = np.random.SeedSequence(seed, spawn_key=spawn_key).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator(device=device).manual_seed(int(state))
-
-
 def branch_generators(
     seed: int, *, num_groups: int, n_branch: int
 ) -> tuple[list[torch.Generator], list[torch.Generator]]:
     """(group generators [B], leaf generators [B · n_branch], group-major) derived from ``seed``."""
-    groups = [_generator(seed, (g,)) for g in range(num_groups)]
-    leaves = [_generator(seed, (g, j)) for g in range(num_groups) for j in range(n_branch)]
+    groups = [spawned_generator(seed, (g,)) for g in range(num_groups)]
+    leaves = [spawned_generator(seed, (g, j)) for g in range(num_groups) for j in range(n_branch)]
     return groups, leaves
 
 

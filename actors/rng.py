@@ -1,7 +1,7 @@
 """Capture and restore a process's global random number generators (for exact checkpoint/resume).
 
 Sampling never draws from these (every batch has its own ``torch.Generator`` seeded from
-``(seed, epoch, worker, batch)``, cluster/seeding.py), but library code may, so a checkpoint keeps
+``(seed, epoch, worker, batch)``, actors/seeding.py), but library code may, so a checkpoint keeps
 them: torch's CPU generator (and CUDA's when present), numpy's legacy global state and Python's
 ``random``. The state is plain tensors, ints and tuples, so ``torch.load(weights_only=True)`` reads it.
 """

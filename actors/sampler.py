@@ -62,8 +62,8 @@ class Sampler:
         Returns ``(TrajectoryPairs(chosen=fused, rejected=poor rows), ImageBatch of the fused images
         (uint8), stats {"mask_fraction": [P] floats, "unet_calls", "dfusion_s"})``. No randomness.
         """
-        from actors.dfusion import dfusion, gather_rows
-        from actors.trajectory import TrajectoryPairs
+        from actors.dfusion import dfusion
+        from actors.trajectory import TrajectoryPairs, gather_rows
 
         if len(poor) != len(good) or not poor:
             raise ValueError(f"dfusion() needs as many poor as good indices (>= 1), got {len(poor)} and {len(good)}")

@@ -73,6 +73,27 @@ def concat_trajectories(parts: list[Trajectory]) -> Trajectory:
     )
 
 
+def gather_rows(parts, index: list[tuple[int, int]]) -> Trajectory:
+    """The rows ``(part, row)`` of several trajectory batches as one Trajectory (in ``index`` order).
+
+    parts: Trajectories indexable by part index (a list, or a dict holding at least the parts used).
+    """
+    if not index:
+        raise ValueError("gather_rows needs at least one (part, row) index")
+    used = sorted({p for p, _ in index})
+    for p in used[1:]:
+        if not np.array_equal(parts[p].timesteps, parts[used[0]].timesteps):
+            raise ValueError("trajectories with different timestep schedules cannot be gathered")
+    return Trajectory(
+        latents=np.stack([parts[p].latents[r] for p, r in index]),
+        log_probs=np.stack([parts[p].log_probs[r] for p, r in index]),
+        timesteps=np.asarray(parts[used[0]].timesteps),
+        prompts=[parts[p].prompts[r] for p, r in index],
+        policy_version=min(parts[p].policy_version for p in used),
+        seed=parts[used[0]].seed,
+    )
+
+
 @dataclass
 class TrajectoryPairs:
     """P explicit preference pairs: row p of ``chosen`` is preferred over row p of ``rejected``.

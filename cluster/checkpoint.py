@@ -28,20 +28,14 @@ from pathlib import Path
 import torch
 import yaml
 
-from cluster.config import ConfigError
+from cluster.config import ConfigError, resume_safe_fields
 
 CHECKPOINTS = "checkpoints"
 FORMAT = 1
 _NAME = re.compile(r"^epoch-(\d{6,})$")
 
-# Config fields a resumed run may change: how long to run, where things live, resources, logging,
-# timeouts and checkpointing. Everything else decides what is sampled and trained, so it must match.
-RESUME_SAFE = (
-    "epochs", "name", "output_dir", "cache_dir", "logging.", "checkpoint.", "reward_service.", "policy.device",
-    "prompts.eval", "cluster.address", "cluster.local_num_cpus", "cluster.sampler_num_", "cluster.learner_num_",
-    "cluster.reward_num_", "cluster.call_timeout_s", "cluster.torch_threads", "cluster.max_sampler_failures",
-    "train.max_skipped_steps",
-)
+# Config fields a resumed run may change: marked on the fields themselves (cluster/config.py).
+RESUME_SAFE = resume_safe_fields()
 
 
 @dataclass

@@ -35,6 +35,9 @@ def _algorithm_names() -> list[str]:
     return list(ALGORITHMS)
 
 
+RESUMABLE = {"resume_safe": True}  # may change when a run is resumed (see resume_safe_fields)
+
+
 def choice(*options: str) -> dict:
     return _rule(lambda v: v in options, f"one of {list(options)}")
 
@@ -43,12 +46,12 @@ def choice(*options: str) -> dict:
 class PolicyConfig:
     pretrained: str = field(default="tiny:sd", metadata={"doc": "pipeline dir, hub id, or tiny:sd / tiny:sd-v"})
     dtype: str = field(default="float32", metadata=choice("float32", "float16", "bfloat16"))
-    device: str = field(default="auto", metadata=choice("auto", "cpu", "cuda"))
+    device: str = field(default="auto", metadata={**choice("auto", "cpu", "cuda"), **RESUMABLE})
     lora_rank: int = field(default=4, metadata=POSITIVE)
     lora_alpha: float = field(default=4.0, metadata=POSITIVE)
     lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     init_lora_seed: int = 0
-    # TexForce (seed 002): which networks carry a trainable LoRA: [unet], [text_encoder] or both.
+    # TexForce (Chen et al., ECCV 2024): which networks carry a trainable LoRA: [unet], [text_encoder] or both.
     train_targets: list[str] = field(default_factory=lambda: ["unet"])
     text_encoder_lora_rank: int = field(default=4, metadata=POSITIVE)
     text_encoder_lora_alpha: float = field(default=4.0, metadata=POSITIVE)
@@ -76,10 +79,10 @@ class SamplingConfig:
 class PromptsConfig:
     train: list[str] = field(default_factory=list)
     train_file: str | None = None
-    eval: list[str] = field(default_factory=list)
-    eval_file: str | None = None
-    eval_seed: int = 1234
-    eval_images_per_prompt: int = field(default=2, metadata=POSITIVE)
+    eval: list[str] = field(default_factory=list, metadata=RESUMABLE)
+    eval_file: str | None = field(default=None, metadata=RESUMABLE)
+    eval_seed: int = field(default=1234, metadata=RESUMABLE)
+    eval_images_per_prompt: int = field(default=2, metadata={**POSITIVE, **RESUMABLE})
 
 
 @dataclass
@@ -109,14 +112,14 @@ class TrainConfig:
         "doc": "the learner's precision (samplers use policy.dtype): bf16 autocast, or fp16 autocast with "
                "loss scaling; LoRA weights and optimizer state stay float32 (learner/precision.py)"})
     max_skipped_steps: int = field(default=10, metadata={
-        **POSITIVE, "doc": "optimizer steps skipped in a row (non-finite loss, gradient or batch) that stop "
+        **POSITIVE, **RESUMABLE, "doc": "optimizer steps skipped in a row (non-finite loss, gradient or batch) that stop "
                            "the run, after a checkpoint"})
 
 
 @dataclass
 class DpoConfig:
-    """Diffusion-DPO (seed 003): offline from a preference JSONL (``gard dpo``), or online from branch
-    pairs with ``train.algorithm: dpo`` (the trajectory form of DESIGN.md §3)."""
+    """Diffusion-DPO (Wallace et al., CVPR 2024): offline from a preference JSONL (``gard dpo``), or online
+    from branch pairs with ``train.algorithm: dpo`` (the trajectory form, ``learner/algorithms/online_dpo.py``)."""
 
     beta: float = field(default=2000.0, metadata=POSITIVE)
     online_beta: float = field(default=1.0, metadata=POSITIVE)
@@ -125,13 +128,13 @@ class DpoConfig:
     batch_size: int = field(default=4, metadata=POSITIVE)
     log_every: int = field(default=10, metadata=POSITIVE)
     # Online DPO pairs: best_worst = the best and worst sample of each group (prompt or branch group);
-    # dfusion = (D-Fusion sample ≻ worst sample) per prompt, the fusion of its best into its worst (seed 004).
+    # dfusion = (D-Fusion sample ≻ worst sample) per prompt, the fusion of its best into its worst (D-Fusion, ICML 2025).
     pair_source: str = field(default="best_worst", metadata=choice("best_worst", "dfusion"))
 
 
 @dataclass
 class DFusionConfig:
-    """D-Fusion (seed 004; actors/dfusion.py): how the fused sample of a (worst, best) pair is built."""
+    """D-Fusion (ICML 2025; actors/dfusion.py): how the fused sample of a (worst, best) pair is built."""
 
     token_positions: list[int] | None = field(default=None, metadata={
         "doc": "prompt token positions (1 = first word) whose cross-attention makes the mask; null: all content"})
@@ -147,7 +150,7 @@ class DFusionConfig:
 
 @dataclass
 class B2Config:
-    """B²-DiffuRL (seed 001): backward progressive training + branch rollouts + contrastive selection."""
+    """B²-DiffuRL (Hu et al., CVPR 2025): backward progressive training + branch rollouts + contrastive selection."""
 
     enabled: bool = False
     tau_start: int = field(default=14, metadata=POSITIVE)
@@ -194,20 +197,20 @@ class RewardServiceConfig:
 
 @dataclass
 class ClusterConfig:
-    address: str | None = field(default=None, metadata={"doc": "None: start a local Ray on 127.0.0.1"})
-    local_num_cpus: int | None = field(default=None, metadata=POSITIVE)
+    address: str | None = field(default=None, metadata={"doc": "None: start a local Ray on 127.0.0.1", **RESUMABLE})
+    local_num_cpus: int | None = field(default=None, metadata={**POSITIVE, **RESUMABLE})
     num_samplers: int = field(default=2, metadata=POSITIVE)
-    sampler_num_cpus: float = field(default=0.5, metadata=NON_NEGATIVE)
-    sampler_num_gpus: float = field(default=0.0, metadata=NON_NEGATIVE)
-    learner_num_cpus: float = field(default=0.5, metadata=NON_NEGATIVE)
-    learner_num_gpus: float = field(default=0.0, metadata=NON_NEGATIVE)
-    reward_num_cpus: float = field(default=0.5, metadata=NON_NEGATIVE)
-    reward_num_gpus: float = field(default=0.0, metadata=NON_NEGATIVE)
+    sampler_num_cpus: float = field(default=0.5, metadata={**NON_NEGATIVE, **RESUMABLE})
+    sampler_num_gpus: float = field(default=0.0, metadata={**NON_NEGATIVE, **RESUMABLE})
+    learner_num_cpus: float = field(default=0.5, metadata={**NON_NEGATIVE, **RESUMABLE})
+    learner_num_gpus: float = field(default=0.0, metadata={**NON_NEGATIVE, **RESUMABLE})
+    reward_num_cpus: float = field(default=0.5, metadata={**NON_NEGATIVE, **RESUMABLE})
+    reward_num_gpus: float = field(default=0.0, metadata={**NON_NEGATIVE, **RESUMABLE})
     max_staleness: int = field(default=0, metadata=_rule(lambda v: v in (0, 1), "0 (synchronous) or 1 (pipelined)"))
-    call_timeout_s: float = field(default=600.0, metadata=POSITIVE)
-    torch_threads: int = field(default=1, metadata=POSITIVE)
+    call_timeout_s: float = field(default=600.0, metadata={**POSITIVE, **RESUMABLE})
+    torch_threads: int = field(default=1, metadata={**POSITIVE, **RESUMABLE})
     max_sampler_failures: int = field(default=3, metadata={
-        **POSITIVE, "doc": "a sampler that dies is restarted; this many failures in a row stop the run"})
+        **POSITIVE, **RESUMABLE, "doc": "a sampler that dies is restarted; this many failures in a row stop the run"})
 
 
 @dataclass
@@ -229,10 +232,10 @@ class LoggingConfig:
 @dataclass
 class Config:
     seed: int = 0
-    epochs: int = field(default=10, metadata=POSITIVE)
-    name: str = "gard"
-    output_dir: str | None = None
-    cache_dir: str = ".cache/gard"
+    epochs: int = field(default=10, metadata={**POSITIVE, **RESUMABLE})  # a finished run can be extended
+    name: str = field(default="gard", metadata=RESUMABLE)
+    output_dir: str | None = field(default=None, metadata=RESUMABLE)
+    cache_dir: str = field(default=".cache/gard", metadata=RESUMABLE)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
@@ -242,10 +245,10 @@ class Config:
     dpo: DpoConfig = field(default_factory=DpoConfig)
     dfusion: DFusionConfig = field(default_factory=DFusionConfig)
     b2: B2Config = field(default_factory=B2Config)
-    reward_service: RewardServiceConfig = field(default_factory=RewardServiceConfig)
+    reward_service: RewardServiceConfig = field(default_factory=RewardServiceConfig, metadata=RESUMABLE)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig, metadata=RESUMABLE)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata=RESUMABLE)
 
     # ----- derived ------------------------------------------------------------------------
     @property
@@ -260,6 +263,21 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def resume_safe_fields(cls=Config, prefix: str = "") -> tuple[str, ...]:
+    """Dotted paths of the fields marked ``RESUMABLE`` (a marked section ends with "."): what a resumed
+    run may change (how long to run, where things live, resources, timeouts, logging, checkpointing).
+    Every other field decides what is sampled and trained, so it must match the checkpoint's."""
+    hints = typing.get_type_hints(cls)
+    paths: list[str] = []
+    for f in dataclasses.fields(cls):
+        path, section = f"{prefix}{f.name}", dataclasses.is_dataclass(hints[f.name])
+        if f.metadata.get("resume_safe"):
+            paths.append(path + ("." if section else ""))
+        elif section:
+            paths.extend(resume_safe_fields(hints[f.name], path + "."))
+    return tuple(paths)
 
 
 # ----- building and validation ------------------------------------------------------------------
@@ -360,7 +378,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(data, key, value)
     config = _build(Config, data, "")
-    validate(config, base_dir=path.parent if path is not None else Path("."))
+    resolve_files(config, base_dir=path.parent if path is not None else Path("."))
+    fill_defaults(config)
+    validate(config)
     return config
 
 
@@ -390,10 +410,10 @@ def serve_options(name: str, raw: dict | None):
         raise ConfigError(f"rewards.{name}.serve: {err}") from None
 
 
-def validate(config: Config, *, base_dir: Path = Path(".")) -> None:
-    """Cross-field rules; resolves prompt files into the prompt lists."""
-    from rewards.registry import REWARDS, reward_options
-
+def resolve_files(config: Config, *, base_dir: Path) -> None:
+    """The loader's file step (the only I/O of building a config): reads prompt files into the prompt
+    lists and makes ``policy.init_adapter`` an absolute path to an existing diffusers LoRA directory.
+    Relative paths are looked up as given, then next to the config file."""
     p = config.prompts
     if p.train_file:
         p.train = p.train + _read_prompt_file("prompts.train_file", p.train_file, base_dir)
@@ -401,19 +421,7 @@ def validate(config: Config, *, base_dir: Path = Path(".")) -> None:
     if p.eval_file:
         p.eval = p.eval + _read_prompt_file("prompts.eval_file", p.eval_file, base_dir)
         p.eval_file = None
-    if not p.train:
-        raise ConfigError("prompts.train is empty: give at least one training prompt (prompts.train or prompts.train_file)")
-    for i, prompt in enumerate(p.train):
-        if not prompt.strip():
-            raise ConfigError(f"prompts.train[{i}] is an empty string; every prompt needs text")
-    if not p.eval:
-        p.eval = list(dict.fromkeys(p.train))[:4]
-
     pol = config.policy
-    if not pol.train_targets or len(set(pol.train_targets)) != len(pol.train_targets) or \
-            not set(pol.train_targets) <= {"unet", "text_encoder"}:
-        raise ConfigError(f"policy.train_targets = {pol.train_targets}: expected a non-empty list of distinct "
-                          f"names out of ['unet', 'text_encoder']")
     if pol.init_adapter is not None:
         adapter = Path(pol.init_adapter)
         if not adapter.is_absolute():
@@ -423,15 +431,43 @@ def validate(config: Config, *, base_dir: Path = Path(".")) -> None:
                               f"there; expected a diffusers LoRA directory (a run's lora/ or gard fuse-lora output)")
         pol.init_adapter = str(adapter.resolve())
 
+
+def fill_defaults(config: Config) -> None:
+    """Defaults that depend on other fields: the evaluation prompts (the first four distinct training
+    prompts) and empty reward options ({})."""
+    if not config.prompts.eval:
+        config.prompts.eval = list(dict.fromkeys(config.prompts.train))[:4]
+    for name, options in config.rewards.items():
+        if options is None:
+            config.rewards[name] = {}
+
+
+def validate(config: Config) -> None:
+    """Cross-field rules (no I/O, no changes to the config): a ConfigError names the first violation."""
+    from rewards.registry import REWARDS, reward_options
+
+    p = config.prompts
+    if not p.train:
+        raise ConfigError("prompts.train is empty: give at least one training prompt (prompts.train or prompts.train_file)")
+    for i, prompt in enumerate(p.train):
+        if not prompt.strip():
+            raise ConfigError(f"prompts.train[{i}] is an empty string; every prompt needs text")
+    if not p.eval:
+        raise ConfigError("prompts.eval is empty: give at least one evaluation prompt (prompts.eval or prompts.eval_file)")
+
+    pol = config.policy
+    if not pol.train_targets or len(set(pol.train_targets)) != len(pol.train_targets) or \
+            not set(pol.train_targets) <= {"unet", "text_encoder"}:
+        raise ConfigError(f"policy.train_targets = {pol.train_targets}: expected a non-empty list of distinct "
+                          f"names out of ['unet', 'text_encoder']")
+
     if not config.rewards:
         raise ConfigError(f"rewards is empty: configure at least one of {sorted(REWARDS)} with a weight")
     for name, options in config.rewards.items():
         if name not in REWARDS:
             raise ConfigError(f"rewards.{name}: unknown reward {name!r}; valid rewards: {sorted(REWARDS)}")
-        options = options or {}
         if not isinstance(options, dict):
             raise ConfigError(f"rewards.{name} must be a mapping such as {{weight: 1.0}}, got {options!r}")
-        config.rewards[name] = options
         weight = options.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise ConfigError(f"rewards.{name}.weight = {weight!r} has the wrong type: expected a number")

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from actors.seeding import batch_prompts, batch_seed
 from actors.tiny import resolve_pretrained
 from cluster.checkpoint import Checkpoint, write_checkpoint
 from cluster.config import Config
@@ -39,7 +40,6 @@ from cluster.errors import RewardDownError, actor_start_error, cause_chain
 from cluster.evaluation import EvalResult, eval_jobs, eval_result, save_eval
 from cluster.metrics import MetricsWriter
 from cluster.samplers import BatchJob, SamplerFailedError, SamplerPool, StepAbandoned
-from cluster.seeding import batch_prompts, batch_seed
 from cluster.specs import bpt_schedule, learner_spec, policy_spec, resolve_reward_specs, start_reward_services
 from cluster.stop import EXIT_CODES, RunInterrupted, StopRequest
 from learner.precision import TrainingStalledError, ratio_check, stalled_error

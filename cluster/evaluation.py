@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
+from actors.seeding import eval_seed
 from cluster.config import Config
 from cluster.metrics import save_grid
 from cluster.samplers import BatchJob
-from cluster.seeding import eval_seed
 
 
 @dataclass

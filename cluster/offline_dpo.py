@@ -1,4 +1,4 @@
-"""``gard dpo``: offline Diffusion-DPO (seed 003) on a preference JSONL, in one process (no Ray).
+"""``gard dpo``: offline Diffusion-DPO (Wallace et al., CVPR 2024) on a preference JSONL, in one process (no Ray).
 
 Wires the config tree to ``learner.offline_dpo``: validates ``dpo.dataset``, builds the policy
 (``tiny:sd`` resolves to a local tiny pipeline), prints the banner, trains ``dpo.steps`` AdamW steps of

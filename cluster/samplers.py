@@ -1,4 +1,4 @@
-"""The sampler actors of a run and what happens when one dies (DESIGN.md §5).
+"""The sampler actors of a run and what happens when one dies.
 
 Samplers are Ray actors with unlimited restarts. A batch is a ``BatchJob`` (worker, prompts, seed:
 everything needed to sample it again), submitted as sample -> score. When a sampler dies, every

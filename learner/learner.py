@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from actors.policy import Policy, PolicySpec
+from actors.seeding import learner_epoch_rng
 from actors.trajectory import Trajectory, TrajectoryPairs, concat_trajectories
 from actors.weights import WeightsPacket, check_adapter_layout, pack_adapter
 from learner.advantages import PerPromptStatTracker
@@ -203,7 +204,7 @@ class Learner:
         skipped_before = self.stepper.skipped_total
         result = None
         if pairs is None or spec.algorithm != "dpo" or pair_batch is not None:
-            rng = np.random.default_rng(np.random.SeedSequence([spec.seed, epoch, 0x1EA2]))
+            rng = learner_epoch_rng(spec.seed, epoch=epoch)
             result = self.rule(self.state, UpdateInputs(batch=batch, rewards=reward, groups=groups, steps=steps,
                                                         epoch=epoch, stage=stage, rng=rng, pairs=pair_batch))
             stats.update(result.stats)

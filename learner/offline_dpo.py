@@ -39,11 +39,11 @@ import numpy as np
 import torch
 
 from actors.policy import Policy
+from actors.seeding import dpo_step_generator
 from learner.dpo import diffusion_dpo_loss, per_sample_mse
 from learner.precision import GuardedStep, training_dtype
 
 PREFERENCE_KEYS = ("prompt", "chosen", "rejected")
-_BATCH_STREAM = 4  # a generator stream id of its own (cluster/seeding.py uses 1..3)
 
 
 class PreferenceDataError(ValueError):
@@ -177,8 +177,7 @@ def load_image(path: Path, *, resolution: int, where: str = "", field: str = "")
 # ----- trainer ---------------------------------------------------------------------------------------
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The CPU generator of one optimizer step, a function of (seed, step) only (resumable)."""
-    state = np.random.SeedSequence([seed, _BATCH_STREAM, step]).generate_state(1, np.uint64)[0]
-    return torch.Generator().manual_seed(int(state >> 1))
+    return dpo_step_generator(seed, step=step)
 
 
 class OfflineDpoTrainer:
@@ -353,51 +352,6 @@ class OfflineDpoTrainer:
             "loss_scale": self.stepper.loss_scale,
             "step_s": time.perf_counter() - start,
         }
-
-
-# ----- a synthetic preference set ---------------------------------------------------------------
-def _smooth_image(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A low-frequency color field: a random 3x3 color grid, bilinearly upsampled -> uint8 [S, S, 3]."""
-    from PIL import Image
-
-    grid = rng.uniform(40, 215, size=(3, 3, 3)).astype(np.uint8)
-    return np.asarray(Image.fromarray(grid).resize((size, size), Image.Resampling.BILINEAR))
-
-
-def _noise_image(rng: np.random.Generator, size: int) -> np.ndarray:
-    """High-frequency noise: i.i.d. uniform pixels -> uint8 [S, S, 3]."""
-    return rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
-
-
-def write_synthetic_preferences(
-    out_dir: str | Path, *, n_pairs: int, prompts: Sequence[str], size: int = 64, seed: int = 0
-) -> Path:
-    """Writes a generated preference set to ``out_dir`` and returns its ``pairs.jsonl``.
-
-    Pair i (prompt ``prompts[i % len(prompts)]``): chosen = a smooth color field, rejected = per-pixel
-    noise; ``chosen/0000.png``, ``rejected/0000.png``, ... with paths relative to the JSONL file.
-    A learnable preference for tests and the CPU demo (DPO should lower the policy's denoising error
-    on smooth images relative to noise images).
-    """
-    if n_pairs < 1:
-        raise ValueError(f"n_pairs={n_pairs!r} must be >= 1")
-    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
-        raise ValueError(f"prompts={list(prompts)!r}: expected at least one non-empty string")
-    from PIL import Image
-
-    out_dir = Path(out_dir)
-    (out_dir / "chosen").mkdir(parents=True, exist_ok=True)
-    (out_dir / "rejected").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(np.random.SeedSequence([seed, n_pairs, size]))
-    lines = []
-    for i in range(n_pairs):
-        chosen, rejected = f"chosen/{i:04d}.png", f"rejected/{i:04d}.png"
-        Image.fromarray(_smooth_image(rng, size)).save(out_dir / chosen)
-        Image.fromarray(_noise_image(rng, size)).save(out_dir / rejected)
-        lines.append(json.dumps({"prompt": prompts[i % len(prompts)], "chosen": chosen, "rejected": rejected}))
-    path = out_dir / "pairs.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def window_means(rows: Sequence[dict[str, float]]) -> dict[str, float]:

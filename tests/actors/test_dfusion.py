@@ -19,13 +19,12 @@ from actors.dfusion import (
     content_token_positions,
     dfusion,
     fused_self_attention,
-    gather_rows,
     resize_mask,
     token_selection,
 )
 from actors.policy import PolicySpec
 from actors.sampler import Sampler
-from actors.trajectory import TrajectoryPairs
+from actors.trajectory import TrajectoryPairs, gather_rows
 
 PROMPTS = ["a red cube on a table"] * 2 + ["a cat on a mat"] * 2
 T = 5

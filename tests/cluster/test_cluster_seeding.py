@@ -1,4 +1,4 @@
-"""Seeds of cluster/seeding.py: functions of (seed, epoch, worker, batch) only, separate streams for
+"""Seeds of actors/seeding.py: functions of (seed, epoch, worker, batch) only, separate streams for
 prompt choice, sampling noise and evaluation, and values checked against SeedSequence by hand."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from cluster.seeding import batch_prompts, batch_seed, eval_seed
+from actors.seeding import batch_prompts, batch_seed, eval_seed
 
 PROMPTS = ["a cat", "a dog", "a red car", "a tree", "a boat"]
 BASE = {"seed": 42, "epoch": 3, "worker": 1, "batch": 0}

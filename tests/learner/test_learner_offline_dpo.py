@@ -23,8 +23,8 @@ from learner.offline_dpo import (
     PreferenceDataError,
     load_image,
     load_preferences,
-    write_synthetic_preferences,
 )
+from tools.synthetic_preferences import write_synthetic_preferences
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "configs" / "dpo_demo.yaml"
