@@ -16,16 +16,13 @@ is sampled with the newest adapter instead of the one before it.) Dead samplers 
 their batches sampled again (cluster/samplers.py); a reward that stays down, a sampler that keeps
 dying or a learner that keeps skipping non-finite steps stops the run with a checkpoint written first.
 
-The pieces around the loop live beside it: actor specs and the banner (``cluster/specs.py``), the
-evaluation set (``cluster/evaluation.py``), D-Fusion pair assignment (``cluster/dfusion_pairs.py``),
-metric rows (``cluster/epoch_metrics.py``), the Ray session and ``train()`` (``cluster/run.py``).
+Beside the loop: ``specs.py`` (actor specs, banner), ``evaluation.py``, ``dfusion_pairs.py``,
+``epoch_metrics.py`` (metric rows), ``run.py`` (the Ray session and ``train()``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,28 +36,11 @@ from cluster.epoch_metrics import epoch_row, log_captions, progress_bar, run_cou
 from cluster.errors import RewardDownError, actor_start_error, cause_chain
 from cluster.evaluation import EvalResult, eval_jobs, eval_result, save_eval
 from cluster.metrics import MetricsWriter
-from cluster.samplers import BatchJob, SamplerFailedError, SamplerPool, StepAbandoned
+from cluster.samplers import BatchJob, EpochBatch, SamplerFailedError, SamplerPool, StepAbandoned
 from cluster.specs import bpt_schedule, learner_spec, policy_spec, resolve_reward_specs, start_reward_services
 from cluster.stop import EXIT_CODES, RunInterrupted, StopRequest
 from learner.precision import TrainingStalledError, ratio_check, stalled_error
 from learner.schedules import linear_ramp
-
-
-@dataclass
-class EpochBatch:
-    """One epoch's sampler batches (jobs hold the refs), in submission order."""
-
-    jobs: list[BatchJob]
-    submitted_at: float
-    prompts: list = dataclasses.field(default_factory=list)  # the prompt of every sample, per batch
-
-    @property
-    def trajectories(self) -> list:  # ObjectRef[Trajectory]
-        return [job.trajectory for job in self.jobs]
-
-    @property
-    def scores(self) -> list:  # ObjectRef[ScoredImages]
-        return [job.score for job in self.jobs]
 
 
 class Driver:
@@ -287,8 +267,10 @@ class Driver:
         return f"checkpoint {self.last_checkpoint} (epoch {self.completed_epochs})"
 
     # ----- the loop -----------------------------------------------------------------------
-    def run(self, *, log=print, resume: Checkpoint | None = None, stop: StopRequest | None = None) -> list[dict]:
-        """Runs epochs ``resume.epoch`` (0 without a checkpoint) to ``config.epochs``."""
+    def run(self, *, log=print, resume: Checkpoint | None = None, stop: StopRequest | None = None,
+            on_epoch_end=None) -> list[dict]:
+        """Runs epochs ``resume.epoch`` (0 without a checkpoint) to ``config.epochs``; ``on_epoch_end(epoch,
+        row)`` is called after each epoch's row is written (and, when pipelining, the next epoch queued)."""
         cfg = self.config
         stop = stop or StopRequest()
         self.pool.log = log
@@ -310,7 +292,8 @@ class Driver:
             else:
                 log(f"resumed from {resume.path} at epoch {first} (policy version {resume.meta['policy_version']})")
             try:
-                self._epochs(first, writer=writer, progress=progress, log=log, stop=stop, eval_mean=eval_mean)
+                self._epochs(first, writer=writer, progress=progress, log=log, stop=stop, eval_mean=eval_mean,
+                             on_epoch_end=on_epoch_end)
             except (RewardDownError, SamplerFailedError, TrainingStalledError) as err:
                 where = self._checkpoint_before_stopping(log)
                 raise type(err)(f"{err}. The run stopped after {where}; fix the cause and continue with "
@@ -329,7 +312,7 @@ class Driver:
             writer.close()
         return self.rows
 
-    def _epochs(self, first: int, *, writer, progress, log, stop: StopRequest, eval_mean) -> None:
+    def _epochs(self, first: int, *, writer, progress, log, stop: StopRequest, eval_mean, on_epoch_end) -> None:
         cfg = self.config
         pending = self.launch(first)
         last_end = time.perf_counter()
@@ -379,6 +362,8 @@ class Driver:
             progress.update(1)
             progress.set_postfix(reward=f"{row['reward/mean']:.3f}", kl=f"{row.get('train/kl', 0):.2e}")
             log(summary_line(row))
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, row)
             if (stalled := stalled_error(stats, limit=cfg.train.max_skipped_steps)) is not None:
                 raise stalled
             if stop.requested:

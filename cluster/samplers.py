@@ -46,6 +46,23 @@ class BatchJob:
 
 
 @dataclass
+class EpochBatch:
+    """One epoch's sampler batches (jobs hold the refs), in submission order."""
+
+    jobs: list[BatchJob]
+    submitted_at: float
+    prompts: list = field(default_factory=list)  # the prompt of every sample, per batch
+
+    @property
+    def trajectories(self) -> list:  # ObjectRef[Trajectory]
+        return [job.trajectory for job in self.jobs]
+
+    @property
+    def scores(self) -> list:  # ObjectRef[ScoredImages]
+        return [job.score for job in self.jobs]
+
+
+@dataclass
 class FailureCounters:
     """Sampler failures since the run (or the resumed run's checkpoint) started."""
 

@@ -106,13 +106,12 @@ def test_sampler_killed_mid_epoch_is_restarted_and_the_run_is_unchanged(referenc
     pid = ray.get(driver.samplers[0].__ray_call__.remote(lambda self: os.getpid()), timeout=120)
     lines: list[str] = []
 
-    def kill_during_epoch_1(line: str) -> None:
-        lines.append(line)
-        if line.startswith("epoch   0"):  # epoch 1's batches were just submitted
+    def kill_during_epoch_1(epoch: int, row: dict) -> None:
+        if epoch == 0:  # epoch 1's batches were just submitted
             os.kill(pid, signal.SIGKILL)
 
     try:
-        rows = driver.run(log=kill_during_epoch_1)
+        rows = driver.run(log=lines.append, on_epoch_end=kill_during_epoch_1)
     finally:
         driver.shutdown()
     assert sum(r["sampler/restarts"] for r in rows) == 1 and rows[-1]["sampler/restarts_total"] == 1
