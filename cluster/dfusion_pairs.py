@@ -32,7 +32,7 @@ class DFusionLaunch:
     """References to one epoch's D-Fusion calls, in pair order."""
 
     pairs: list  # ObjectRef[TrajectoryPairs]: chosen = fused, rejected = the prompt's worst sample
-    scores: list  # ObjectRef[ScoredImages] of the fused images (monitoring only)
+    scores: list  # ObjectRef[ScoredBatch] of the fused images (monitoring only)
     stats: list  # ObjectRef[dict]: mask_fraction per pair, unet_calls, dfusion_s
     poor_rewards: np.ndarray  # float32 [P]
     good_rewards: np.ndarray  # float32 [P]

@@ -58,7 +58,7 @@ class Driver:
         specs, weights = resolve_reward_specs(config)
         env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(c.torch_threads)}}
         from cluster.remote import RemoteLearner, RemoteSampler
-        from cluster.stages import RewardStage
+        from rewards.stage import RewardStage
 
         # Unlimited restarts, no transparent task retries: the driver re-sends the adapter to a
         # restarted sampler before it samples again (cluster/samplers.py).

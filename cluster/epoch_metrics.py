@@ -19,7 +19,7 @@ from learner.bpt import BptSchedule
 
 def epoch_row(epoch: int, *, scores: list, stats: dict, applied: list[dict], config: Config,
               schedule: BptSchedule | None, num_samplers: int, gamma: float) -> dict:
-    """The row of one epoch from its ScoredImages, the learner's (already namespaced) stats and the
+    """The row of one epoch from its ScoredBatch, the learner's (already namespaced) stats and the
     samplers' broadcast acks (empty when nothing was published)."""
     total = np.concatenate([s.total for s in scores])
     finite = total[np.isfinite(total)]
@@ -39,8 +39,8 @@ def epoch_row(epoch: int, *, scores: list, stats: dict, applied: list[dict], con
     row["reward/retries"] = int(sum(sum((s.retries or {}).values()) for s in scores))
     row["time/sample_s"] = float(sum(s.sample_s for s in scores)) / num_samplers
     row["time/reward_s"] = float(sum(s.reward_wall_s for s in scores))
-    for name in scores[0].reward_latency_s:
-        row[f"time/latency_{name}_s"] = float(np.mean([s.reward_latency_s[name] for s in scores]))
+    for name in scores[0].latency_s:
+        row[f"time/latency_{name}_s"] = float(np.mean([s.latency_s[name] for s in scores]))
     row.update(stats)
     for key in ("train/nonfinite_trajectories", "train/optimizer_steps", "train/skipped_steps",
                 "train/skipped_steps_in_row", "reward/nonfinite", "train/stale_refused"):

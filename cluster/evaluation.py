@@ -36,7 +36,7 @@ def eval_jobs(config: Config, *, num_samplers: int) -> list[BatchJob]:
 
 
 def eval_result(jobs: list[BatchJob], scores: list, image_batches: list) -> EvalResult:
-    """One evaluation from its jobs, their ScoredImages and their ImageBatches (in job order)."""
+    """One evaluation from its jobs, their ScoredBatch and their ImageBatches (in job order)."""
     total = np.concatenate([s.total for s in scores])
     components = {f"eval/{name}": float(np.nanmean(np.concatenate([s.components[name] for s in scores])))
                   for name in scores[0].components}

@@ -30,10 +30,10 @@ def resolve(values: list, *, timeout_s: float) -> list:
 
 
 def _reward_totals(scored: list) -> list[np.ndarray]:
-    """The reward stage's ScoredImages (or plain arrays) -> the float32 totals the learner trains on."""
-    from cluster.stages import ScoredImages
+    """The reward stage's ScoredBatches (or plain arrays) -> the float32 totals the learner trains on."""
+    from rewards.base import ScoredBatch
 
-    return [s.total if isinstance(s, ScoredImages) else np.asarray(s, dtype=np.float32) for s in scored]
+    return [s.total if isinstance(s, ScoredBatch) else np.asarray(s, dtype=np.float32) for s in scored]
 
 
 class RemoteLearner(Learner):

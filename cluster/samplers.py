@@ -41,7 +41,7 @@ class BatchJob:
     branches: tuple[int, int] | None = None
     trajectory: object = None  # ObjectRef[Trajectory]
     images: object = None  # ObjectRef[ImageBatch]
-    score: object = None  # ObjectRef[ScoredImages]
+    score: object = None  # ObjectRef[ScoredBatch]
     generation: int = 0
 
 
@@ -58,7 +58,7 @@ class EpochBatch:
         return [job.trajectory for job in self.jobs]
 
     @property
-    def scores(self) -> list:  # ObjectRef[ScoredImages]
+    def scores(self) -> list:  # ObjectRef[ScoredBatch]
         return [job.score for job in self.jobs]
 
 

@@ -41,6 +41,39 @@ class RewardOutput:
                 )
 
 
+@dataclass
+class ScoredBatch:
+    """The combined rewards of B images (the one result type after ``RewardOutput``).
+
+    total:      float32 [B], Σ_j w_j r_j − γ · Vol (GARD eq. 13); NaN where any reward failed.
+    components: reward name -> raw (unweighted) scores float32 [B]. volume: float32 [B] or None.
+    latency_s:  reward name -> wall seconds until its scores arrived. captions: B strings from a
+                captioning reward. errors: reward name -> per-item errors (rewards that reported some).
+    retries:    reward name -> transient failures retried.
+    The reward stage adds where the images came from: sample_s (the sampler's compute time),
+    policy_version (the adapter that sampled them) and reward_wall_s (the whole scoring call).
+    """
+
+    total: np.ndarray
+    components: dict[str, np.ndarray]
+    volume: np.ndarray | None = None
+    latency_s: dict[str, float] = field(default_factory=dict)
+    captions: list[str] | None = None
+    errors: dict[str, list[str | None]] = field(default_factory=dict)
+    retries: dict[str, int] = field(default_factory=dict)
+    sample_s: float = 0.0
+    policy_version: int = -1
+    reward_wall_s: float = 0.0
+
+
+@runtime_checkable
+class TextEmbedder(Protocol):
+    """A reward that can embed texts in its own text space (CLIP): used to embed captions for the
+    k = 3 GARD volume."""
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray: ...
+
+
 @runtime_checkable
 class Reward(Protocol):
     """``name`` plus a call on uint8 images [B, H, W, 3] and B prompts."""

@@ -7,23 +7,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from rewards.base import RewardOutput
+from rewards.base import RewardOutput, ScoredBatch
 from rewards.volume import gram_volume
-
-
-@dataclass
-class CombinedReward:
-    """total: float32 [B]; components: reward name -> raw (unweighted) scores float32 [B];
-    volume: float32 [B], or None when no reward returned all the volume modalities."""
-
-    total: np.ndarray
-    components: dict[str, np.ndarray]
-    volume: np.ndarray | None
 
 
 def _check_weights(outputs: dict[str, RewardOutput], weights: dict[str, float]) -> None:
@@ -66,7 +55,7 @@ def combine_rewards(
     weights: dict[str, float],
     gamma: float = 0.0,
     volume_modalities: tuple[str, ...] = ("text", "image"),
-) -> CombinedReward:
+) -> ScoredBatch:
     """Combines per-reward outputs into the shaped return (GARD eq. 13): Σ_j w_j r_j - γ · Vol.
 
     The volume is computed whenever some output has every modality in ``volume_modalities`` (for
@@ -99,7 +88,7 @@ def combine_rewards(
                 f"returned them all; rewards returned {returned}"
             )
         total -= gamma * volume.astype(np.float64)
-    return CombinedReward(total=total.astype(np.float32), components=components, volume=volume)
+    return ScoredBatch(total=total.astype(np.float32), components=components, volume=volume)
 
 
 CAPTION = "caption"

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from ray import serve
 
-from rewards.base import RewardOutput, check_batch
+from rewards.base import RewardOutput, TextEmbedder, check_batch
 from rewards.http_codec import HttpLimits, RequestError, encode_response, parse_request
 
 APP_PREFIX = "reward-"
@@ -144,7 +144,7 @@ class RewardDeployment:
         reward = self._which(reward)
         if self.backend is not None:
             return await self.backend.embed_texts.remote(texts=list(texts), reward=reward)
-        if not hasattr(self.rewards[reward], "embed_texts"):
+        if not isinstance(self.rewards[reward], TextEmbedder):
             raise TypeError(f"reward {reward!r} has no text encoder (embed_texts)")
         return await asyncio.to_thread(self.rewards[reward].embed_texts, list(texts))
 

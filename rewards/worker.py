@@ -1,40 +1,21 @@
-"""A reward worker: builds the configured rewards once and scores batches with them.
+"""The in-process reward backend: builds the configured rewards once and scores batches with them.
 
-A plain class; the cluster code wraps it with ``ray.remote`` (or a Serve deployment) itself, so this
-module never imports ray.
+A plain class (the reward stage runs it inside its Ray actor); the fan-out, the caption embedding,
+the combination and the result are ``rewards.scoring.score_batch``'s, as for the Serve backend. A local
+reward that raises is not retried (it would fail the same way): the error names the reward.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
-
 import numpy as np
 import torch
 
-from rewards.base import RewardOutput, check_batch
+from rewards.base import ScoredBatch, TextEmbedder
 from rewards.clip_encoder import EncoderCache
-from rewards.combine import CAPTION, caption_embedding_source, combine_rewards
 from rewards.registry import build_reward
+from rewards.scoring import RetryPolicy, run_locally, score_batch
 
-
-@dataclass
-class ScoredBatch:
-    """What a worker returns for B images.
-
-    total: float32 [B], Σ_j w_j r_j - γ · Vol (GARD eq. 13); NaN where any reward failed.
-    components: reward name -> raw scores float32 [B]. volume: float32 [B] or None.
-    latency_s: reward name -> wall seconds of its call. captions: B strings from a captioning reward.
-    errors: reward name -> per-item errors, only for rewards that reported some.
-    """
-
-    total: np.ndarray
-    components: dict[str, np.ndarray]
-    volume: np.ndarray | None
-    latency_s: dict[str, float]
-    captions: list[str] | None = None
-    errors: dict[str, list[str | None]] = field(default_factory=dict)
-    retries: dict[str, int] = field(default_factory=dict)  # transient failures retried (service client)
+_NO_RETRIES = RetryPolicy(timeout_s=None, max_retries=0, retry_backoff_s=0.0, down_timeout_s=0.0)
 
 
 class RewardWorker:
@@ -61,34 +42,10 @@ class RewardWorker:
         self.rewards = {name: build_reward(name, encoders=encoders, **(options or {})) for name, options in specs.items()}
 
     def score(self, *, images: np.ndarray, prompts: list[str], gamma: float = 0.0) -> ScoredBatch:
-        """Runs every reward on uint8 images [B, H, W, 3] and B prompts, then ``combine_rewards``."""
-        check_batch(images, prompts)
-        outputs: dict[str, RewardOutput] = {}
-        latency: dict[str, float] = {}
-        for name, reward in self.rewards.items():
-            start = time.perf_counter()
-            outputs[name] = reward(images, prompts)
-            latency[name] = time.perf_counter() - start
-        if CAPTION in self.volume_modalities:
-            embedders = {name for name, r in self.rewards.items() if hasattr(r, "embed_texts")}
-            source = caption_embedding_source(outputs, embedders)
-            if source is not None:
-                target, captions = source
-                outputs[target].embeddings[CAPTION] = self.rewards[target].embed_texts(captions)
-        combined = combine_rewards(
-            outputs, weights=self.weights, gamma=gamma, volume_modalities=self.volume_modalities
-        )
-        captions = next((out.captions for out in outputs.values() if out.captions is not None), None)
-        errors = {
-            name: out.errors
-            for name, out in outputs.items()
-            if out.errors is not None and any(e is not None for e in out.errors)
-        }
-        return ScoredBatch(
-            total=combined.total,
-            components=combined.components,
-            volume=combined.volume,
-            latency_s=latency,
-            captions=captions,
-            errors=errors,
-        )
+        """Runs every reward on uint8 images [B, H, W, 3] and B prompts, then combines them."""
+        return score_batch(
+            images=images, prompts=prompts, names=list(self.rewards),
+            submit=lambda name: run_locally(lambda: self.rewards[name](images, prompts)),
+            embed_texts=lambda name, texts: self.rewards[name].embed_texts(texts),
+            embedders={name for name, r in self.rewards.items() if isinstance(r, TextEmbedder)},
+            weights=self.weights, gamma=gamma, volume_modalities=self.volume_modalities, retry=_NO_RETRIES)
