@@ -35,30 +35,28 @@ def resolve_reward_specs(config: Config) -> tuple[dict[str, dict], dict[str, flo
     return specs, weights
 
 
+def _section_fields(spec_cls, *sections) -> dict:
+    """The fields of ``spec_cls`` taken, by name, from config sections (lists become tuples): specs are
+    built mechanically, so a setting is named, defaulted and validated once, in the config."""
+    names = {f.name for f in dataclasses.fields(spec_cls)}
+    values = {}
+    for section in sections:
+        for f in dataclasses.fields(section):
+            if f.name in names:
+                value = getattr(section, f.name)
+                values[f.name] = tuple(value) if isinstance(value, list) else value
+    return values
+
+
 def policy_spec(config: Config, *, pretrained: str, num_gpus: float) -> PolicySpec:
+    """The ``policy`` and ``sampling`` sections as a PolicySpec (``device: auto`` resolved by the GPUs
+    the actor gets; ``init_adapter`` is the learner's, not part of the spec)."""
     device = config.policy.device
     if device == "auto":
         device = "cuda" if num_gpus > 0 else "cpu"
-    s, p = config.sampling, config.policy
-    return PolicySpec(
-        pretrained=pretrained,
-        lora_rank=p.lora_rank,
-        lora_alpha=p.lora_alpha,
-        lora_targets=tuple(p.lora_targets),
-        dtype=p.dtype,
-        device=device,
-        num_steps=s.num_steps,
-        guidance_scale=s.guidance_scale,
-        eta=s.eta,
-        resolution=s.resolution,
-        negative_prompt=s.negative_prompt,
-        init_lora_seed=p.init_lora_seed,
-        train_targets=tuple(p.train_targets),
-        text_encoder_lora_rank=p.text_encoder_lora_rank,
-        text_encoder_lora_alpha=p.text_encoder_lora_alpha,
-        text_encoder_lora_targets=tuple(p.text_encoder_lora_targets),
-        timestep_spacing=s.timestep_spacing,
-    )
+    values = _section_fields(PolicySpec, config.policy, config.sampling)
+    values.pop("init_adapter", None)
+    return PolicySpec(**{**values, "pretrained": pretrained, "device": device})
 
 
 def bpt_schedule(config: Config) -> BptSchedule | None:
@@ -71,8 +69,8 @@ def bpt_schedule(config: Config) -> BptSchedule | None:
 
 
 def learner_spec(config: Config) -> LearnerSpec:
-    fields = {f.name for f in dataclasses.fields(LearnerSpec)}
-    train = {k: v for k, v in dataclasses.asdict(config.train).items() if k in fields}
+    """The ``train`` section as a LearnerSpec, plus the few settings of other sections it needs."""
+    train = _section_fields(LearnerSpec, config.train)
     return LearnerSpec(**train, max_staleness=config.cluster.max_staleness, seed=config.seed,
                        bpt=bpt_schedule(config), b2_threshold=config.b2.threshold,
                        b2_history_stages=config.b2.history_stages, dpo_beta=config.dpo.online_beta)

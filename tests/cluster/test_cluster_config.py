@@ -129,3 +129,29 @@ def test_cli_accepts_overrides_after_options(tmp_path):
     assert bad.returncode == 2 and "train.clip_range = -1.0 is out of range" in bad.stderr
     stray = _gard("train", str(_write(tmp_path, BASE)), "--bogus")
     assert stray.returncode == 2 and "unrecognized arguments: --bogus" in stray.stderr
+
+
+def test_actor_specs_are_built_from_the_config_sections_field_by_field():
+    """Every spec field has one source: the config field of the same name (or an explicit cross-section
+    setting), so a default, a type and a rule live in the config only."""
+    import dataclasses
+
+    from actors.policy import PolicySpec
+    from cluster.config import PolicyConfig, SamplingConfig, TrainConfig
+    from cluster.specs import learner_spec, policy_spec
+    from learner.spec import LearnerSpec
+
+    from_sections = {f.name for c in (PolicyConfig, SamplingConfig) for f in dataclasses.fields(c)}
+    assert {f.name for f in dataclasses.fields(PolicySpec)} <= from_sections  # pretrained: resolved (tiny:sd -> dir)
+    explicit = {"max_staleness", "seed", "bpt", "b2_threshold", "b2_history_stages", "dpo_beta"}
+    assert {f.name for f in dataclasses.fields(LearnerSpec)} - {f.name for f in dataclasses.fields(TrainConfig)} \
+        == explicit
+
+    config = load_config(None, ["prompts.train=[a cat]", "policy.lora_rank=7", "sampling.timestep_spacing=trailing",
+                                "train.learning_rate=0.5", "train.mixed_precision=bf16", "cluster.max_staleness=1"])
+    policy = policy_spec(config, pretrained="/models/x", num_gpus=1)
+    assert (policy.lora_rank, policy.timestep_spacing, policy.device, policy.pretrained) == (7, "trailing", "cuda",
+                                                                                            "/models/x")
+    assert isinstance(policy.lora_targets, tuple)
+    learner = learner_spec(config)
+    assert (learner.learning_rate, learner.mixed_precision, learner.max_staleness) == (0.5, "bf16", 1)
