@@ -63,7 +63,7 @@ def test_synchronous_run_samples_with_the_newest_adapter(ray_local, tmp_path):
     assert [r["sampler/policy_version"] for r in rows] == [0, 1, 2]
     # The first-step importance ratio is measured every epoch and is 1 when sampler and learner agree.
     assert all(0 <= r["train/onpolicy_ratio_dev"] < 1e-4 for r in rows), [r["train/onpolicy_ratio_dev"] for r in rows]
-    assert "eval_reward_mean" in rows[-1] and "eval_reward_mean" not in rows[0]
+    assert "eval/reward_mean" in rows[-1] and "eval/reward_mean" not in rows[0]
     assert np.isfinite(rows[0]["eval/reward_mean_initial"])
 
 
