@@ -7,6 +7,7 @@ errors name the field's full path, the value, the rule and how to fix it (exit c
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -307,9 +308,11 @@ def _coerce(path: str, value: Any, tp) -> Any:
         return float(value)
     if tp is float and isinstance(value, str):
         try:  # YAML 1.1 reads "3e-4" as a string
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{path} = {value!r} is not a finite number: every numeric setting must be finite")
     if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
         raise ConfigError(f"{path} = {value!r} has the wrong type: expected {_type_name(tp)}, got {type(value).__name__}")
     return value
@@ -370,7 +373,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist (pass a YAML file such as configs/demo.yaml)")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            loader = _UniqueKeyLoader(_read_text(path, "config file"))
+            loader.name = str(path)
+            try:
+                data = loader.get_single_data() or {}
+            finally:
+                loader.dispose()
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
         if not isinstance(data, dict):
@@ -384,12 +392,40 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     return config
 
 
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{what} {str(path)!r} is not UTF-8 text (byte {err.start}: {err.reason}); save it as "
+                          f"UTF-8") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that repeats a key (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"duplicate key {key!r} at line {key_node.start_mark.line + 1} (first at line "
+                                  f"{seen[key] + 1}) in {self.name!r}: a repeated key would silently override the "
+                                  f"first; keep one")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_prompt_file(field_path: str, file: str, base_dir: Path) -> list[str]:
     candidates = [Path(file), base_dir / file]
     found = next((p for p in candidates if p.is_file()), None)
     if found is None:
         raise ConfigError(f"{field_path} = {file!r}: no such prompt file (one prompt per line expected)")
-    return [line.strip() for line in found.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    text = _read_text(found, f"{field_path} file")
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    if not prompts:
+        raise ConfigError(f"{field_path} = {file!r}: {str(found)!r} holds no prompts (one prompt per line; "
+                          f"blank lines and # comments are skipped)")
+    return prompts
 
 
 def serve_options(name: str, raw: dict | None):
@@ -471,6 +507,8 @@ def validate(config: Config) -> None:
         weight = options.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise ConfigError(f"rewards.{name}.weight = {weight!r} has the wrong type: expected a number")
+        if not math.isfinite(weight):
+            raise ConfigError(f"rewards.{name}.weight = {weight!r} is not a finite number")
         valid = reward_options(name)
         for key in options:
             if key not in ("weight", "serve") and key not in valid:

@@ -81,7 +81,10 @@ def find_resume_checkpoint(config: Config, *, resume: str, output_dir: str | Non
         path = Path(resume)
         if (path / "checkpoints").is_dir():  # a run directory: its newest checkpoint
             path = latest_checkpoint(path) or path / "checkpoints"
-    checkpoint = load_checkpoint(path)
+    try:
+        checkpoint = load_checkpoint(path)
+    except FileNotFoundError as err:  # a wrong --resume PATH is a user error like a bad config (exit 2)
+        raise ConfigError(f"--resume {resume}: {err}") from None
     check_compatible(checkpoint, config.to_dict())
     return checkpoint
 

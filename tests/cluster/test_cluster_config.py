@@ -55,7 +55,12 @@ def test_every_preset_is_valid():
         (BASE, ["reward_service.down_timeout_s=-1"], r"reward_service.down_timeout_s = -1.0 is out of range"),
         ("prompts:\n  train: []\n", [], r"prompts.train is empty"),
         ("prompts:\n  train: ['a', '  ']\n", [], r"prompts.train\[1\] is an empty string"),
-        (BASE + "prompts:\n  train_file: nowhere.txt\n", [], r"prompts.train_file = 'nowhere.txt': no such prompt file"),
+        ("prompts:\n  train: [a]\n  train_file: nowhere.txt\n", [], r"prompts.train_file = 'nowhere.txt': no such prompt file"),
+        (BASE + "epochs: 2\nseed: 1\nepochs: 3\n", [], r"duplicate key 'epochs' at line 5 \(first at line 3\) in '.*c.yaml'"),
+        (BASE + "train:\n  learning_rate: 1e-3\n  learning_rate: 1e-2\n", [], r"duplicate key 'learning_rate' at line 5"),
+        (BASE, ["train.learning_rate=.inf"], r"train.learning_rate = inf is not a finite number"),
+        (BASE, ["sampling.guidance_scale=.nan"], r"sampling.guidance_scale = nan is not a finite number"),
+        (BASE + "rewards:\n  jpeg_compressibility: {weight: .nan}\n", [], r"rewards.jpeg_compressibility.weight = nan is not a finite"),
         (BASE + "rewards:\n  jpeg: {weight: 1}\n", [], r"unknown reward 'jpeg'; valid rewards: .*jpeg_compressibility"),
         (BASE + "rewards:\n  jpeg_compressibility: {weight: x}\n", [], r"rewards.jpeg_compressibility.weight = 'x'"),
         (BASE + "rewards:\n  jpeg_compressibility: {qual: 3}\n", [], r"rewards.jpeg_compressibility.qual: unknown option.*quality"),
@@ -69,7 +74,6 @@ def test_every_preset_is_valid():
     ],
 )
 def test_bad_config_gives_a_clear_error(tmp_path, text, overrides, pattern):
-    # Duplicate top-level "prompts" keys in YAML: the later one wins, so each case is self-contained.
     with pytest.raises(ConfigError, match=pattern):
         load_config(_write(tmp_path, text), overrides)
 
@@ -79,6 +83,27 @@ def test_prompt_file_is_read_relative_to_the_config(tmp_path):
     config = load_config(_write(tmp_path, "prompts:\n  train_file: prompts.txt\n"))
     assert config.prompts.train == ["a cat", "a dog"]
     assert config.prompts.eval == ["a cat", "a dog"]  # defaults to the first training prompts
+
+
+def test_prompt_and_config_files_must_be_utf8_text_with_prompts(tmp_path):
+    (tmp_path / "empty.txt").write_text("# only a comment\n\n")
+    with pytest.raises(ConfigError, match=r"prompts.train_file = 'empty.txt': '.*empty.txt' holds no prompts"):
+        load_config(_write(tmp_path, "prompts:\n  train_file: empty.txt\n"))
+    (tmp_path / "latin1.txt").write_bytes("a café\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"prompts.train_file file '.*latin1.txt' is not UTF-8 text \(byte 5"):
+        load_config(_write(tmp_path, "prompts:\n  train_file: latin1.txt\n"))
+    (tmp_path / "bad.yaml").write_bytes(b"prompts:\n  train: [caf\xe9]\n")
+    with pytest.raises(ConfigError, match=r"config file '.*bad.yaml' is not UTF-8 text"):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_resume_from_a_path_that_is_not_a_checkpoint_exits_2(tmp_path):
+    config = _write(tmp_path, BASE)
+    for target in (tmp_path / "missing", tmp_path):
+        proc = _gard("train", str(config), "--resume", str(target), f"cache_dir={tmp_path / 'cache'}")
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert f"--resume {target}: " in proc.stderr and "is not a complete gard checkpoint" in proc.stderr
+        assert "Traceback" not in proc.stderr
 
 
 def test_missing_config_file():
