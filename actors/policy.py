@@ -29,25 +29,27 @@ class PolicySpec:
     train_targets: which networks carry a trainable adapter: ``unet``, ``text_encoder`` or both.
     lora_targets: UNet module names to adapt (attention projections by default, as DDPO).
     text_encoder_lora_*: the text encoder's adapter (TexForce: q, k, v and out projections).
+    No defaults here: they live in the config (``cluster/config.py``), which builds this spec
+    (``cluster/specs.py``; ``default_policy_spec`` for tests and benchmarks).
     """
 
     pretrained: str
-    lora_rank: int = 4
-    lora_alpha: float = 4.0
-    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
-    dtype: str = "float32"
-    device: str = "cpu"
-    num_steps: int = 20
-    guidance_scale: float = 5.0
-    eta: float = 1.0
-    resolution: int = 64
-    negative_prompt: str = ""
-    init_lora_seed: int = 0
-    train_targets: tuple[str, ...] = ("unet",)
-    text_encoder_lora_rank: int = 4
-    text_encoder_lora_alpha: float = 4.0
-    text_encoder_lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
-    timestep_spacing: str | None = None  # None: the pretrained scheduler's own
+    lora_rank: int
+    lora_alpha: float
+    lora_targets: tuple[str, ...]
+    dtype: str
+    device: str
+    num_steps: int
+    guidance_scale: float
+    eta: float
+    resolution: int
+    negative_prompt: str
+    init_lora_seed: int
+    train_targets: tuple[str, ...]
+    text_encoder_lora_rank: int
+    text_encoder_lora_alpha: float
+    text_encoder_lora_targets: tuple[str, ...]
+    timestep_spacing: str | None  # None: the pretrained scheduler's own
 
     def __post_init__(self):
         unknown = [t for t in self.train_targets if t not in TRAIN_TARGETS]

@@ -180,13 +180,26 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def is_resume_safe(key: str) -> bool:
+    """Whether dotted config path ``key`` may change on resume: it is, or lies under, a RESUME_SAFE path
+    ("*" matches any one name, as in ``rewards.*.serve.``)."""
+    parts = key.split(".")
+    for safe in RESUME_SAFE:
+        pattern = safe.rstrip(".").split(".")
+        section = safe.endswith(".")
+        if (len(parts) == len(pattern) or (section and len(parts) > len(pattern))) and all(
+                p in ("*", k) for p, k in zip(pattern, parts, strict=False)):
+            return True
+    return False
+
+
 def config_differences(saved: dict, current: dict) -> list[str]:
     """``field: checkpoint value -> current value`` for every field that matters for resuming."""
     a, b = _flatten(saved), _flatten(current)
     missing = object()
     diffs = []
     for key in sorted(set(a) | set(b)):
-        if key.startswith(RESUME_SAFE):
+        if is_resume_safe(key):
             continue
         left, right = a.get(key, missing), b.get(key, missing)
         if left != right:

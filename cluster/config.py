@@ -7,10 +7,11 @@ errors name the field's full path, the value, the rule and how to fix it (exit c
 from __future__ import annotations
 
 import dataclasses
-import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from cluster.reward_config import RewardConfig, default_rewards, parse_rewards
 
 
 class ConfigError(ValueError):
@@ -174,7 +175,7 @@ class VolumeConfig:
 class RewardServiceConfig:
     """Where rewards run: ``local`` (in the reward-stage actor) or ``serve`` (one Serve app per reward).
 
-    Per-reward deployment settings live under ``rewards.<name>.serve`` (rewards/serve.py ServeOptions).
+    Per-reward deployment settings live under ``rewards.<name>.serve`` (rewards/serve_options.py).
     """
 
     backend: str = field(default="local", metadata=choice("local", "serve"))
@@ -237,7 +238,8 @@ class Config:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    rewards: dict[str, dict] = field(default_factory=lambda: {"jpeg_compressibility": {"weight": 1.0}})
+    # name -> RewardConfig (cluster/reward_config.py): weight, Serve placement, the model's options.
+    rewards: dict[str, RewardConfig] = field(default_factory=default_rewards, metadata={"parse": parse_rewards})
     volume: VolumeConfig = field(default_factory=VolumeConfig)
     dpo: DpoConfig = field(default_factory=DpoConfig)
     dfusion: DFusionConfig = field(default_factory=DFusionConfig)
@@ -259,7 +261,10 @@ class Config:
         return max(1, int(self.sampling.num_steps * self.train.timestep_fraction))
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain data in the YAML form the loader reads back (rewards flat, as users write them)."""
+        data = dataclasses.asdict(self)
+        data["rewards"] = {name: reward.to_yaml() for name, reward in self.rewards.items()}
+        return data
 
 
 def resume_safe_fields(cls=Config, prefix: str = "") -> tuple[str, ...]:
@@ -269,11 +274,14 @@ def resume_safe_fields(cls=Config, prefix: str = "") -> tuple[str, ...]:
     hints = typing.get_type_hints(cls)
     paths: list[str] = []
     for f in dataclasses.fields(cls):
-        path, section = f"{prefix}{f.name}", dataclasses.is_dataclass(hints[f.name])
+        tp, path = hints[f.name], f"{prefix}{f.name}"
+        if typing.get_origin(tp) is dict and dataclasses.is_dataclass(typing.get_args(tp)[1]):
+            tp, path = typing.get_args(tp)[1], path + ".*"  # a named collection of sections (rewards.*)
+        section = dataclasses.is_dataclass(tp)
         if f.metadata.get("resume_safe"):
             paths.append(path + ("." if section else ""))
         elif section:
-            paths.extend(resume_safe_fields(hints[f.name], path + "."))
+            paths.extend(resume_safe_fields(tp, path + "."))
     return tuple(paths)
 
 
@@ -288,29 +296,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     return load(path, overrides)
 
 
-def serve_options(name: str, raw: dict | None):
-    """``rewards.<name>.serve`` -> rewards.serve.ServeOptions, with config-style errors."""
-    from rewards.serve import ServeOptions
-
-    raw = raw or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"rewards.{name}.serve must be a mapping of deployment settings, got {raw!r}")
-    hints = typing.get_type_hints(ServeOptions)
-    unknown = sorted(set(raw) - set(hints))
-    if unknown:
-        raise ConfigError(f"rewards.{name}.serve: unknown setting(s) {unknown}; valid settings: {sorted(hints)}")
-    from cluster.config_loader import coerce_value
-
-    values = {k: coerce_value(f"rewards.{name}.serve.{k}", v, hints[k]) for k, v in raw.items()}
-    try:
-        return ServeOptions(**values)
-    except ValueError as err:
-        raise ConfigError(f"rewards.{name}.serve: {err}") from None
-
-
 def validate(config: Config) -> None:
     """Cross-field rules (no I/O, no changes to the config): a ConfigError names the first violation."""
-    from rewards.registry import REWARDS, reward_options
+    from rewards.registry import REWARDS
 
     p = config.prompts
     if not p.train:
@@ -329,22 +317,6 @@ def validate(config: Config) -> None:
 
     if not config.rewards:
         raise ConfigError(f"rewards is empty: configure at least one of {sorted(REWARDS)} with a weight")
-    for name, options in config.rewards.items():
-        if name not in REWARDS:
-            raise ConfigError(f"rewards.{name}: unknown reward {name!r}; valid rewards: {sorted(REWARDS)}")
-        if not isinstance(options, dict):
-            raise ConfigError(f"rewards.{name} must be a mapping such as {{weight: 1.0}}, got {options!r}")
-        weight = options.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-            raise ConfigError(f"rewards.{name}.weight = {weight!r} has the wrong type: expected a number")
-        if not math.isfinite(weight):
-            raise ConfigError(f"rewards.{name}.weight = {weight!r} is not a finite number")
-        valid = reward_options(name)
-        for key in options:
-            if key not in ("weight", "serve") and key not in valid:
-                raise ConfigError(f"rewards.{name}.{key}: unknown option for reward {name!r}; valid options: "
-                                  f"{sorted(['weight', 'serve', *valid])}")
-        serve_options(name, options.get("serve"))
     if (config.volume.gamma > 0 or (config.volume.gamma_end or 0) > 0) and "clip_score" not in config.rewards:
         raise ConfigError(f"volume.gamma = {config.volume.gamma} needs text and image embeddings, which the "
                           f"clip_score reward returns; add rewards.clip_score or set volume.gamma=0")

@@ -70,6 +70,9 @@ def _build(cls, data: dict, prefix: str):
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, value if value is not None else {}, path)
             continue
+        if "parse" in fields[name].metadata:  # a section with its own parser (rewards)
+            kwargs[name] = fields[name].metadata["parse"](value, path)
+            continue
         value = coerce_value(path, value, tp)
         rule = fields[name].metadata
         if value is not None and "check" in rule and not rule["check"](value):
@@ -187,9 +190,6 @@ def resolve_files(config: Config, *, base_dir: Path) -> None:
 
 def fill_defaults(config: Config) -> None:
     """Defaults that depend on other fields: the evaluation prompts (the first four distinct training
-    prompts) and empty reward options ({})."""
+    prompts)."""
     if not config.prompts.eval:
         config.prompts.eval = list(dict.fromkeys(config.prompts.train))[:4]
-    for name, options in config.rewards.items():
-        if options is None:
-            config.rewards[name] = {}

@@ -5,11 +5,10 @@ from __future__ import annotations
 import signal
 import threading
 
-from cluster.config import Config, serve_options
+from cluster.config import Config
 from cluster.run import ray_session
-from cluster.specs import resolve_reward_specs
-from rewards.http_codec import HttpLimits
-from rewards.serve import deploy_rewards, remove_rewards
+from cluster.specs import deploy_config_rewards, resolve_reward_specs
+from rewards.serve import remove_rewards
 
 
 def serve_forever(config: Config, *, stop: threading.Event | None = None, log=print) -> int:
@@ -22,11 +21,7 @@ def serve_forever(config: Config, *, stop: threading.Event | None = None, log=pr
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, lambda *_: stop.set())
         specs, _ = resolve_reward_specs(config)
-        options = {name: serve_options(name, config.rewards[name].get("serve")) for name in specs}
-        limits = HttpLimits(max_body_bytes=rs.max_body_bytes, max_image_pixels=rs.max_image_pixels,
-                            max_batch=rs.max_batch)
-        deployed = deploy_rewards(specs, options, limits=limits, http_host=rs.http_host, http_port=rs.http_port,
-                                  reuse_running=False)
+        deployed = deploy_config_rewards(config, specs, reuse_running=False)
         try:
             for name in specs:
                 log(f"gard serve: {name:<24} POST http://{rs.http_host}:{rs.http_port}/{name}")

@@ -15,16 +15,15 @@ TINY_CLIP = "tiny:clip"
 
 
 def resolve_reward_specs(config: Config) -> tuple[dict[str, dict], dict[str, float]]:
-    """Splits ``rewards`` into builder options and weights; ``tiny:clip`` models are built locally."""
+    """Each reward's builder options and weight; ``tiny:clip`` models are built locally."""
     from rewards.tiny import tiny_aesthetic_options, tiny_clip_score_options
 
     specs, weights = {}, {}
     cache_dir = Path(config.cache_dir).resolve()  # absolute: reward replicas may run in another cwd
     tiny_dir = cache_dir / "tiny-clip"
-    for name, options in config.rewards.items():
-        options = dict(options)
-        weights[name] = float(options.pop("weight", 1.0))
-        options.pop("serve", None)
+    for name, reward in config.rewards.items():
+        options = dict(reward.options)
+        weights[name] = reward.weight
         if name == "clip_score" and options.get("model") == TINY_CLIP:
             options = {**options, **tiny_clip_score_options(tiny_dir, seed=options.get("seed", 0))}
         if name == "aesthetic" and options.get("clip_model") == TINY_CLIP:
@@ -76,6 +75,17 @@ def learner_spec(config: Config) -> LearnerSpec:
                        b2_history_stages=config.b2.history_stages, dpo_beta=config.dpo.online_beta)
 
 
+def default_policy_spec(*, pretrained: str, **overrides) -> PolicySpec:
+    """The default config's PolicySpec (CPU) with ``overrides``: for tests and benchmarks, so that the
+    defaults stay in the config alone."""
+    return dataclasses.replace(policy_spec(Config(), pretrained=pretrained, num_gpus=0), **overrides)
+
+
+def default_learner_spec(**overrides) -> LearnerSpec:
+    """The default config's LearnerSpec with ``overrides`` (tests and benchmarks)."""
+    return dataclasses.replace(learner_spec(Config()), **overrides)
+
+
 def _adapters(policy) -> str:
     """'UNet LoRA r=4 + text-encoder LoRA r=4' for the banner."""
     parts = {"unet": f"UNet LoRA r={policy.lora_rank}",
@@ -95,7 +105,7 @@ def banner(config: Config, run_dir: Path, ray_address: str) -> str:
         f"gard train: {config.name}  ->  {run_dir}",
         f"  ray                 : {ray_address}",
         f"  policy              : {config.policy.pretrained} ({_adapters(config.policy)}, {config.policy.dtype})",
-        "  rewards             : " + ", ".join(f"{k} x{v.get('weight', 1.0)}" for k, v in config.rewards.items())
+        "  rewards             : " + ", ".join(f"{k} x{v.weight}" for k, v in config.rewards.items())
         + (f", volume gamma={config.volume.gamma}" if config.volume.gamma or config.volume.gamma_end else ""),
         f"  epochs              : {config.epochs}   seed {config.seed}   max_staleness {c.max_staleness}",
         f"  samplers            : {c.num_samplers} x {s.batches_per_sampler} batches x {s.batch_size} "
@@ -121,17 +131,23 @@ def banner(config: Config, run_dir: Path, ray_address: str) -> str:
 
 
 
-def start_reward_services(config: Config, specs: dict[str, dict]) -> tuple[dict, list[str]]:
-    """Deploys the reward applications that are not running yet -> (the reward stage's ``service``
-    settings with the apps' handles, the names of the apps this call started)."""
-    from cluster.config import serve_options
+def deploy_config_rewards(config: Config, specs: dict[str, dict], *, reuse_running: bool = True):
+    """Deploys one Serve application per reward of ``specs`` with the config's placement and HTTP limits
+    -> ``rewards.serve.Deployed``."""
     from rewards.http_codec import HttpLimits
     from rewards.serve import deploy_rewards
 
     rs = config.reward_service
-    options = {name: serve_options(name, config.rewards[name].get("serve")) for name in specs}
     limits = HttpLimits(max_body_bytes=rs.max_body_bytes, max_image_pixels=rs.max_image_pixels, max_batch=rs.max_batch)
-    deployed = deploy_rewards(specs, options, limits=limits, http_host=rs.http_host, http_port=rs.http_port)
+    return deploy_rewards(specs, {name: config.rewards[name].serve for name in specs}, limits=limits,
+                          http_host=rs.http_host, http_port=rs.http_port, reuse_running=reuse_running)
+
+
+def start_reward_services(config: Config, specs: dict[str, dict]) -> tuple[dict, list[str]]:
+    """Deploys the reward applications that are not running yet -> (the reward stage's ``service``
+    settings with the apps' handles, the names of the apps this call started)."""
+    rs = config.reward_service
+    deployed = deploy_config_rewards(config, specs)
     service = {"timeout_s": rs.timeout_s, "max_retries": rs.max_retries, "retry_backoff_s": rs.retry_backoff_s,
                "down_timeout_s": rs.down_timeout_s, "apps": deployed.apps}
     return service, deployed.started

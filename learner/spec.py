@@ -11,32 +11,33 @@ ADVANTAGE_MODES = ("per_prompt", "batch")
 
 @dataclass(frozen=True)
 class LearnerSpec:
-    """Optimization settings. ``algorithm`` names a rule of ``learner.algorithms.ALGORITHMS``."""
+    """Optimization settings. ``algorithm`` names a rule of ``learner.algorithms.ALGORITHMS``. No defaults
+    here: they live in the config (``cluster/config.py``), which builds this spec (``cluster/specs.py``)."""
 
-    algorithm: str = "ppo"
-    learning_rate: float = 3e-4
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-4
-    adam_eps: float = 1e-8
-    max_grad_norm: float = 1.0
-    clip_range: float = 1e-4
-    adv_clip_max: float = 5.0
-    advantage: str = "per_prompt"
-    stat_buffer_size: int = 32
-    stat_min_count: int = 16
-    timestep_fraction: float = 1.0
-    inner_epochs: int = 1
-    updates_per_epoch: int = 4
-    micro_batch_size: int = 16
-    kl_beta: float = 0.0
-    kl_beta_end: float | None = None
-    kl_ramp_epochs: int = 0
-    max_staleness: int = 0
-    seed: int = 0
+    algorithm: str
+    learning_rate: float
+    adam_beta1: float
+    adam_beta2: float
+    adam_weight_decay: float
+    adam_eps: float
+    max_grad_norm: float
+    clip_range: float
+    adv_clip_max: float
+    advantage: str
+    stat_buffer_size: int
+    stat_min_count: int
+    timestep_fraction: float
+    inner_epochs: int
+    updates_per_epoch: int
+    micro_batch_size: int
+    kl_beta: float
+    kl_beta_end: float | None
+    kl_ramp_epochs: int
+    max_staleness: int
+    seed: int
     # B²-DiffuRL (backward progressive training + contrastive selection); None = off.
-    bpt: BptSchedule | None = None
-    b2_threshold: float = 0.5
-    b2_history_stages: int = 8
-    dpo_beta: float = 1.0  # online trajectory DPO
-    mixed_precision: str = "no"  # the learner's own precision: no | bf16 | fp16 (learner/precision.py)
+    bpt: BptSchedule | None
+    b2_threshold: float
+    b2_history_stages: int
+    dpo_beta: float  # online trajectory DPO
+    mixed_precision: str  # the learner's own precision: no | bf16 | fp16 (learner/precision.py)

@@ -30,9 +30,14 @@ class _JpegSize:
     sign = 0.0
 
     def __init__(self, *, quality: int = 95) -> None:
-        if not isinstance(quality, int) or not 1 <= quality <= 100:
-            raise ValueError(f"{self.name}: quality must be an int in [1, 100], got {quality!r}")
+        self.check_options(quality=quality)
         self.quality = quality
+
+    @classmethod
+    def check_options(cls, *, quality: int = 95) -> None:
+        """The option rules, checked by the config before anything is built."""
+        if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+            raise ValueError(f"{cls.name}: quality must be an int in [1, 100] (PIL's JPEG quality), got {quality!r}")
 
     def __call__(self, images: np.ndarray, prompts: list[str]) -> RewardOutput:
         check_batch(images, prompts)

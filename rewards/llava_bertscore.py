@@ -88,6 +88,22 @@ class LlavaBertScore:
 
     name = "llava_bertscore"
 
+    @classmethod
+    def check_options(cls, *, prompt_template: str = "{question}", reference_template: str = "{prompt}",
+                      max_tokens: int = 32, gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
+                      **_names_and_paths) -> None:
+        """The option rules, checked by the config before vLLM or BERTScore is loaded."""
+        _check_template("prompt_template", prompt_template, "question")
+        _check_template("reference_template", reference_template, "prompt")
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"llava_bertscore: max_tokens must be an int >= 1, got {max_tokens!r}")
+        if not 0.0 < gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"llava_bertscore: gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}"
+            )
+        if max_model_len is not None and max_model_len < 1:
+            raise ValueError(f"llava_bertscore: max_model_len must be None or >= 1, got {max_model_len!r}")
+
     def __init__(
         self,
         *,
@@ -105,16 +121,9 @@ class LlavaBertScore:
         device: str = "cpu",
         max_model_len: int | None = None,
     ) -> None:
-        _check_template("prompt_template", prompt_template, "question")
-        _check_template("reference_template", reference_template, "prompt")
-        if not isinstance(max_tokens, int) or max_tokens < 1:
-            raise ValueError(f"llava_bertscore: max_tokens must be an int >= 1, got {max_tokens!r}")
-        if not 0.0 < gpu_memory_utilization <= 1.0:
-            raise ValueError(
-                f"llava_bertscore: gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}"
-            )
-        if max_model_len is not None and max_model_len < 1:
-            raise ValueError(f"llava_bertscore: max_model_len must be None or >= 1, got {max_model_len!r}")
+        self.check_options(prompt_template=prompt_template, reference_template=reference_template,
+                           max_tokens=max_tokens, gpu_memory_utilization=gpu_memory_utilization,
+                           max_model_len=max_model_len)
         self.question = question
         self.prompt = prompt_template.format(question=question)
         self.reference_template = reference_template

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import typing
 from typing import Any
 
 from rewards.aesthetic import Aesthetic
@@ -36,6 +37,21 @@ def reward_options(name: str) -> dict[str, Any]:
         if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
         and p.name not in _INTERNAL
     }
+
+
+def reward_option_types(name: str) -> dict[str, Any]:
+    """The annotated types of reward ``name``'s options (what the config coerces them to)."""
+    cls = _reward_class(name)
+    hints = typing.get_type_hints(cls.__init__)
+    return {k: v for k, v in hints.items() if k in reward_options(name)}
+
+
+def check_reward_options(name: str, options: dict[str, Any]) -> None:
+    """The reward's own range rules (its ``check_options`` classmethod, where it has one), without building
+    it: ValueError naming the option, the value and what was expected."""
+    check = getattr(_reward_class(name), "check_options", None)  # optional: most options are names/paths
+    if check is not None:
+        check(**options)
 
 
 def build_reward(name: str, *, encoders=None, **options: Any) -> Reward:

@@ -120,19 +120,19 @@ def _sync(device: str) -> None:
 
 # ----- measurements -------------------------------------------------------------------------------
 def _specs(args, pretrained: str, dtype: str):
-    from actors.policy import PolicySpec
+    from cluster.specs import default_policy_spec
 
-    return PolicySpec(pretrained=pretrained, device=args.device, dtype=dtype, num_steps=args.steps,
+    return default_policy_spec(pretrained=pretrained, device=args.device, dtype=dtype, num_steps=args.steps,
                       resolution=args.resolution, guidance_scale=7.5, eta=1.0, lora_rank=args.lora_rank,
                       lora_alpha=float(args.lora_rank))
 
 
 def _learner_spec(mixed_precision: str, **overrides):
-    from learner.learner import LearnerSpec
+    from cluster.specs import default_learner_spec
 
     base = dict(algorithm="ppo", learning_rate=3e-4, clip_range=1e-4, advantage="batch", updates_per_epoch=4,
                 micro_batch_size=8, mixed_precision=mixed_precision, max_staleness=0)
-    return LearnerSpec(**{**base, **overrides})
+    return default_learner_spec(**{**base, **overrides})
 
 
 def _main_learner_spec(args):

@@ -9,8 +9,9 @@ import torch
 
 from actors.branch import BranchTrajectory, sample_branches
 from actors.ddim import ddim_mean_std, gaussian_log_prob
-from actors.policy import Policy, PolicySpec
+from actors.policy import Policy
 from actors.trajectory import ImageBatch, Trajectory
+from cluster.specs import default_policy_spec
 
 PROMPTS = ["a cat", "a dog"]
 T = 6
@@ -21,7 +22,7 @@ BRANCH_STEP = 2
 @pytest.fixture(scope="module")
 def policy(tiny_sd) -> Policy:
     torch.set_num_threads(1)
-    policy = Policy(PolicySpec(pretrained=tiny_sd, num_steps=T, resolution=64))
+    policy = Policy(default_policy_spec(pretrained=tiny_sd, num_steps=T, resolution=64))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # a non-zero adapter, so the log-probs below depend on it
         for _, p in policy.named_trainable_parameters():

@@ -139,9 +139,10 @@ def test_every_spacing_matches_diffusers_with_finite_log_probs_or_is_refused(spa
 
 
 def test_a_refused_schedule_is_a_config_error_before_ray_starts(tiny_sd, tmp_path):
-    from actors.policy import Policy, PolicySpec
+    from actors.policy import Policy
     from cluster.config import ConfigError, load_config
     from cluster.preflight import check_scheduler
+    from cluster.specs import default_policy_spec
 
     config = load_config(None, ["prompts.train=[a cat]", "sampling.timestep_spacing=linspace",
                                 f"policy.pretrained={tiny_sd}"])
@@ -150,7 +151,7 @@ def test_a_refused_schedule_is_a_config_error_before_ray_starts(tiny_sd, tmp_pat
     config.sampling.timestep_spacing = "trailing"
     check_scheduler(config, pretrained=tiny_sd)
     with pytest.raises(ValueError, match="timestep_spacing='linspace'"):
-        Policy(PolicySpec(pretrained=tiny_sd, num_steps=4, timestep_spacing="linspace"))
-    trailing = Policy(PolicySpec(pretrained=tiny_sd, num_steps=4, timestep_spacing="trailing"))
+        Policy(default_policy_spec(pretrained=tiny_sd, num_steps=4, timestep_spacing="linspace"))
+    trailing = Policy(default_policy_spec(pretrained=tiny_sd, num_steps=4, timestep_spacing="trailing"))
     assert trailing.scheduler.config.timestep_spacing == "trailing"
     assert trailing.scheduler.timesteps.tolist() == [999, 749, 499, 249]

@@ -8,16 +8,16 @@ import pytest
 import torch
 
 from actors.ddim import ddim_mean_std, gaussian_log_prob
-from actors.policy import PolicySpec
 from actors.sampler import Sampler
 from actors.weights import AdapterMismatchError, ChecksumError, WeightsPacket, pack_adapter
+from cluster.specs import default_policy_spec
 
 PROMPTS = ["a cat", "a dog", "a red car"]
 
 
 @pytest.fixture(scope="module")
 def sampler(tiny_sd) -> Sampler:
-    return Sampler(spec=PolicySpec(pretrained=tiny_sd, num_steps=6, resolution=64), worker_index=0)
+    return Sampler(spec=default_policy_spec(pretrained=tiny_sd, num_steps=6, resolution=64), worker_index=0)
 
 
 def _perturb_adapter(sampler: Sampler, seed: int = 0, scale: float = 0.3) -> None:
@@ -57,7 +57,7 @@ def test_recomputed_log_prob_of_stored_transitions_equals_stored(sampler):
 
 
 def test_flat_buffer_round_trip_and_checksum(tiny_sd, sampler):
-    source = Sampler(spec=PolicySpec(pretrained=tiny_sd, num_steps=6))
+    source = Sampler(spec=default_policy_spec(pretrained=tiny_sd, num_steps=6))
     _perturb_adapter(source, seed=1)
     packet = pack_adapter(source.policy.named_trainable_parameters(), version=3)
     assert packet.buffer.dtype == np.float32 and packet.buffer.ndim == 1
@@ -91,7 +91,7 @@ def test_corrupted_broadcast_is_refused_and_leaves_weights_untouched(sampler):
 
 
 def test_adapter_with_other_rank_is_refused_naming_the_mismatch(tiny_sd, sampler):
-    other = Sampler(spec=PolicySpec(pretrained=tiny_sd, num_steps=6, lora_rank=2))
+    other = Sampler(spec=default_policy_spec(pretrained=tiny_sd, num_steps=6, lora_rank=2))
     packet = pack_adapter(other.policy.named_trainable_parameters(), version=50)
     with pytest.raises(AdapterMismatchError, match="shape differences .*lora_A"):
         sampler.set_weights(packet=packet)
@@ -122,7 +122,7 @@ ATTENTION_AND_CONV = (*ATTENTION, "conv1", "conv2", "proj_in", "proj_out", "ff.n
 def test_exported_lora_reproduces_the_policy_in_a_fresh_diffusers_pipeline(tiny_sd, tmp_path, targets):
     from diffusers import StableDiffusionPipeline
 
-    spec = PolicySpec(pretrained=tiny_sd, num_steps=5, guidance_scale=4.0, lora_rank=4, lora_alpha=8.0,
+    spec = default_policy_spec(pretrained=tiny_sd, num_steps=5, guidance_scale=4.0, lora_rank=4, lora_alpha=8.0,
                       lora_targets=targets)
     trained = Sampler(spec=spec)
     _perturb_adapter(trained, seed=2, scale=0.4)

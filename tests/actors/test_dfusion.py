@@ -22,9 +22,9 @@ from actors.dfusion import (
     resize_mask,
     token_selection,
 )
-from actors.policy import PolicySpec
 from actors.sampler import Sampler
 from actors.trajectory import TrajectoryPairs, gather_rows
+from cluster.specs import default_policy_spec
 
 PROMPTS = ["a red cube on a table"] * 2 + ["a cat on a mat"] * 2
 T = 5
@@ -32,7 +32,7 @@ T = 5
 
 @pytest.fixture(scope="module")
 def sampler(tiny_sd):
-    return Sampler(spec=PolicySpec(pretrained=tiny_sd, num_steps=T, resolution=64, guidance_scale=5.0, eta=1.0))
+    return Sampler(spec=default_policy_spec(pretrained=tiny_sd, num_steps=T, resolution=64, guidance_scale=5.0, eta=1.0))
 
 
 @pytest.fixture(scope="module")
@@ -256,12 +256,13 @@ def test_bad_inputs_are_named(sampler, batch):
 
 
 def test_learner_trains_explicit_pairs_and_refuses_stale_ones(tiny_sd, sampler, batch):
-    from learner.learner import Learner, LearnerSpec
+    from cluster.specs import default_learner_spec
+    from learner.learner import Learner
 
     traj, _, _, _ = batch
     pairs, _, _ = sampler.dfusion(sources=[traj], poor=[(0, 0), (0, 2)], good=[(0, 1), (0, 3)],
                                   spec=DFusionSpec(fuse_start=0.0))
-    learner = Learner(policy_spec=sampler.policy.spec, spec=LearnerSpec(algorithm="dpo", dpo_beta=50.0,
+    learner = Learner(policy_spec=sampler.policy.spec, spec=default_learner_spec(algorithm="dpo", dpo_beta=50.0,
                                                                         learning_rate=1e-2, updates_per_epoch=1,
                                                                         inner_epochs=2))
     rewards = np.array([0.0, 1.0, 0.0, 1.0], dtype=np.float32)

@@ -42,9 +42,10 @@ def _randomize(params, *, seed: int) -> None:
 def _unet_adapter(
     tiny_sd: str, out: Path, *, rank: int, alpha: float, targets: tuple[str, ...], seed: int
 ) -> Path:
-    from actors.policy import Policy, PolicySpec
+    from actors.policy import Policy
+    from cluster.specs import default_policy_spec
 
-    policy = Policy(PolicySpec(pretrained=tiny_sd, lora_rank=rank, lora_alpha=alpha, lora_targets=targets))
+    policy = Policy(default_policy_spec(pretrained=tiny_sd, lora_rank=rank, lora_alpha=alpha, lora_targets=targets))
     _randomize([p for _, p in policy.named_trainable_parameters()], seed=seed)
     return policy.save_lora(out)
 

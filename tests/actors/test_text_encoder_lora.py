@@ -11,7 +11,9 @@ import torch
 
 from actors.policy import PolicySpec
 from actors.sampler import Sampler
-from learner.learner import Learner, LearnerSpec
+from cluster.specs import default_learner_spec, default_policy_spec
+from learner.learner import Learner
+from learner.spec import LearnerSpec
 
 PROMPTS = ["a cat", "a cat", "a dog", "a dog"]
 TEXT = ("text_encoder",)
@@ -19,12 +21,12 @@ BOTH = ("unet", "text_encoder")
 
 
 def _spec(tiny_sd, targets, **kw) -> PolicySpec:
-    return PolicySpec(pretrained=tiny_sd, num_steps=4, resolution=64, guidance_scale=3.0, train_targets=targets,
+    return default_policy_spec(pretrained=tiny_sd, num_steps=4, resolution=64, guidance_scale=3.0, train_targets=targets,
                       text_encoder_lora_rank=4, text_encoder_lora_alpha=8.0, **kw)
 
 
 def _learner_spec(**kw) -> LearnerSpec:
-    base = LearnerSpec(algorithm="pg", learning_rate=5e-2, updates_per_epoch=1, micro_batch_size=8,
+    base = default_learner_spec(algorithm="pg", learning_rate=5e-2, updates_per_epoch=1, micro_batch_size=8,
                        stat_min_count=1, stat_buffer_size=8, max_grad_norm=10.0)
     return dataclasses.replace(base, **kw)
 
@@ -164,4 +166,4 @@ def test_mismatched_init_adapter_is_refused_with_the_reason(tiny_sd, tmp_path):
 
 def test_train_targets_are_validated(tiny_sd):
     with pytest.raises(ValueError, match=r"policy.train_targets=\['vae'\]"):
-        PolicySpec(pretrained=tiny_sd, train_targets=("vae",))
+        default_policy_spec(pretrained=tiny_sd, train_targets=("vae",))

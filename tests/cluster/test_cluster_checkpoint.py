@@ -21,14 +21,17 @@ from cluster.checkpoint import (
     write_checkpoint,
 )
 from cluster.config import Config, ConfigError
-from learner.learner import Learner, LearnerSpec
+from cluster.reward_config import RewardConfig
+from cluster.specs import default_learner_spec, default_policy_spec
+from learner.learner import Learner
+from rewards.serve_options import ServeOptions
 
 PROMPTS = ["a cat", "a cat", "a dog", "a dog"]
 
 
 @pytest.fixture(scope="module")
 def policy_spec(tiny_sd) -> PolicySpec:
-    return PolicySpec(pretrained=tiny_sd, num_steps=4, resolution=64, guidance_scale=3.0)
+    return default_policy_spec(pretrained=tiny_sd, num_steps=4, resolution=64, guidance_scale=3.0)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +41,7 @@ def batches(policy_spec):
 
 
 def _learner(policy_spec) -> Learner:
-    spec = LearnerSpec(learning_rate=1e-2, clip_range=0.2, updates_per_epoch=2, micro_batch_size=8,
+    spec = default_learner_spec(learning_rate=1e-2, clip_range=0.2, updates_per_epoch=2, micro_batch_size=8,
                        stat_buffer_size=4, stat_min_count=2, kl_beta=0.1)
     return Learner(policy_spec=policy_spec, spec=spec)
 
@@ -122,9 +125,10 @@ def test_incompatible_config_is_refused_naming_the_fields(tmp_path):
     checkpoint = load_checkpoint(_write(tmp_path, 2))
     current = Config()
     current.epochs, current.logging.eval_every, current.cluster.call_timeout_s = 50, 3, 5.0  # may change
+    current.rewards["jpeg_compressibility"].serve = ServeOptions(max_replicas=4)  # placement, not what is computed
     check_compatible(checkpoint, current.to_dict())
     current.train.learning_rate, current.seed = 0.5, 7
-    current.rewards = {"jpeg_compressibility": {"weight": 2.0}}
+    current.rewards = {"jpeg_compressibility": RewardConfig(weight=2.0)}
     with pytest.raises(ConfigError) as err:
         check_compatible(checkpoint, current.to_dict())
     message = str(err.value)

@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cluster.config import ConfigError, load_config
+from rewards.serve_options import ServeOptions
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -28,7 +30,7 @@ def test_demo_config_loads_with_overrides():
                                                           "rewards.jpeg_compressibility.weight=2"])
     assert config.epochs == 2 and config.seed == 3
     assert config.train.learning_rate == pytest.approx(1e-3)
-    assert config.rewards["jpeg_compressibility"]["weight"] == 2
+    assert config.rewards["jpeg_compressibility"].weight == 2
     assert config.samples_per_epoch == config.cluster.num_samplers * config.sampling.batches_per_sampler * 8
 
 
@@ -65,6 +67,15 @@ def test_every_preset_is_valid():
         (BASE + "rewards:\n  jpeg_compressibility: {weight: x}\n", [], r"rewards.jpeg_compressibility.weight = 'x'"),
         (BASE + "rewards:\n  jpeg_compressibility: {qual: 3}\n", [], r"rewards.jpeg_compressibility.qual: unknown option.*quality"),
         (BASE + "rewards: {}\n", [], r"rewards is empty"),
+        (BASE + "rewards: [jpeg_compressibility]\n", [], r"rewards must be a mapping of reward name -> settings"),
+        (BASE + "rewards:\n  jpeg_compressibility: {quality: 500}\n", [],
+         r"rewards.jpeg_compressibility: jpeg_compressibility: quality must be an int in \[1, 100\].*500"),
+        (BASE + "rewards:\n  jpeg_compressibility: {quality: high}\n", [],
+         r"rewards.jpeg_compressibility.quality = 'high' has the wrong type: expected int"),
+        (BASE + "rewards:\n  clip_score: {seed: 1.5}\n", [], r"rewards.clip_score.seed = 1.5 has the wrong type"),
+        (BASE + "rewards:\n  llava_bertscore: {max_tokens: 0}\n", [], r"llava_bertscore: max_tokens must be an int >= 1"),
+        (BASE + "rewards:\n  llava_bertscore: {gpu_memory_utilization: 1.5}\n", [],
+         r"gpu_memory_utilization must be in \(0, 1\]"),
         (BASE, ["volume.gamma=0.5"], r"volume.gamma = 0.5 needs text and image embeddings"),
         (BASE, ["epochs"], r"override 'epochs' is not of the form key=value"),
         (BASE, ["policy.lora_targets=to_q"], r"policy.lora_targets = 'to_q' has the wrong type: expected a list"),
@@ -132,13 +143,26 @@ def test_cli_help_and_config_errors_exit_2_without_traceback(tmp_path):
 
 def test_reward_serve_settings_are_validated(tmp_path):
     config = load_config(_write(tmp_path, BASE + "rewards:\n  jpeg_compressibility: {serve: {max_replicas: 3}}\n"))
-    assert config.rewards["jpeg_compressibility"]["serve"] == {"max_replicas": 3}
+    assert config.rewards["jpeg_compressibility"].serve == ServeOptions(max_replicas=3)
     with pytest.raises(ConfigError, match=r"rewards.jpeg_compressibility.serve: unknown setting\(s\) \['replicas'\]"):
         load_config(_write(tmp_path, BASE + "rewards:\n  jpeg_compressibility: {serve: {replicas: 3}}\n"))
     with pytest.raises(ConfigError, match=r"min_replicas=3, max_replicas=2"):
         load_config(_write(tmp_path, BASE + "rewards:\n  jpeg_compressibility: {serve: {min_replicas: 3, max_replicas: 2}}\n"))
     with pytest.raises(ConfigError, match=r"reward_service.backend = 'grpc' is out of range"):
         load_config(_write(tmp_path, BASE), ["reward_service.backend=grpc"])
+
+
+def test_reward_config_is_typed_and_round_trips_through_the_run_config(tmp_path):
+    text = BASE + "rewards:\n  jpeg_compressibility: {weight: 2, quality: 80, serve: {max_replicas: 3}}\n  clip_score:\n"
+    config = load_config(_write(tmp_path, text))
+    jpeg, clip = config.rewards["jpeg_compressibility"], config.rewards["clip_score"]
+    assert (jpeg.weight, jpeg.options, jpeg.serve.max_replicas) == (2.0, {"quality": 80}, 3)
+    assert (clip.weight, clip.options, clip.serve) == (1.0, {}, ServeOptions())  # empty mapping = defaults
+    # The run directory's config.yaml (to_dict) holds the flat form users write, and loads back equal.
+    dumped = tmp_path / "dumped.yaml"
+    dumped.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    assert load_config(dumped).rewards == config.rewards
+    assert config.to_dict()["rewards"]["jpeg_compressibility"]["quality"] == 80
 
 
 def test_volume_modalities_are_validated(tmp_path):

@@ -10,8 +10,10 @@ import torch
 
 from actors.policy import PolicySpec
 from actors.sampler import Sampler
+from cluster.specs import default_learner_spec, default_policy_spec
 from learner.bpt import BptSchedule
-from learner.learner import Learner, LearnerSpec
+from learner.learner import Learner
+from learner.spec import LearnerSpec
 
 T = 6
 SCHEDULE = BptSchedule(num_steps=T, tau_start=2, tau_end=6, num_stages=5, epochs_per_stage=1)
@@ -19,7 +21,7 @@ SCHEDULE = BptSchedule(num_steps=T, tau_start=2, tau_end=6, num_stages=5, epochs
 
 @pytest.fixture(scope="module")
 def policy_spec(tiny_sd) -> PolicySpec:
-    return PolicySpec(pretrained=tiny_sd, num_steps=T, resolution=64, guidance_scale=3.0)
+    return default_policy_spec(pretrained=tiny_sd, num_steps=T, resolution=64, guidance_scale=3.0)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +35,7 @@ def branches(policy_spec):
 def _spec(**kw) -> LearnerSpec:
     base = dict(algorithm="ppo", learning_rate=1e-2, clip_range=0.5, updates_per_epoch=1, micro_batch_size=8,
                 adam_weight_decay=0.0, bpt=SCHEDULE, b2_threshold=0.5, b2_history_stages=8)
-    return LearnerSpec(**{**base, **kw})
+    return default_learner_spec(**{**base, **kw})
 
 
 def _record_unet_timesteps(learner: Learner) -> list[int]:

@@ -17,7 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from actors.policy import Policy, PolicySpec
+from actors.policy import Policy
+from cluster.specs import default_policy_spec
 from learner.offline_dpo import (
     OfflineDpoTrainer,
     PreferenceDataError,
@@ -125,7 +126,7 @@ def test_synthetic_preferences_are_smooth_versus_noise(tmp_path):
 
 # ----- the trainer -------------------------------------------------------------------------------
 def _policy(pretrained: str, *, resolution: int = 32, rank: int = 16) -> Policy:
-    return Policy(PolicySpec(pretrained=pretrained, resolution=resolution, lora_rank=rank, lora_alpha=float(rank),
+    return Policy(default_policy_spec(pretrained=pretrained, resolution=resolution, lora_rank=rank, lora_alpha=float(rank),
                              lora_targets=WIDE_LORA, init_lora_seed=0))
 
 

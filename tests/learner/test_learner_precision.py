@@ -13,8 +13,10 @@ import torch
 from actors.policy import AdapterBindingError, Policy, PolicySpec
 from actors.sampler import Sampler
 from actors.weights import NonFiniteWeightsError, buffer_checksum, pack_adapter
-from learner.learner import Learner, LearnerSpec
+from cluster.specs import default_learner_spec, default_policy_spec
+from learner.learner import Learner
 from learner.precision import ratio_warning
+from learner.spec import LearnerSpec
 from learner.state import tensors_not_on_cpu
 
 PROMPTS = ["a cat", "a cat", "a dog", "a dog"]
@@ -22,7 +24,7 @@ PROMPTS = ["a cat", "a cat", "a dog", "a dog"]
 
 @pytest.fixture(scope="module")
 def policy_spec(tiny_sd) -> PolicySpec:
-    return PolicySpec(pretrained=tiny_sd, num_steps=4, resolution=64, guidance_scale=3.0)
+    return default_policy_spec(pretrained=tiny_sd, num_steps=4, resolution=64, guidance_scale=3.0)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +35,7 @@ def traj(policy_spec):
 def _spec(**kw) -> LearnerSpec:
     base = dict(algorithm="pg", learning_rate=1e-2, advantage="batch", updates_per_epoch=1, micro_batch_size=8,
                 adam_weight_decay=0.0)
-    return LearnerSpec(**{**base, **kw})
+    return default_learner_spec(**{**base, **kw})
 
 
 def _adapter(learner: Learner) -> list[torch.Tensor]:
@@ -52,7 +54,7 @@ REWARDS = np.array([1.0, 0.0, 0.5, -1.0], np.float32)
 def test_fp16_loss_scaling_recovers_the_fp32_gradient_at_256px(tiny_sd):
     """Defect 1: a policy-gradient micro-batch weighted as 4 of a 320-pair step, 256 px. In fp16 without
     loss scaling most gradient entries flush to zero; with the GradScaler the gradient is the fp32 one."""
-    spec = PolicySpec(pretrained=tiny_sd, num_steps=10, resolution=256, guidance_scale=5.0)
+    spec = default_policy_spec(pretrained=tiny_sd, num_steps=10, resolution=256, guidance_scale=5.0)
     trajectory = Sampler(spec=spec).sample(prompts=["a cat", "a dog"], seed=0)[0]
     pairs = np.array([[0, 2], [1, 5], [0, 8], [1, 9]])
     advantages = np.array([1.0, -1.0], np.float32)
@@ -203,7 +205,7 @@ def test_first_step_ratio_is_one_on_policy_and_flags_a_mismatch(policy_spec, tra
 
 # ----- adapters must bind and act ---------------------------------------------------------------
 def test_a_lora_target_that_matches_no_module_is_refused(tiny_sd):
-    spec = PolicySpec(pretrained=tiny_sd, num_steps=4, resolution=64)
+    spec = default_policy_spec(pretrained=tiny_sd, num_steps=4, resolution=64)
     counts = Policy(spec).verify_adapters()
     assert set(counts) == {"unet:to_q", "unet:to_k", "unet:to_v", "unet:to_out.0"} and min(counts.values()) >= 1
     typo = dataclasses.replace(spec, lora_targets=("to_q", "to_vv"))
@@ -219,7 +221,7 @@ def test_a_lora_target_that_matches_no_module_is_refused(tiny_sd):
 def test_an_adapter_that_cannot_change_the_output_is_refused(tiny_sd):
     """An adapter that is attached but inert (here its LoRA scaling is zeroed on every to_k layer, as a
     lora_alpha of 0 would) must not pass as trainable."""
-    policy = Policy(PolicySpec(pretrained=tiny_sd, num_steps=4, resolution=64, lora_targets=("to_q", "to_k")))
+    policy = Policy(default_policy_spec(pretrained=tiny_sd, num_steps=4, resolution=64, lora_targets=("to_q", "to_k")))
     for name, module in policy.unet.named_modules():
         if name.endswith("to_k") and hasattr(module, "scaling"):
             module.scaling["default"] = 0.0

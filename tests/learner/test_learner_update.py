@@ -11,14 +11,16 @@ import torch
 from actors.ddim import ddim_mean_std, gaussian_log_prob
 from actors.policy import PolicySpec
 from actors.sampler import Sampler
-from learner.learner import Learner, LearnerSpec
+from cluster.specs import default_learner_spec, default_policy_spec
+from learner.learner import Learner
+from learner.spec import LearnerSpec
 
 PROMPTS = ["a cat", "a cat", "a dog", "a dog"]
 
 
 @pytest.fixture(scope="module")
 def policy_spec(tiny_sd) -> PolicySpec:
-    return PolicySpec(pretrained=tiny_sd, num_steps=4, resolution=64, guidance_scale=3.0)
+    return default_policy_spec(pretrained=tiny_sd, num_steps=4, resolution=64, guidance_scale=3.0)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,7 @@ def _log_probs(learner: Learner, traj) -> torch.Tensor:
 def _spec(**kw) -> LearnerSpec:
     base = dict(algorithm="pg", learning_rate=1e-2, advantage="batch", updates_per_epoch=1, micro_batch_size=7,
                 adam_weight_decay=0.0)
-    return LearnerSpec(**{**base, **kw})
+    return default_learner_spec(**{**base, **kw})
 
 
 @pytest.mark.parametrize("algorithm", ["pg", "ppo"])
