@@ -1,4 +1,4 @@
-"""D-Fusion (actors/dfusion.py): masks from chosen tokens' cross-attention, self-attention fusion,
+"""D-Fusion (actors/dfusion.py, actors/dfusion_attention.py): masks from chosen tokens' cross-attention, self-attention fusion,
 the fused trajectory's log-probs, and the Sampler.dfusion actor method."""
 
 from __future__ import annotations
@@ -11,13 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from actors.ddim import ddim_step_with_logprob
-from actors.dfusion import (
-    DFusionSpec,
+from actors.dfusion import DFusionSpec, dfusion
+from actors.dfusion_attention import (
     FusionController,
     attention_fusion,
     build_mask,
     content_token_positions,
-    dfusion,
     fused_self_attention,
     resize_mask,
     token_selection,

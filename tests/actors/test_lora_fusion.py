@@ -1,8 +1,8 @@
 """LoRA fusion (``gard fuse-lora``): fused adapters reproduce Σ w_i Δ_i once diffusers loads them.
 
-Expected merged weights are computed independently of actors/lora_fusion.py: each input adapter is
-loaded into a fresh pipeline by diffusers (``load_lora_weights`` + ``fuse_lora``), and its Δ is the
-merged weight minus the base weight.
+Expected merged weights are computed independently of actors/lora_fusion.py and actors/lora_files.py:
+each input adapter is loaded into a fresh pipeline by diffusers (``load_lora_weights`` +
+``fuse_lora``), and its Δ is the merged weight minus the base weight.
 """
 
 from __future__ import annotations
@@ -16,15 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from actors.lora_fusion import (
-    LoraFusionError,
-    TargetMismatchError,
-    compress_layer,
-    fuse_adapters,
-    fuse_lora_dirs,
-    parse_input_spec,
-    read_adapter,
-)
+from actors.lora_files import LoraFusionError, parse_input_spec, read_adapter
+from actors.lora_fusion import TargetMismatchError, compress_layer, fuse_adapters, fuse_lora_dirs
 
 REPO = Path(__file__).resolve().parents[2]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
