@@ -14,7 +14,7 @@ $(VENV)/.gard-setup-done: pyproject.toml tools/setup_env.sh tools/torchvision_cp
 	VENV=$(VENV) bash tools/setup_env.sh
 
 demo: setup
-	$(VENV)/bin/gard train configs/demo.yaml --output-dir runs/demo
+	$(VENV)/bin/gard train configs/demo.yaml --output-dir runs/demo --resume never
 
 test: setup
 	$(PY) -m pytest -q -x

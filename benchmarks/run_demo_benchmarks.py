@@ -91,7 +91,7 @@ def ray_run(config_path: Path, *, epochs: int, staleness: int, out: Path) -> dic
 
     config = load_config(config_path, [f"epochs={epochs}", f"cluster.max_staleness={staleness}",
                                        "logging.progress=false", "logging.tensorboard=false"])
-    run_dir = train(config, output_dir=str(out), log=lambda *_: None)
+    run_dir = train(config, output_dir=str(out), resume="never", log=lambda *_: None)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][2:]  # skip warm-up
     med = {k: statistics.median(r[f"time/{k}"] for r in rows if r.get(f"time/{k}") is not None)
            for k in ("epoch_s", "sample_s", "reward_s", "train_s", "broadcast_s", "samples_per_s")}

@@ -8,15 +8,17 @@ Layout of one checkpoint (``<run_dir>/checkpoints/epoch-000012/`` after 12 compl
     driver.pt      the driver's RNG states
     metrics.jsonl  the metric rows of the completed epochs (a resumed run continues this file)
     config.yaml    the resolved config of the run
-    meta.json      epoch, policy version, B² stage, counters, file sizes; written last
+    meta.json      epoch, policy version, B² stage, counters, file sizes and SHA-256s; written last
 
 A checkpoint is written under a temporary name (``.tmp-...``) and renamed into place once complete,
 so a crash mid-write leaves a directory that is never picked up: only ``epoch-NNNNNN`` directories
-whose ``meta.json`` parses and whose files have the recorded sizes count as checkpoints.
+whose ``meta.json`` parses, names the same epoch and whose files have the recorded sizes and hashes
+count as checkpoints; ``load_checkpoint`` also parses every file and names the first that does not.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -89,9 +91,10 @@ def write_checkpoint(run_dir: Path, *, epoch: int, learner_state: dict, lora_fil
         torch.save(driver_state, tmp / "driver.pt")
         (tmp / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in metrics))
         (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+        listed = [f for f in sorted(tmp.rglob("*")) if f.is_file()]
+        files = {str(f.relative_to(tmp)): f.stat().st_size for f in listed}
         meta = {"format": FORMAT, "epoch": int(epoch), "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                **info, "files": files}
+                **info, "files": files, "sha256": {str(f.relative_to(tmp)): _sha256(f) for f in listed}}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # last: its presence marks completeness
         _fsync_tree(tmp)
         if final.exists():  # the same epoch again (a resume from an older checkpoint): replace it
@@ -106,17 +109,56 @@ def write_checkpoint(run_dir: Path, *, epoch: int, learner_state: dict, lora_fil
     return final
 
 
-def is_valid(path: Path) -> bool:
-    """A complete checkpoint: right name, meta.json of this format, every listed file at its size."""
-    path = Path(path)
-    if not path.is_dir() or not _NAME.match(path.name):
-        return False
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from: missing, partial or corrupt (the message says which file
+    and why)."""
+
+
+def _meta_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete checkpoint, from its name, meta.json and file sizes (cheap: no
+    tensor is read); None when it is one."""
+    match = _NAME.match(path.name)
+    if not path.is_dir() or not match:
+        return "not a directory named epoch-NNNNNN"
     try:
         meta = json.loads((path / "meta.json").read_text())
-        return meta.get("format") == FORMAT and all(
-            (path / name).is_file() and (path / name).stat().st_size == size for name, size in meta["files"].items())
-    except (OSError, ValueError, KeyError, AttributeError):
-        return False
+    except FileNotFoundError:
+        return "no meta.json (a write that did not finish)"
+    except (OSError, ValueError) as err:
+        return f"meta.json is unreadable ({err})"
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        return f"meta.json is not of checkpoint format {FORMAT}"
+    epoch, files = meta.get("epoch"), meta.get("files")
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch != int(match.group(1)):
+        return f"meta.json epoch = {epoch!r} does not match the directory name (expected {int(match.group(1))})"
+    if not isinstance(files, dict) or not all(isinstance(v, int) for v in files.values()) or \
+            not set(_REQUIRED) <= set(files):
+        return f"meta.json files = {files!r} is not a mapping of the checkpoint's files to their sizes"
+    for name, size in files.items():
+        file = path / name
+        if not file.is_file() or file.stat().st_size != size:
+            return f"{name} is missing or not of the recorded size {size} bytes"
+    for name, digest in (meta.get("sha256") or {}).items():
+        if _sha256(path / name) != digest:
+            return f"{name} does not match its recorded SHA-256 (the file was changed or corrupted)"
+    return None
+
+
+_REQUIRED = ("learner.pt", "driver.pt", "metrics.jsonl", "config.yaml")
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with file.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def is_valid(path: Path) -> bool:
+    """A complete checkpoint: right name, meta.json of this format whose epoch matches the name, every
+    listed file at its size and (checkpoints that record them) its SHA-256."""
+    return _meta_problem(Path(path)) is None
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -144,23 +186,46 @@ def prune(run_dir: Path, *, keep_last: int) -> None:
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
-    """Reads a checkpoint directory; a missing or partial one is a FileNotFoundError naming it."""
+    """Reads and checks a checkpoint directory; CheckpointError naming the file and the reason for a
+    missing, partial or corrupt one."""
     path = Path(path)
-    if not is_valid(path):
-        raise FileNotFoundError(
-            f"{str(path)!r} is not a complete gard checkpoint (expected a directory named epoch-NNNNNN with "
-            f"meta.json and the files it lists, under <run_dir>/{CHECKPOINTS}/); pass --resume auto to pick the "
-            f"newest valid one")
+    problem = _meta_problem(path)
+    if problem is not None:
+        raise CheckpointError(
+            f"{str(path)!r} is not a complete gard checkpoint: {problem} (expected a directory named epoch-NNNNNN "
+            f"with meta.json and the files it lists, under <run_dir>/{CHECKPOINTS}/); pass --resume auto to pick "
+            f"the newest valid one")
     meta = json.loads((path / "meta.json").read_text())
-    metrics = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return Checkpoint(
-        path=path,
-        meta=meta,
-        learner_state=torch.load(path / "learner.pt", weights_only=True, map_location="cpu"),
-        driver_state=torch.load(path / "driver.pt", weights_only=True, map_location="cpu"),
-        metrics=metrics,
-        config=yaml.safe_load((path / "config.yaml").read_text()),
-    )
+
+    def read(name: str, parse):
+        try:
+            return parse(path / name)
+        except Exception as err:  # any parse failure of any file: the checkpoint is unusable, say why
+            raise CheckpointError(f"checkpoint {str(path)!r}: {name} cannot be read ({type(err).__name__}: "
+                                  f"{str(err).splitlines()[0] if str(err) else 'no detail'})") from None
+
+    tensors = lambda f: torch.load(f, weights_only=True, map_location="cpu")  # noqa: E731
+    metrics = read("metrics.jsonl", lambda f: [json.loads(line) for line in f.read_text().splitlines() if line.strip()])
+    if [row.get("epoch") if isinstance(row, dict) else None for row in metrics] != list(range(meta["epoch"])):
+        raise CheckpointError(f"checkpoint {str(path)!r}: metrics.jsonl holds {len(metrics)} rows; expected one "
+                              f"row per completed epoch 0..{meta['epoch'] - 1}")
+    checkpoint = Checkpoint(path=path, meta=meta, learner_state=read("learner.pt", tensors),
+                            driver_state=read("driver.pt", tensors), metrics=metrics,
+                            config=read("config.yaml", lambda f: yaml.safe_load(f.read_text())))
+    for name, value in (("learner.pt", checkpoint.learner_state), ("driver.pt", checkpoint.driver_state),
+                        ("config.yaml", checkpoint.config)):
+        if not isinstance(value, dict):
+            raise CheckpointError(f"checkpoint {str(path)!r}: {name} holds {type(value).__name__}, not a mapping")
+    return checkpoint
+
+
+def invalid_checkpoints(run_dir: Path) -> list[tuple[Path, str]]:
+    """The ``epoch-NNNNNN`` directories of a run that are not checkpoints, each with the reason."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = ((p, _meta_problem(p)) for p in sorted(root.iterdir()) if _NAME.match(p.name))
+    return [(p, problem) for p, problem in found if problem is not None]
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -38,9 +38,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="config overrides, e.g. epochs=2 train.learning_rate=1e-3")
     train.add_argument("--output-dir", default=None, help="run directory (default: output_dir or runs/NAME-TIME)")
-    train.add_argument("--resume", default=None, metavar="auto|PATH",
-                       help="continue from the newest valid checkpoint of the run directory (auto: starts fresh "
-                            "when there is none) or from a checkpoint directory PATH")
+    train.add_argument("--resume", default=None, metavar="auto|never|PATH",
+                       help="auto: continue from the newest valid checkpoint of the run directory (a new run "
+                            "when it has none); never: start over (an earlier run's checkpoints there are "
+                            "removed); PATH: continue from that checkpoint or run directory. Without the flag, "
+                            "a run directory that already has checkpoints is refused")
     serve_cmd = sub.add_parser(
         "serve", help="serve a config's rewards as Ray Serve applications until interrupted",
         description="Start one Serve application per reward of CONFIG (HTTP: POST /<reward>) on local Ray "

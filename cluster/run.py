@@ -10,13 +10,22 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
 import yaml
 
 from actors.tiny import resolve_pretrained
-from cluster.checkpoint import Checkpoint, check_compatible, latest_checkpoint, load_checkpoint
+from cluster.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    check_compatible,
+    checkpoint_root,
+    invalid_checkpoints,
+    list_checkpoints,
+    load_checkpoint,
+)
 from cluster.config import Config, ConfigError
 from cluster.driver import Driver
 from cluster.specs import banner
@@ -54,37 +63,75 @@ def ray_session(config: Config):
             ray.shutdown()
 
 
-def prepare_run_dir(config: Config, output_dir: str | None, *, resume: Checkpoint | None = None) -> Path:
-    """Creates the run directory; metrics.jsonl starts empty, or with the resumed checkpoint's rows."""
+def prepare_run_dir(config: Config, output_dir: str | None, *, resume: Checkpoint | None = None,
+                    start_over: bool = False) -> Path:
+    """Creates the run directory; metrics.jsonl starts empty, or with the resumed checkpoint's rows.
+    ``start_over`` (``--resume never``) removes an earlier run's checkpoints there first."""
     run_dir = Path(output_dir or config.output_dir or f"runs/{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--output-dir {str(run_dir)!r} is a file, not a directory; pass a directory path")
     run_dir.mkdir(parents=True, exist_ok=True)
+    if start_over and checkpoint_root(run_dir).is_dir():
+        shutil.rmtree(checkpoint_root(run_dir))
     rows = resume.metrics if resume is not None else []
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     return run_dir
 
 
-def find_resume_checkpoint(config: Config, *, resume: str, output_dir: str | None, log=print) -> Checkpoint | None:
-    """``--resume auto``: the newest valid checkpoint of the output directory (None: start fresh);
-    ``--resume PATH``: that checkpoint, or the newest one of that run directory. Refuses a checkpoint
-    whose config would sample or train differently (ConfigError naming the fields)."""
+def _newest_loadable(run_dir: Path, *, log) -> Checkpoint | None:
+    """The newest checkpoint of ``run_dir`` that loads; each one skipped is named with its reason."""
+    for path, problem in invalid_checkpoints(run_dir):
+        log(f"gard: warning: skipping {path}: {problem}")
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            return load_checkpoint(path)
+        except CheckpointError as err:
+            log(f"gard: warning: skipping {err}")
+    return None
+
+
+def _has_checkpoints(run_dir: Path) -> bool:
+    return any(checkpoint_root(run_dir).glob("epoch-*"))
+
+
+def find_resume_checkpoint(config: Config, *, resume: str | None, output_dir: str | None,
+                           log=print) -> Checkpoint | None:
+    """``--resume auto``: the newest checkpoint of the run directory that loads (None: a new run; a
+    directory whose checkpoints are all corrupt is refused, never overwritten); ``--resume PATH``: that
+    checkpoint, or the newest one of that run directory; ``--resume never`` (or no flag on a directory
+    without checkpoints): a new run. Refuses a checkpoint whose config would sample or train differently
+    (ConfigError naming the fields)."""
+    run_dir = output_dir or config.output_dir
+    if resume in (None, "never"):
+        if resume is None and run_dir and _has_checkpoints(Path(run_dir)):
+            raise ConfigError(f"{run_dir} already holds a run with checkpoints; pass --resume auto to continue it, "
+                              f"--resume never to start over there (its checkpoints are removed), or a new "
+                              f"--output-dir")
+        return None
     if resume == "auto":
-        run_dir = output_dir or config.output_dir
         if not run_dir:
             raise ConfigError("--resume auto looks for checkpoints in the run directory, but none is set: pass "
                               "--output-dir DIR (or set output_dir) to the directory of the run to continue")
-        path = latest_checkpoint(Path(run_dir))
-        if path is None:
-            log(f"gard: no checkpoint in {Path(run_dir) / 'checkpoints'}: starting fresh")
+        checkpoint = _newest_loadable(Path(run_dir), log=log)
+        if checkpoint is None and _has_checkpoints(Path(run_dir)):
+            raise ConfigError(f"--resume auto: {checkpoint_root(Path(run_dir))} holds checkpoints but none is "
+                              f"valid (see the warnings above); refusing to start a new run over them. Pass "
+                              f"--resume never to start over there, or a new --output-dir")
+        if checkpoint is None:
+            log(f"gard: no checkpoint in {checkpoint_root(Path(run_dir))}: starting fresh")
             return None
     else:
         path = Path(resume)
-        if (path / "checkpoints").is_dir():  # a run directory: its newest checkpoint
-            path = latest_checkpoint(path) or path / "checkpoints"
-    try:
-        checkpoint = load_checkpoint(path)
-    except FileNotFoundError as err:  # a wrong --resume PATH is a user error like a bad config (exit 2)
-        raise ConfigError(f"--resume {resume}: {err}") from None
+        if not path.exists():
+            raise ConfigError(f"--resume {resume}: no such checkpoint or run directory")
+        try:
+            checkpoint = (_newest_loadable(path, log=log) if checkpoint_root(path).is_dir()
+                          else load_checkpoint(path))
+        except CheckpointError as err:  # a wrong --resume PATH is a user error like a bad config (exit 2)
+            raise ConfigError(f"--resume {resume}: {err}") from None
+        if checkpoint is None:
+            raise ConfigError(f"--resume {resume}: {checkpoint_root(path)} holds no valid checkpoint")
     check_compatible(checkpoint, config.to_dict())
     return checkpoint
 
@@ -94,11 +141,9 @@ def train(config: Config, *, output_dir: str | None = None, resume: str | None =
     """Runs a whole training job (or continues one: ``resume`` = "auto" or a path); returns the run
     directory. SIGINT/SIGTERM (or ``stop.request``) end it after the current epoch with a checkpoint,
     raising RunInterrupted."""
-    checkpoint = None
-    if resume:
-        checkpoint = find_resume_checkpoint(config, resume=resume, output_dir=output_dir, log=log)
-        if checkpoint is not None and output_dir is None and config.output_dir is None:
-            output_dir = str(checkpoint.path.parent.parent)  # --resume PATH continues in that run's directory
+    checkpoint = find_resume_checkpoint(config, resume=resume, output_dir=output_dir, log=log)
+    if checkpoint is not None and output_dir is None and config.output_dir is None:
+        output_dir = str(checkpoint.path.parent.parent)  # --resume PATH continues in that run's directory
     if checkpoint is not None and checkpoint.epoch >= config.epochs:
         run_dir = Path(output_dir or config.output_dir)
         log(f"gard: {checkpoint.path} already has {checkpoint.epoch} epochs >= epochs={config.epochs}; "
@@ -107,7 +152,7 @@ def train(config: Config, *, output_dir: str | None = None, resume: str | None =
     from cluster.preflight import check_scheduler
 
     check_scheduler(config, pretrained=resolve_pretrained(config.policy.pretrained, cache_dir=config.cache_dir))
-    run_dir = prepare_run_dir(config, output_dir, resume=checkpoint)
+    run_dir = prepare_run_dir(config, output_dir, resume=checkpoint, start_over=resume == "never")
     stop = stop or StopRequest()
     with ray_session(config) as address, stop_on_signals(stop, log=log):
         log(banner(config, run_dir, address))

@@ -14,6 +14,7 @@ import torch
 from actors.policy import PolicySpec
 from actors.sampler import Sampler
 from cluster.checkpoint import (
+    CheckpointError,
     check_compatible,
     latest_checkpoint,
     list_checkpoints,
@@ -111,7 +112,7 @@ def test_partial_checkpoints_are_ignored_and_old_ones_pruned(tmp_path):
     shutil.copytree(root / "epoch-000003", root / "epoch-000008")
     (root / "epoch-000008" / "learner.pt").write_bytes(b"trunc")
     assert latest_checkpoint(tmp_path) == root / "epoch-000003"
-    with pytest.raises(FileNotFoundError, match="not a complete gard checkpoint"):
+    with pytest.raises(CheckpointError, match="not a complete gard checkpoint: no meta.json"):
         load_checkpoint(root / "epoch-000007")
     # The next write removes the leftover of the crashed one.
     _write(tmp_path, 4, keep_last=2)
@@ -135,3 +136,86 @@ def test_incompatible_config_is_refused_naming_the_fields(tmp_path):
     for part in ("seed: 0 -> 7", "train.learning_rate: 0.0003 -> 0.5", "rewards.jpeg_compressibility.weight: 1.0 -> 2.0"):
         assert part in message, message
     assert "epochs" not in message.split("only")[0]
+
+
+def _edit_meta(path, **changes):
+    meta = json.loads((path / "meta.json").read_text())
+    meta.update(changes)
+    (path / "meta.json").write_text(json.dumps(meta))
+
+
+def _same_size_garbage(name):
+    def corrupt(path):
+        size = (path / name).stat().st_size
+        (path / name).write_bytes(b"\xff" * size)
+    return corrupt
+
+
+def _unhashed(corrupt):
+    """The corruption, with meta.json rewritten to match the new sizes and without hashes: what only
+    reading the files can find."""
+    def apply(path):
+        corrupt(path)
+        meta = json.loads((path / "meta.json").read_text())
+        meta.pop("sha256")
+        meta["files"] = {name: (path / name).stat().st_size for name in meta["files"]}
+        (path / "meta.json").write_text(json.dumps(meta))
+    return apply
+
+
+@pytest.mark.parametrize(
+    "corrupt, reason",
+    [
+        (lambda p: _edit_meta(p, epoch=999), r"meta.json epoch = 999 does not match the directory name \(expected 2\)"),
+        (lambda p: _edit_meta(p, epoch=1.5), r"meta.json epoch = 1.5 does not match"),
+        (lambda p: _edit_meta(p, epoch="2"), r"meta.json epoch = '2' does not match"),
+        (lambda p: _edit_meta(p, files=["learner.pt"]), r"meta.json files = \['learner.pt'\] is not a mapping"),
+        (lambda p: _edit_meta(p, format=7), r"not of checkpoint format 1"),
+        (lambda p: (p / "meta.json").write_text("{garbage"), r"meta.json is unreadable"),
+        (_same_size_garbage("learner.pt"), r"learner.pt does not match its recorded SHA-256"),
+        (_unhashed(_same_size_garbage("learner.pt")), r"learner.pt cannot be read \(UnpicklingError"),
+        (_unhashed(_same_size_garbage("metrics.jsonl")), r"metrics.jsonl cannot be read"),
+        (_unhashed(lambda p: (p / "metrics.jsonl").write_text('{"epoch": 0}\n{"epoch": 7}\n')),
+         r"metrics.jsonl holds 2 rows; expected one row per completed epoch 0..1"),
+        (_unhashed(lambda p: (p / "config.yaml").write_text("[1, 2]\n")),
+         r"config.yaml holds list, not a mapping"),
+    ],
+)
+def test_corrupt_checkpoints_are_named_with_the_reason(tmp_path, corrupt, reason):
+    path = _write(tmp_path, 2)
+    load_checkpoint(path)  # intact
+    corrupt(path)
+    with pytest.raises(CheckpointError, match=reason):
+        load_checkpoint(path)
+
+
+def test_resume_skips_corrupt_checkpoints_and_never_starts_over_a_run_silently(tmp_path):
+    from cluster.config import Config
+    from cluster.run import find_resume_checkpoint, prepare_run_dir
+
+    config, lines = Config(), []
+    run_dir = tmp_path / "run"
+    for epoch in (1, 2):
+        _write(run_dir, epoch)
+    root = run_dir / "checkpoints"
+    _same_size_garbage("driver.pt")(root / "epoch-000002")
+    found = find_resume_checkpoint(config, resume="auto", output_dir=str(run_dir), log=lines.append)
+    assert found.epoch == 1
+    assert any("skipping" in line and "epoch-000002" in line and "driver.pt does not match its recorded SHA-256"
+               in line for line in lines), lines
+    # Without --resume, a directory with checkpoints is refused; --resume never starts over and removes them.
+    with pytest.raises(ConfigError, match=r"already holds a run with checkpoints; pass --resume auto"):
+        find_resume_checkpoint(config, resume=None, output_dir=str(run_dir))
+    _edit_meta(root / "epoch-000001", epoch=5)  # now no checkpoint is valid
+    with pytest.raises(ConfigError, match=r"holds checkpoints but none is valid.*refusing to start a new run"):
+        find_resume_checkpoint(config, resume="auto", output_dir=str(run_dir), log=lines.append)
+    with pytest.raises(ConfigError, match=r"--resume .*epoch-000001: .*not a complete gard checkpoint: meta.json epoch = 5"):
+        find_resume_checkpoint(config, resume=str(root / "epoch-000001"), output_dir=None)
+    with pytest.raises(ConfigError, match=r"--resume .*nowhere: no such checkpoint or run directory"):
+        find_resume_checkpoint(config, resume=str(tmp_path / "nowhere"), output_dir=None)
+    assert find_resume_checkpoint(config, resume="never", output_dir=str(run_dir)) is None
+    prepare_run_dir(config, str(run_dir), start_over=True)
+    assert not root.exists() and (run_dir / "metrics.jsonl").read_text() == ""
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match=r"--output-dir .*afile' is a file, not a directory"):
+        prepare_run_dir(config, str(tmp_path / "afile"))
