@@ -110,10 +110,11 @@ def test_prompt_and_config_files_must_be_utf8_text_with_prompts(tmp_path):
 
 def test_resume_from_a_path_that_is_not_a_checkpoint_exits_2(tmp_path):
     config = _write(tmp_path, BASE)
-    for target in (tmp_path / "missing", tmp_path):
+    for target, reason in ((tmp_path / "missing", "no such checkpoint or run directory"),
+                           (tmp_path, "is not a complete gard checkpoint: not a directory named epoch-NNNNNN")):
         proc = _gard("train", str(config), "--resume", str(target), f"cache_dir={tmp_path / 'cache'}")
         assert proc.returncode == 2, proc.stderr[-2000:]
-        assert f"--resume {target}: " in proc.stderr and "is not a complete gard checkpoint" in proc.stderr
+        assert f"--resume {target}: {reason}" in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
 
 
