@@ -114,7 +114,7 @@ def test_resume_from_a_path_that_is_not_a_checkpoint_exits_2(tmp_path):
                            (tmp_path, "is not a complete gard checkpoint: not a directory named epoch-NNNNNN")):
         proc = _gard("train", str(config), "--resume", str(target), f"cache_dir={tmp_path / 'cache'}")
         assert proc.returncode == 2, proc.stderr[-2000:]
-        assert f"--resume {target}: {reason}" in proc.stderr, proc.stderr
+        assert f"--resume {target}: " in proc.stderr and reason in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
 
 
