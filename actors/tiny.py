@@ -120,13 +120,14 @@ def build_tiny_sd(out_dir: str | Path, *, prediction_type: str = "epsilon", seed
 
 
 def resolve_pretrained(name: str, *, cache_dir: str | Path) -> str:
-    """Maps ``tiny:sd`` / ``tiny:sd-v`` to a locally built pipeline (built once); other names pass through."""
+    """Maps ``tiny:sd`` / ``tiny:sd-v`` to a locally built pipeline (built once) and a local directory to
+    its absolute path (actors may run in another working directory); hub ids pass through."""
     if not name.startswith(TINY_PREFIX):
-        return name
+        return str(Path(name).resolve()) if Path(name).exists() else name
     variant = name[len(TINY_PREFIX) :]
     if variant not in TINY_VARIANTS:
         raise ValueError(f"unknown tiny model {name!r}; valid: {[TINY_PREFIX + v for v in TINY_VARIANTS]}")
-    path = Path(cache_dir) / f"tiny-{variant}"
+    path = Path(cache_dir).resolve() / f"tiny-{variant}"
     if not (path / "model_index.json").exists():
         build_tiny_sd(path, prediction_type="v_prediction" if variant == "sd-v" else "epsilon")
     return str(path)

@@ -63,7 +63,8 @@ class SamplingConfig:
     num_steps: int = field(default=20, metadata=POSITIVE)
     eta: float = field(default=1.0, metadata=_rule(lambda v: v > 0, "> 0 (training needs stochastic DDIM steps)"))
     guidance_scale: float = field(default=5.0, metadata=NON_NEGATIVE)
-    resolution: int = field(default=64, metadata=_rule(lambda v: v > 0 and v % 8 == 0, "a positive multiple of 8"))
+    resolution: int = field(default=64, metadata=_rule(lambda v: 0 < v <= 4096 and v % 8 == 0,
+                                                       "a positive multiple of 8, at most 4096"))
     negative_prompt: str = ""
     timestep_spacing: str | None = field(default=None, metadata={
         **choice("leading", "trailing", "linspace"),

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import yaml
 
-from actors.tiny import resolve_pretrained
 from cluster.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -149,9 +148,12 @@ def train(config: Config, *, output_dir: str | None = None, resume: str | None =
         log(f"gard: {checkpoint.path} already has {checkpoint.epoch} epochs >= epochs={config.epochs}; "
             f"nothing to train (pass epochs=N with N > {checkpoint.epoch} to continue)")
         return run_dir
-    from cluster.preflight import check_scheduler
+    from cluster.preflight import check_policy, check_pretrained, check_scheduler
 
-    check_scheduler(config, pretrained=resolve_pretrained(config.policy.pretrained, cache_dir=config.cache_dir))
+    # Everything that can be checked without Ray, before the run directory is written.
+    pretrained = check_pretrained(config, cache_dir=config.cache_dir)
+    check_scheduler(config, pretrained=pretrained)
+    check_policy(config, pretrained=pretrained)
     run_dir = prepare_run_dir(config, output_dir, resume=checkpoint, start_over=resume == "never")
     stop = stop or StopRequest()
     with ray_session(config) as address, stop_on_signals(stop, log=log):
