@@ -160,8 +160,12 @@ def read_adapter(path: str | Path) -> Adapter:
 
     file = find_weight_file(path)
     where = f"input {str(path)!r}"
-    tensors = load_file(str(file))
-    metadata = read_metadata(file)
+    try:
+        tensors = load_file(str(file))
+        metadata = read_metadata(file)
+    except Exception as err:  # safetensors' and JSON's errors alike: the file is not an adapter
+        raise LoraFusionError(f"{where}: {file.name} is not a readable safetensors LoRA file with diffusers "
+                              f"metadata ({type(err).__name__}: {err})") from None
     parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         match = _KEY.match(key)

@@ -250,6 +250,8 @@ def fuse_lora_dirs(
     for path, _ in parsed:
         find_weight_file(path)  # every path checked before the (slower) reading starts
     out_file = Path(out_dir) / WEIGHT_FILE
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise LoraFusionError(f"--out {str(out_dir)!r} is a file; pass a directory for the fused adapter")
     if out_file.exists() and not overwrite:
         raise LoraFusionError(f"{str(out_file)!r} already exists; pass --overwrite to replace it")
     adapters = [read_adapter(path) for path, _ in parsed]

@@ -267,3 +267,23 @@ def test_cli_end_to_end(tiny_sd, inputs, tmp_path):
     bad = _gard("--out", str(tmp_path / "bad"), str(inputs["u2"]), str(tmp_path / "nope") + ":0.5")
     assert bad.returncode == 2
     assert "nope" in bad.stderr and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_unreadable_inputs_and_a_file_as_output_are_refused_with_a_message(inputs, tmp_path):
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"definitely not safetensors")
+    bad = _gard("--out", str(tmp_path / "o"), str(garbage))
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "garbage.safetensors is not a readable safetensors LoRA file" in bad.stderr
+    # Valid tensors, but metadata that is not JSON.
+    from safetensors.torch import save_file
+
+    bad_meta = tmp_path / "bad_meta.safetensors"
+    save_file({"unet.a.lora_A.weight": torch.zeros(2, 4), "unet.a.lora_B.weight": torch.zeros(4, 2)}, str(bad_meta),
+              metadata={"lora_adapter_metadata": "{not json"})
+    meta = _gard("--out", str(tmp_path / "o"), str(bad_meta))
+    assert meta.returncode == 2 and "JSONDecodeError" in meta.stderr and "Traceback" not in meta.stderr
+    (tmp_path / "afile").write_text("x")
+    out_file = _gard("--out", str(tmp_path / "afile"), str(inputs["u2"]))
+    assert out_file.returncode == 2 and "is a file; pass a directory" in out_file.stderr
+    assert (tmp_path / "afile").read_text() == "x"
