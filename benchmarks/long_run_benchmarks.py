@@ -117,7 +117,7 @@ def soak_and_restart(epochs: int, out: Path) -> dict:
     from cluster.driver import Driver
     from cluster.run import prepare_run_dir
 
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING",
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING",
              log_to_driver=False)
     config = load_config(REPO / "configs" / "demo.yaml", [
         "cache_dir=.cache/gard", f"epochs={epochs}", "logging.progress=false", "logging.tensorboard=false",

@@ -135,7 +135,7 @@ def main() -> None:
     args = parser.parse_args()
     cache = Path(tempfile.mkdtemp(prefix="gard-bench-"))
     port = 8765
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR",
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR",
              log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     llava = {} if args.skip_llava else {"model": "tiny:llava", "cache_dir": str(cache), "bertscore_model": "minilm",

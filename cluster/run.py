@@ -45,7 +45,10 @@ def ray_session(config: Config):
         ray.init(address=config.cluster.address or os.environ["RAY_ADDRESS"], log_to_driver=True)
         address = config.cluster.address or os.environ["RAY_ADDRESS"]
     else:
+        # address="local": a new Ray of our own even when another head runs on this machine (a bare
+        # ray.init() would join the newest one, whose workers do not share our paths or resources).
         ray.init(
+            address="local",
             num_cpus=config.cluster.local_num_cpus,
             include_dashboard=False,
             _node_ip_address="127.0.0.1",

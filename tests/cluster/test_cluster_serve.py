@@ -40,7 +40,7 @@ def serve_session(tmp_path_factory):
     # with only handle-side reports, the autoscaling test below saw no upscaling once earlier tests of
     # this module had created handles in this process (Ray 2.60; in isolation it scaled).
     os.environ["RAY_SERVE_COLLECT_AUTOSCALING_METRICS_ON_HANDLE"] = "0"
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING",
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING",
              log_to_driver=False)
     port = _free_port()
     clip_options = tiny_clip_score_options(tmp_path_factory.mktemp("clip"))

@@ -32,7 +32,7 @@ def ray_cluster():
     import ray
     from ray import serve
 
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING",
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING",
              log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     serve.shutdown()
