@@ -144,7 +144,8 @@ def prune(run_dir: Path, *, keep_last: int) -> None:
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
-    """Reads a checkpoint directory; a missing or partial one is a FileNotFoundError naming it."""
+    """Reads a checkpoint directory; a missing or partial one is a FileNotFoundError naming it, a damaged
+    metrics.jsonl line a ConfigError naming the line."""
     path = Path(path)
     if not is_valid(path):
         raise FileNotFoundError(
@@ -152,7 +153,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
             f"meta.json and the files it lists, under <run_dir>/{CHECKPOINTS}/); pass --resume auto to pick the "
             f"newest valid one")
     meta = json.loads((path / "meta.json").read_text())
-    metrics = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    metrics = _metric_rows(path)
     return Checkpoint(
         path=path,
         meta=meta,
@@ -161,6 +162,29 @@ def load_checkpoint(path: Path) -> Checkpoint:
         metrics=metrics,
         config=yaml.safe_load((path / "config.yaml").read_text()),
     )
+
+
+def _metric_rows(path: Path) -> list[dict]:
+    """The checkpoint's metrics.jsonl rows. Its size matched meta.json, so a line that is not a JSON
+    object was damaged after the checkpoint was written: a ConfigError naming the file and the line,
+    never rows silently dropped (the resumed run continues this history)."""
+    rows = []
+    for number, line in enumerate((path / "metrics.jsonl").read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as err:
+            row, reason = None, f"{err.msg} at column {err.colno}"
+        else:
+            reason = f"a JSON {type(row).__name__}, not an object"
+        if not isinstance(row, dict):
+            raise ConfigError(
+                f"checkpoint {str(path)!r} is damaged: line {number} of metrics.jsonl is not a metrics row "
+                f"({reason}): {line[:80]!r}. Resume from another checkpoint (--resume <run_dir>/{CHECKPOINTS}/"
+                f"epoch-NNNNNN) or start a new --output-dir")
+        rows.append(row)
+    return rows
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

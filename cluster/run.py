@@ -8,7 +8,6 @@ bound to 127.0.0.1, builds the ``Driver`` and runs it, and removes the reward ap
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from actors.tiny import resolve_pretrained
 from cluster.checkpoint import Checkpoint, check_compatible, latest_checkpoint, load_checkpoint
 from cluster.config import Config, ConfigError
 from cluster.driver import Driver
+from cluster.metrics import write_rows
 from cluster.specs import banner
 from cluster.stop import StopRequest, stop_on_signals
 
@@ -55,11 +55,13 @@ def ray_session(config: Config):
 
 
 def prepare_run_dir(config: Config, output_dir: str | None, *, resume: Checkpoint | None = None) -> Path:
-    """Creates the run directory; metrics.jsonl starts empty, or with the resumed checkpoint's rows."""
+    """Creates the run directory; metrics.jsonl starts empty, or with the resumed checkpoint's rows (the
+    checkpoint holds the rows of record: rows of later epochs, and a damaged last line if the previous
+    run was killed mid-write, are replaced, since those epochs run again)."""
     run_dir = Path(output_dir or config.output_dir or f"runs/{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir.mkdir(parents=True, exist_ok=True)
     rows = resume.metrics if resume is not None else []
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    write_rows(run_dir / "metrics.jsonl", rows)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     return run_dir
 
