@@ -205,7 +205,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
                                   f"{str(err).splitlines()[0] if str(err) else 'no detail'})") from None
 
     tensors = lambda f: torch.load(f, weights_only=True, map_location="cpu")  # noqa: E731
-    metrics = read("metrics.jsonl", lambda f: [json.loads(line) for line in f.read_text().splitlines() if line.strip()])
+    metrics = _metric_rows(path)
     if [row.get("epoch") if isinstance(row, dict) else None for row in metrics] != list(range(meta["epoch"])):
         raise CheckpointError(f"checkpoint {str(path)!r}: metrics.jsonl holds {len(metrics)} rows; expected one "
                               f"row per completed epoch 0..{meta['epoch'] - 1}")
@@ -226,6 +226,30 @@ def invalid_checkpoints(run_dir: Path) -> list[tuple[Path, str]]:
         return []
     found = ((p, _meta_problem(p)) for p in sorted(root.iterdir()) if _NAME.match(p.name))
     return [(p, problem) for p, problem in found if problem is not None]
+
+
+def _metric_rows(path: Path) -> list[dict]:
+    """The checkpoint's metrics.jsonl rows. Its size matched meta.json, so a line that is not a JSON
+    object was damaged after the checkpoint was written: a CheckpointError naming the file and the line,
+    never rows silently dropped (the resumed run continues this history)."""
+    rows = []
+    text = (path / "metrics.jsonl").read_bytes().decode("utf-8", errors="replace")  # damage shows as a bad line
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as err:
+            row, reason = None, f"{err.msg} at column {err.colno}"
+        else:
+            reason = f"a JSON {type(row).__name__}, not an object"
+        if not isinstance(row, dict):
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} is damaged: line {number} of metrics.jsonl is not a metrics row "
+                f"({reason}): {line[:80]!r}. Resume from another checkpoint (--resume <run_dir>/{CHECKPOINTS}/"
+                f"epoch-NNNNNN) or start a new --output-dir")
+        rows.append(row)
+    return rows
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

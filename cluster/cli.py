@@ -99,11 +99,13 @@ def _user_error(err: BaseException) -> BaseException | None:
     from actors.weights import AdapterMismatchError, ChecksumError, NonFiniteWeightsError
     from cluster.config import ConfigError
     from cluster.errors import RewardDownError, cause_chain
+    from cluster.metrics import MetricsWriteError
     from cluster.samplers import SamplerFailedError
     from learner.precision import TrainingStalledError
 
     user_types = (ConfigError, AdapterMismatchError, ChecksumError, FileNotFoundError, RewardDownError,
-                  SamplerFailedError, TrainingStalledError, AdapterBindingError, NonFiniteWeightsError)
+                  SamplerFailedError, TrainingStalledError, AdapterBindingError, NonFiniteWeightsError,
+                  MetricsWriteError)
     return next((e for e in cause_chain(err) if isinstance(e, user_types)), None)
 
 

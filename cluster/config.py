@@ -209,7 +209,8 @@ class ClusterConfig:
     call_timeout_s: float = field(default=600.0, metadata={**POSITIVE, **RESUMABLE})
     torch_threads: int = field(default=1, metadata={**POSITIVE, **RESUMABLE})
     max_sampler_failures: int = field(default=3, metadata={
-        **POSITIVE, **RESUMABLE, "doc": "a sampler that dies is restarted; this many failures in a row stop the run"})
+        **POSITIVE, **RESUMABLE, "doc": "a sampler that dies is restarted; the death that makes this many in a "
+                                        "row (deaths while restarting included) stops the run: 1 stops at the first"})
 
 
 @dataclass

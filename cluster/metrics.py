@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,50 @@ def _clean(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None  # JSON has no NaN; a missing value reads as null
     return value
+
+
+class MetricsWriteError(OSError):
+    """A metrics row could not be written (a full disk, a quota); the file keeps only complete rows."""
+
+
+def append_line(path: Path, line: str) -> None:
+    """Appends ``line`` (one complete row, newline included) to ``path`` all or nothing.
+
+    The row is written with ``os.write`` on an O_APPEND descriptor; when the write fails part-way (a
+    disk that fills up takes some bytes, then raises ENOSPC) the file is cut back to its length before,
+    so a reader never sees half a JSON line. Raises MetricsWriteError naming the file and the cause.
+    """
+    data = line.encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        before = os.fstat(fd).st_size
+        try:
+            written = 0
+            while written < len(data):  # a short write is continued; the next one raises if the disk is full
+                written += os.write(fd, data[written:])
+        except BaseException as err:  # an OSError, or an interrupt between two partial writes
+            os.ftruncate(fd, before)
+            if not isinstance(err, OSError):
+                raise
+            raise MetricsWriteError(
+                err.errno, f"could not append a row to {path}: {err.strerror or err}; the file was cut back to "
+                f"its last complete row ({before} bytes). Free space (or fix the cause) and run again; a "
+                f"training run continues from its newest checkpoint with --resume auto") from err
+    finally:
+        os.close(fd)
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """Replaces ``path`` with ``rows`` (one JSON object per line) all or nothing: written to a temporary
+    file beside it, then renamed over it. Raises MetricsWriteError naming the file and the cause."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise MetricsWriteError(err.errno, f"could not write {len(rows)} rows to {path}: {err.strerror or err}; "
+                                           f"the file was left as it was") from err
 
 
 class MetricsWriter:
@@ -31,10 +76,10 @@ class MetricsWriter:
             self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
     def write(self, row: dict) -> None:
+        """Appends one row (all or nothing: see append_line), then mirrors it to TensorBoard."""
         row = {k: _clean(v) for k, v in row.items()}
+        append_line(self.path, json.dumps(row) + "\n")  # serialized in full before a byte is written
         self.rows.append(row)
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
         if self._tb is not None:
             for key, value in row.items():
                 if isinstance(value, (int, float)) and key not in ("epoch", "step"):

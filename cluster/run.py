@@ -8,7 +8,6 @@ bound to 127.0.0.1, builds the ``Driver`` and runs it, and removes the reward ap
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import time
@@ -27,6 +26,7 @@ from cluster.checkpoint import (
 )
 from cluster.config import Config, ConfigError
 from cluster.driver import Driver
+from cluster.metrics import write_rows
 from cluster.specs import banner
 from cluster.stop import StopRequest, stop_on_signals
 
@@ -67,8 +67,10 @@ def ray_session(config: Config):
 
 def prepare_run_dir(config: Config, output_dir: str | None, *, resume: Checkpoint | None = None,
                     start_over: bool = False) -> Path:
-    """Creates the run directory; metrics.jsonl starts empty, or with the resumed checkpoint's rows.
-    ``start_over`` (``--resume never``) removes an earlier run's checkpoints there first."""
+    """Creates the run directory; metrics.jsonl starts empty, or with the resumed checkpoint's rows (the
+    checkpoint holds the rows of record: rows of later epochs, and a damaged last line if the previous
+    run was killed mid-write, are replaced, since those epochs run again). ``start_over`` (``--resume
+    never``) removes an earlier run's checkpoints there first."""
     run_dir = Path(output_dir or config.output_dir or f"runs/{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--output-dir {str(run_dir)!r} is a file, not a directory; pass a directory path")
@@ -76,7 +78,7 @@ def prepare_run_dir(config: Config, output_dir: str | None, *, resume: Checkpoin
     if start_over and checkpoint_root(run_dir).is_dir():
         shutil.rmtree(checkpoint_root(run_dir))
     rows = resume.metrics if resume is not None else []
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    write_rows(run_dir / "metrics.jsonl", rows)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     return run_dir
 

@@ -122,6 +122,23 @@ def test_partial_checkpoints_are_ignored_and_old_ones_pruned(tmp_path):
     assert meta["epoch"] == 4 and meta["files"]["lora/pytorch_lora_weights.safetensors"] == 10
 
 
+@pytest.mark.parametrize(("damaged", "reason"), [
+    ('{"epoch": 1,', r"Expecting property name enclosed in double quotes at column 13"),
+    ('"0123456789"', r"a JSON str, not an object"),
+])
+def test_a_damaged_metrics_line_is_refused_naming_the_file_and_the_line(tmp_path, damaged, reason):
+    path = _write(tmp_path, 3)
+    lines = (path / "metrics.jsonl").read_text().splitlines()
+    assert lines[1] == '{"epoch": 1}' and len(damaged) == len(lines[1])  # the same size: meta.json still agrees
+    damage = _unhashed(lambda p: (p / "metrics.jsonl").write_text("\n".join([lines[0], damaged, lines[2]]) + "\n"))
+    damage(path)  # a checkpoint that records only sizes: reading the file is what finds the damage
+    assert latest_checkpoint(tmp_path) == path
+
+    with pytest.raises(CheckpointError, match=rf"^checkpoint '{path}' is damaged: line 2 of metrics.jsonl is not a "
+                                          rf"metrics row \({reason}\): "):
+        load_checkpoint(path)
+
+
 def test_incompatible_config_is_refused_naming_the_fields(tmp_path):
     checkpoint = load_checkpoint(_write(tmp_path, 2))
     current = Config()
@@ -174,7 +191,7 @@ def _unhashed(corrupt):
         (lambda p: (p / "meta.json").write_text("{garbage"), r"meta.json is unreadable"),
         (_same_size_garbage("learner.pt"), r"learner.pt does not match its recorded SHA-256"),
         (_unhashed(_same_size_garbage("learner.pt")), r"learner.pt cannot be read \(UnpicklingError"),
-        (_unhashed(_same_size_garbage("metrics.jsonl")), r"metrics.jsonl cannot be read"),
+        (_unhashed(_same_size_garbage("metrics.jsonl")), r"line 1 of metrics.jsonl is not a metrics row"),
         (_unhashed(lambda p: (p / "metrics.jsonl").write_text('{"epoch": 0}\n{"epoch": 7}\n')),
          r"metrics.jsonl holds 2 rows; expected one row per completed epoch 0..1"),
         (_unhashed(lambda p: (p / "config.yaml").write_text("[1, 2]\n")),

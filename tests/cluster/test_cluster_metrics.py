@@ -1,16 +1,23 @@
 """Run-directory sinks of cluster/metrics.py: metrics.jsonl rows read back exactly (non-finite floats as
-null, numpy scalars as Python numbers), the TensorBoard mirror, the reward curve and sample grids."""
+null, numpy scalars as Python numbers), rows written all or nothing when the disk fills up mid-row, the
+TensorBoard mirror, the reward curve and sample grids."""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from cluster.metrics import MetricsWriter, plot_reward_curve, save_grid
+import cluster.metrics as metrics_module
+from cluster.metrics import MetricsWriteError, MetricsWriter, plot_reward_curve, save_grid, write_rows
 
 
 def _read(path) -> list[dict]:
@@ -57,6 +64,77 @@ def test_writer_appends_to_an_existing_metrics_file(tmp_path):
     assert _read(tmp_path / "metrics.jsonl") == [{"epoch": 0, "reward_mean": 1.0}, {"epoch": 1, "reward_mean": 2.0}]
     assert writer.rows == [{"epoch": 1, "reward_mean": 2.0}]  # a resuming driver restores rows itself
 
+
+def test_a_row_cut_short_by_a_full_disk_is_removed_and_named_in_the_error(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    writer = MetricsWriter(tmp_path, tensorboard=False)
+    writer.write({"epoch": 0, "reward/mean": 1.0})
+    before = path.read_bytes()
+    row = {"epoch": 1, "reward/mean": 2.0, "note": "x" * 40}
+    line = (json.dumps(row) + "\n").encode()
+    real_write, calls = os.write, []
+
+    def filling_disk(fd, data):  # what a disk that fills up does: takes 10 bytes, then refuses the rest
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real_write(fd, data[:10])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", filling_disk)
+    with pytest.raises(MetricsWriteError) as info:
+        writer.write(row)
+    monkeypatch.undo()
+
+    assert calls == [len(line), len(line) - 10]  # the short write was continued once, then failed
+    assert isinstance(info.value, OSError) and info.value.errno == errno.ENOSPC
+    assert str(path) in str(info.value) and "No space left on device" in str(info.value)
+    assert f"cut back to its last complete row ({len(before)} bytes)" in str(info.value)
+    assert path.read_bytes() == before  # not a byte of the failed row is left
+    assert writer.rows == [{"epoch": 0, "reward/mean": 1.0}]  # nor is it in memory
+    # Once there is space again the next row follows the complete ones.
+    writer.write(row)
+    assert _read(path) == [{"epoch": 0, "reward/mean": 1.0}, row] and len(writer.rows) == 2
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE short writes as on Linux")
+def test_a_file_size_limit_hit_mid_row_leaves_only_complete_lines(tmp_path):
+    """A real short write: the kernel writes up to RLIMIT_FSIZE, then refuses with EFBIG."""
+    script = f"""
+import resource, signal
+from pathlib import Path
+import cluster.metrics as metrics_module
+from cluster.metrics import MetricsWriteError, MetricsWriter
+writer = MetricsWriter(Path({str(tmp_path)!r}), tensorboard=False)
+writer.write({{"epoch": 0}})  # 13 bytes
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the process is killed instead of write() failing
+resource.setrlimit(resource.RLIMIT_FSIZE, (40, 40))
+try:
+    writer.write({{"epoch": 1, "note": "{'y' * 60}"}})
+except MetricsWriteError as err:
+    print(err.errno, len(writer.rows))
+"""
+    root = str(Path(metrics_module.__file__).resolve().parents[1])  # the repository, importable in the child
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(errno.EFBIG), "1"]
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"epoch": 0}\n'
+
+
+def test_write_rows_replaces_the_file_or_leaves_it_as_it_was(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"epoch": 0}\n{"epoch": 1')  # a damaged last line: replaced, not continued
+    write_rows(path, [{"epoch": 0}, {"epoch": 1}])
+    assert path.read_text() == '{"epoch": 0}\n{"epoch": 1}\n'
+
+    def refuse(src, dst):
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(MetricsWriteError, match=r"could not write 3 rows to .*metrics.jsonl: Disk quota exceeded"):
+        write_rows(path, [{"epoch": e} for e in range(3)])
+    assert path.read_text() == '{"epoch": 0}\n{"epoch": 1}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no temporary file left
 
 def test_close_writes_the_reward_curve_png_from_the_rows(tmp_path):
     writer = MetricsWriter(tmp_path, tensorboard=False)

@@ -1,11 +1,12 @@
 """SamplerPool (cluster/samplers.py) on a real local Ray with fake samplers that die on command: a
 batch lost with its sampler is sampled again with the same seed and prompts after the newest adapter
-is re-sent, the failure counters, the in-a-row failure limit, a dead reward stage, and abandon().
+is re-sent, the failure counters, the in-a-row failure limit (deaths while restarting included), a
+death while idle, a dead reward stage, and abandon() (also while a sampler restarts).
 
 The fake sampler dies deterministically: a per-test plan file lists the call numbers (counted in
-files, across restarts) on which a method calls ``os._exit(1)``, and the calls that first wait for a
-"go" file the test creates; every call is appended to an event log that the tests read back. A
-"hold" file keeps ``sample`` busy until it is removed.
+files, across restarts) on which a method (or the constructor, ``init``) calls ``os._exit(1)``, and
+the calls that first wait for a "go" file the test creates; every call is appended to an event log
+that the tests read back. A "hold" file keeps ``sample`` busy until it is removed.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pytest
 import ray
 import ray.cloudpickle
 
-from cluster.samplers import BatchJob, SamplerFailedError, SamplerPool, StepAbandoned
+from cluster.samplers import BatchJob, SamplerFailedError, SamplerPool, StepAbandoned, _actor_state
 
 # The test module is not importable in Ray's worker processes: ship the fake actor classes by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -46,8 +47,8 @@ class _Controlled:
         with self._file("log").open("a") as f:
             f.write(line + "\n")
 
-    def _call(self, counter: str, what: str) -> None:
-        """Counts a call of ``counter``; dies here when the plan names this call's number.
+    def _call(self, counter: str, what: str) -> int:
+        """Counts a call of ``counter`` and returns its number; dies here when the plan names it.
 
         A call listed under ``<counter>_gate`` first waits for ``<name>.<counter><n>.go``: a process that
         exits at once can take the replies of its previous calls with it, which the test prevents by
@@ -62,6 +63,7 @@ class _Controlled:
         if n in plan.get(counter, []):
             self._log(f"die {what}")
             os._exit(1)
+        return n
 
 
 class FakeSampler(_Controlled):
@@ -72,7 +74,7 @@ class FakeSampler(_Controlled):
         self.worker = worker
         self.control = control
         self.version = None
-        self.incarnation = self._bump("init")
+        self.incarnation = self._call("init", "init")  # a death here is one while Ray restarts it
         self._log(f"init {self.incarnation}")
 
     def set_weights(self, *, packet: dict) -> dict:
@@ -214,9 +216,9 @@ def test_sampler_dying_on_set_weights_is_restarted_and_given_that_adapter(cluste
     assert pool.complete([pool.submit(_job(1, 30))])[0]["version"] == 2
 
 
-def test_sampler_dying_max_failures_times_in_a_row_recovers(cluster):
+def test_sampler_dying_one_time_fewer_than_max_failures_in_a_row_recovers(cluster):
     make_pool, events, _, _ = cluster
-    pool = make_pool(1, plans={"w0": {"sample": [1, 2]}}, max_failures=2)
+    pool = make_pool(1, plans={"w0": {"sample": [1, 2]}}, max_failures=3)  # 2 deaths < 3
     _publish(pool, 1)
 
     scores = pool.complete([pool.submit(_job(0, 40))])
@@ -228,26 +230,47 @@ def test_sampler_dying_max_failures_times_in_a_row_recovers(cluster):
     assert pool.failures_in_a_row == [0]  # reset by the good batch
 
 
-def test_sampler_dying_once_more_than_max_failures_in_a_row_stops_with_its_worker_named(cluster):
+def test_sampler_dying_max_failures_times_in_a_row_stops_with_its_worker_named(cluster):
     make_pool, events, _, _ = cluster
-    pool = make_pool(2, plans={"w1": {"sample": [1, 2, 3]}}, max_failures=2)
+    pool = make_pool(2, plans={"w1": {"sample": [1, 2]}}, max_failures=2)
     _publish(pool, 1)
     jobs = [pool.submit(_job(0, 50)), pool.submit(_job(1, 51))]
 
-    with pytest.raises(SamplerFailedError, match=r"^sampler 1 failed 3 times in a row "
+    with pytest.raises(SamplerFailedError, match=r"^sampler 1 failed 2 times in a row "
                                                  r"\(cluster.max_sampler_failures = 2\); last error: "):
         pool.complete(jobs)
 
-    assert pool.counters.restarts == 3 and pool.failures_in_a_row == [0, 3]
-    # Each of the first two deaths got the adapter re-sent and the batch sampled again; the third stopped it.
-    assert events("w1")[:9] == ["init 1", "set_weights 1", "die sample 51", "init 2", "set_weights 1",
-                                "die sample 51", "init 3", "set_weights 1", "die sample 51"]
-    assert "set_weights 1" not in events("w1")[9:]
+    # The first death was restarted (adapter re-sent, batch sampled again); the second stopped the run and
+    # is not counted as a restart.
+    assert (pool.counters.restarts, pool.counters.resampled_batches) == (1, 1)
+    assert pool.failures_in_a_row == [0, 2] and pool.generation == [0, 2]
+    assert events("w1")[:6] == ["init 1", "set_weights 1", "die sample 51", "init 2", "set_weights 1",
+                                "die sample 51"]
+    assert "set_weights 1" not in events("w1")[6:]
 
+
+def test_sampler_dying_while_idle_is_counted_and_given_the_adapter_before_its_next_batch(cluster):
+    make_pool, events, _, logs = cluster
+    pool = make_pool(1)
+    _publish(pool, 1)
+    assert pool.complete([pool.submit(_job(0, 45))])[0]["incarnation"] == 1
+    ray.kill(pool.samplers[0], no_restart=False)  # no call in flight: no batch fails to tell
+    deadline = time.monotonic() + TIMEOUT_S
+    while _actor_state(pool.samplers[0])[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    scores = pool.complete([pool.submit(_job(0, 46))])
+
+    # Without the adapter re-sent first, the restarted actor would have sampled with none (version None).
+    assert [(s["seed"], s["incarnation"], s["version"]) for s in scores] == [(46, 2, 1)]
+    assert events("w0") == ["init 1", "set_weights 1", "sample 45 v1", "init 2", "set_weights 1", "sample 46 v1"]
+    assert (pool.counters.restarts, pool.counters.resampled_batches) == (1, 0)
+    assert pool.generation == [1] and pool.failures_in_a_row == [0] and len(pool.counters.recovery_s) == 1
+    assert len(logs) == 1 and logs[0].startswith("sampler 0 died (found restarted by Ray); ")
 
 def test_failures_separated_by_a_good_batch_do_not_accumulate(cluster):
     make_pool, _, _, _ = cluster
-    pool = make_pool(1, plans={"w0": {"sample": [1, 3, 5]}}, max_failures=1)
+    pool = make_pool(1, plans={"w0": {"sample": [1, 3, 5]}}, max_failures=2)  # 1 would stop at the first
     _publish(pool, 1)
 
     for seed in (60, 61, 62):  # each batch: die once, then succeed
@@ -255,6 +278,44 @@ def test_failures_separated_by_a_good_batch_do_not_accumulate(cluster):
 
     assert (pool.counters.restarts, pool.counters.resampled_batches) == (3, 3)
     assert pool.failures_in_a_row == [0]
+
+
+# Worker 0 dies four times in a row, three of them while Ray restarts it: in its first batch, applying
+# the re-sent adapter (its second set_weights call) and in the constructors of incarnations 3 and 4.
+DEATHS_WHILE_RESTARTING = {"w0": {"sample": [1], "set_weights": [2], "init": [3, 4]}}
+FOUR_DEATHS = ["init 1", "set_weights 1", "die sample 40", "init 2", "die set_weights 1", "die init", "die init"]
+
+
+def test_deaths_while_restarting_each_count_as_a_failure_and_the_run_goes_on_below_the_limit(cluster):
+    make_pool, events, _, logs = cluster
+    pool = make_pool(1, plans=DEATHS_WHILE_RESTARTING, max_failures=5)
+    _publish(pool, 1)
+
+    scores = pool.complete([pool.submit(_job(0, 40))])
+
+    assert [(s["seed"], s["incarnation"], s["version"]) for s in scores] == [(40, 5, 1)]
+    assert events("w0") == [*FOUR_DEATHS, "init 5", "set_weights 1", "sample 40 v1"]
+    # Four deaths, four restarts; one recovery (one adapter applied); the lost batch sampled again once.
+    assert (pool.counters.restarts, pool.counters.resampled_batches) == (4, 1)
+    assert len(pool.counters.recovery_s) == 1
+    assert pool.generation == [4] and pool.failures_in_a_row == [0] and pool.unrecovered == {}
+    assert len(logs) == 4 and logs[0].startswith("sampler 0 died (")
+    assert logs[1:] == [f"sampler 0 died again ({n} failures in a row; cluster.max_sampler_failures = 5); waiting "
+                        f"for its restart" for n in (2, 3, 4)]
+
+
+def test_deaths_while_restarting_reach_the_limit_and_the_last_is_not_counted_as_a_restart(cluster):
+    make_pool, events, _, _ = cluster
+    pool = make_pool(1, plans=DEATHS_WHILE_RESTARTING, max_failures=4)
+    _publish(pool, 1)
+
+    with pytest.raises(SamplerFailedError, match=r"^sampler 0 failed 4 times in a row "
+                                                 r"\(cluster.max_sampler_failures = 4\); last error: "):
+        pool.complete([pool.submit(_job(0, 40))])
+
+    assert events("w0")[:7] == FOUR_DEATHS
+    assert (pool.counters.restarts, pool.counters.resampled_batches) == (3, 0)
+    assert pool.failures_in_a_row == [4] and pool.generation == [4] and pool.counters.recovery_s == []
 
 
 def test_reward_stage_death_is_raised_and_not_counted_as_a_sampler_failure(cluster):
@@ -292,6 +353,33 @@ def test_abandon_turning_true_while_waiting_raises_step_abandoned(cluster):
     # Abandoning leaves the job intact: once released it completes normally.
     (control / "w0.hold").unlink()
     assert pool.complete([job])[0]["seed"] == 80
+
+
+def test_abandon_is_polled_while_a_dead_sampler_restarts_and_the_next_submit_finishes_its_recovery(cluster):
+    make_pool, events, control, _ = cluster
+    pool = make_pool(1, plans={"w0": {"sample": [1], "init_gate": [2]}})  # the restart waits for w0.init2.go
+    _publish(pool, 1)
+    job = pool.submit(_job(0, 80))
+    polls = []
+
+    def abandon() -> bool:
+        polls.append(pool.counters.restarts)  # 1: the death is counted, the restart under way
+        return polls.count(1) == 3
+
+    with pytest.raises(StepAbandoned):
+        pool.complete([job], abandon=abandon)
+
+    assert polls.count(1) == 3 and polls[-1] == 1  # polled during the restart, raised on the first true
+    assert events("w0") == ["init 1", "set_weights 1", "die sample 80"]  # still restarting
+    assert (pool.counters.restarts, pool.counters.resampled_batches) == (1, 0)
+    assert pool.generation == [1] and pool.failures_in_a_row == [1] and list(pool.unrecovered) == [0]
+    # Once it is back the same job completes: the lost batch is submitted again after the adapter
+    # (sent once: the call in flight when the stop came is the one waited for).
+    (control / "w0.init2.go").touch()
+    assert [(s["seed"], s["incarnation"], s["version"]) for s in pool.complete([job])] == [(80, 2, 1)]
+    assert events("w0") == ["init 1", "set_weights 1", "die sample 80", "init 2", "set_weights 1", "sample 80 v1"]
+    assert (pool.counters.restarts, pool.counters.resampled_batches) == (1, 1)
+    assert pool.failures_in_a_row == [0] and pool.unrecovered == {} and len(pool.counters.recovery_s) == 1
 
 
 def test_abandon_is_not_consulted_for_batches_already_scored(cluster):
