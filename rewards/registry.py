@@ -11,10 +11,11 @@ from rewards.base import Reward
 from rewards.clip_score import ClipScore
 from rewards.jpeg import JpegCompressibility, JpegIncompressibility
 from rewards.llava_bertscore import LlavaBertScore  # imports vllm/bert_score only when built
+from rewards.shapes_judge import ShapesJudge
 
 REWARDS: dict[str, type] = {
     cls.name: cls
-    for cls in (JpegCompressibility, JpegIncompressibility, ClipScore, Aesthetic, LlavaBertScore)
+    for cls in (JpegCompressibility, JpegIncompressibility, ClipScore, Aesthetic, LlavaBertScore, ShapesJudge)
 }
 
 

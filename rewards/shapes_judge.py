@@ -1,0 +1,46 @@
+"""The shapes world's ground-truth judge as a reward (``testbed.judge``): a gold evaluator, or an oracle
+training reward.
+
+mode "correct": 1 when the image shows exactly the caption's objects (and its relation), else 0.
+mode "partial": the mean of the applicable checks (binding, count, and relation in that family), a
+denser signal for training. A prompt outside the world's grammar or an image that is not 32×32 RGB is
+a ValueError naming it, never a silent zero.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rewards.base import RewardOutput, check_batch
+
+MODES = ("correct", "partial")
+
+
+class ShapesJudge:
+    """Score_i = the judge's verdict on (image_i, prompt_i)."""
+
+    name = "shapes_judge"
+
+    def __init__(self, *, mode: str = "correct") -> None:
+        self.check_options(mode=mode)
+        self.mode = mode
+
+    @classmethod
+    def check_options(cls, *, mode: str = "correct") -> None:
+        if mode not in MODES:
+            raise ValueError(f"shapes_judge: mode must be one of {list(MODES)}, got {mode!r}")
+
+    def __call__(self, images: np.ndarray, prompts: list[str]) -> RewardOutput:
+        from testbed.judge import judge, parse_caption
+
+        check_batch(images, prompts)
+        specs = [parse_caption(p) for p in prompts]  # every prompt checked before any image is judged
+        scores = np.empty(len(prompts), dtype=np.float32)
+        for i, (image, spec) in enumerate(zip(images, specs, strict=True)):
+            verdict = judge(image, spec)
+            if self.mode == "correct":
+                scores[i] = float(verdict.correct)
+            else:
+                checks = [verdict.binding, verdict.count] + ([verdict.relation] if verdict.relation is not None else [])
+                scores[i] = float(np.mean(checks))
+        return RewardOutput(scores=scores)
