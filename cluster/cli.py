@@ -98,14 +98,15 @@ def _user_error(err: BaseException) -> BaseException | None:
     from actors.policy import AdapterBindingError
     from actors.weights import AdapterMismatchError, ChecksumError, NonFiniteWeightsError
     from cluster.config import ConfigError
-    from cluster.errors import RewardDownError, cause_chain
+    from cluster.errors import RewardDownError, RewardStageFailedError, cause_chain
+    from cluster.learner_handle import LearnerFailedError
     from cluster.metrics import MetricsWriteError
     from cluster.samplers import SamplerFailedError
     from learner.precision import TrainingStalledError
 
     user_types = (ConfigError, AdapterMismatchError, ChecksumError, FileNotFoundError, RewardDownError,
                   SamplerFailedError, TrainingStalledError, AdapterBindingError, NonFiniteWeightsError,
-                  MetricsWriteError)
+                  MetricsWriteError, LearnerFailedError, RewardStageFailedError)
     return next((e for e in cause_chain(err) if isinstance(e, user_types)), None)
 
 

@@ -208,6 +208,9 @@ class ClusterConfig:
     max_staleness: int = field(default=0, metadata=_rule(lambda v: v in (0, 1), "0 (synchronous) or 1 (pipelined)"))
     call_timeout_s: float = field(default=600.0, metadata={**POSITIVE, **RESUMABLE})
     torch_threads: int = field(default=1, metadata={**POSITIVE, **RESUMABLE})
+    max_actor_failures: int = field(default=3, metadata={
+        **POSITIVE, **RESUMABLE, "doc": "the learner and the reward stage are restarted when they die; this many "
+                                        "deaths in a row (on one call) stop the run with a checkpoint"})
     max_sampler_failures: int = field(default=3, metadata={
         **POSITIVE, **RESUMABLE, "doc": "a sampler that dies is restarted; the death that makes this many in a "
                                         "row (deaths while restarting included) stops the run: 1 stops at the first"})

@@ -33,8 +33,9 @@ from cluster.checkpoint import Checkpoint, write_checkpoint
 from cluster.config import Config
 from cluster.dfusion_pairs import DFusionLaunch, dfusion_row, fusion_tasks
 from cluster.epoch_metrics import epoch_row, log_captions, progress_bar, run_counters, summary_line
-from cluster.errors import RewardDownError, actor_start_error, cause_chain
+from cluster.errors import RewardDownError, RewardStageFailedError, actor_start_error, reward_failure
 from cluster.evaluation import EvalResult, eval_jobs, eval_result, save_eval
+from cluster.learner_handle import LearnerFailedError, LearnerHandle
 from cluster.metrics import MetricsWriter
 from cluster.samplers import BatchJob, EpochBatch, SamplerFailedError, SamplerPool, StepAbandoned
 from cluster.specs import bpt_schedule, learner_spec, policy_spec, resolve_reward_specs, start_reward_services
@@ -73,9 +74,9 @@ class Driver:
             )
             for i in range(c.num_samplers)
         ]
-        self.learner = ray.remote(num_cpus=c.learner_num_cpus, num_gpus=c.learner_num_gpus, runtime_env=env)(
-            RemoteLearner
-        ).remote(
+        # Restarted by Ray when it dies; the handle puts it back at the state after the last update.
+        learner = ray.remote(num_cpus=c.learner_num_cpus, num_gpus=c.learner_num_gpus, runtime_env=env,
+                             max_restarts=-1, max_task_retries=0)(RemoteLearner).remote(
             policy_spec=policy_spec(config, pretrained=pretrained, num_gpus=c.learner_num_gpus),
             spec=learner_spec(config),
             torch_threads=c.torch_threads,
@@ -83,20 +84,22 @@ class Driver:
             call_timeout_s=self.timeout,
         )
         try:  # the learner refuses adapters that bind to nothing: say so before anything else runs
-            ray.get(self.learner.__ray_ready__.remote(), timeout=self.timeout)
+            ray.get(learner.__ray_ready__.remote(), timeout=self.timeout)
         except ray.exceptions.RayActorError as err:
             raise actor_start_error(err, "learner") from err
+        self.learner = LearnerHandle(learner, timeout_s=self.timeout, max_failures=c.max_actor_failures)
         self.schedule = bpt_schedule(config)
         self.started_apps: list[str] = []
         service = None
         if config.reward_service.backend == "serve":  # deploys the reward apps not running yet
             service, self.started_apps = start_reward_services(config, specs)
-        # With services the stage only waits on handles, so it takes several batches at once.
+        # With services the stage only waits on handles, so it takes several batches at once. Scoring is
+        # a pure function of its inputs, so Ray may rerun a call on the restarted stage when it dies.
         self.reward_stage = ray.remote(
             num_cpus=c.reward_num_cpus if service is None else 0.1,
             num_gpus=c.reward_num_gpus if service is None else 0,
             max_concurrency=1 if service is None else 8,
-            runtime_env=env,
+            runtime_env=env, max_restarts=-1, max_task_retries=c.max_actor_failures - 1,
         )(RewardStage).remote(specs=specs, weights=weights, volume_modalities=tuple(config.volume.modalities),
                               service=service)
         self.weights_ref = None
@@ -129,7 +132,7 @@ class Driver:
         Returns the samplers' acknowledgements ({"version", "apply_s"}); a sampler found dead is
         restarted and given the adapter (cluster/samplers.py).
         """
-        self.weights_ref = self.learner.publish.remote()
+        self.weights_ref = self.learner.publish()
         return self.pool.set_weights(self.weights_ref)
 
     def launch(self, epoch: int) -> EpochBatch:
@@ -156,17 +159,16 @@ class Driver:
     def complete(self, batch: EpochBatch, *, abandon=lambda: False) -> list:
         """Every batch's scores; batches lost with a dead sampler are sampled again first.
 
-        A reward that stayed down (RewardServiceError after its retries) becomes RewardDownError.
+        A reward that stayed down becomes RewardDownError, a reward stage that kept dying
+        RewardStageFailedError (``cluster/errors.py``).
         """
-        from rewards.client import RewardServiceError
-
         try:
             return self.pool.complete(batch.jobs, abandon=abandon)
-        except self.ray.exceptions.RayTaskError as err:
-            cause = next((e for e in cause_chain(err) if isinstance(e, RewardServiceError)), None)
-            if cause is not None:
-                raise RewardDownError(str(cause)) from err
-            raise
+        except (self.ray.exceptions.RayTaskError, self.ray.exceptions.RayActorError) as err:
+            failure = reward_failure(err, self.reward_stage, limit=self.config.cluster.max_actor_failures)
+            if failure is None:
+                raise
+            raise failure from err
 
     def launch_dfusion(self, current: EpochBatch, scores: list, epoch: int) -> DFusionLaunch:
         """Queues the epoch's D-Fusion calls (``cluster/dfusion_pairs.py``) and, as a metric only, the scoring
@@ -203,7 +205,7 @@ class Driver:
         save_eval(result, self.run_dir, epoch)
 
     def export_lora(self) -> Path:
-        files = self._get(self.learner.export_lora.remote())
+        files = self.learner.export_lora()
         out = self.run_dir / "lora"
         out.mkdir(parents=True, exist_ok=True)
         for name, data in files.items():
@@ -217,8 +219,7 @@ class Driver:
 
         cfg = self.config
         epoch = self.completed_epochs
-        learner_ref, lora_ref = self.learner.state_dict.remote(), self.learner.export_lora.remote()
-        learner_state, lora_files = self._get([learner_ref, lora_ref])
+        learner_state, lora_files = self.learner.state(), self.learner.export_lora()
         info = {
             "policy_version": int(learner_state["version"]),
             "bpt_stage": self.schedule.stage(epoch) if self.schedule is not None else None,
@@ -234,7 +235,7 @@ class Driver:
         """Puts the learner, the counters, the metric rows and the driver's RNG where the checkpoint was."""
         from actors.rng import set_rng_state
 
-        version = self._get(self.learner.load_state_dict.remote(state=self.ray.put(checkpoint.learner_state)))
+        version = self.learner.load_state(checkpoint.learner_state)
         if version != checkpoint.meta["policy_version"]:
             raise RuntimeError(f"restored policy version {version} != checkpoint's {checkpoint.meta['policy_version']}")
         set_rng_state(checkpoint.driver_state["rng"])
@@ -273,7 +274,7 @@ class Driver:
         row)`` is called after each epoch's row is written (and, when pipelining, the next epoch queued)."""
         cfg = self.config
         stop = stop or StopRequest()
-        self.pool.log = log
+        self.pool.log = self.learner.log = log
         writer = MetricsWriter(self.run_dir, tensorboard=cfg.logging.tensorboard)
         if resume is not None:
             self.restore(resume)
@@ -294,7 +295,9 @@ class Driver:
             try:
                 self._epochs(first, writer=writer, progress=progress, log=log, stop=stop, eval_mean=eval_mean,
                              on_epoch_end=on_epoch_end)
-            except (RewardDownError, SamplerFailedError, TrainingStalledError) as err:
+            except (RewardDownError, SamplerFailedError, TrainingStalledError, LearnerFailedError,
+                    RewardStageFailedError) as err:
+                self.learner.max_failures += 1  # one more restore, to take the final checkpoint
                 where = self._checkpoint_before_stopping(log)
                 raise type(err)(f"{err}. The run stopped after {where}; fix the cause and continue with "
                                 f"--resume auto") from err
@@ -331,9 +334,8 @@ class Driver:
             if cfg.dpo.pair_source == "dfusion":  # the rewards pick each prompt's worst and best sample
                 fusion = self.launch_dfusion(current, scores, epoch)
             version_before = self.version
-            stats = self._get(self.learner.update.remote(
-                trajectories=current.trajectories, rewards=current.scores, epoch=epoch,
-                pairs=None if fusion is None else fusion.pairs))
+            stats = self.learner.update(trajectories=current.trajectories, rewards=current.scores, epoch=epoch,
+                                        pairs=None if fusion is None else fusion.pairs)
             self.completed_epochs = epoch + 1
             self.version = int(stats["train/policy_version"])
             # Nothing is published when every step was skipped: the samplers already hold this adapter.

@@ -11,6 +11,32 @@ class RewardDownError(RuntimeError):
     """A reward stayed down past reward_service.down_timeout_s; the run stopped after a checkpoint."""
 
 
+class RewardStageFailedError(RuntimeError):
+    """The reward-stage actor kept dying on one batch (Ray's retries on the restarted stage used up)."""
+
+
+def reward_failure(err: BaseException, reward_stage, *, limit: int) -> Exception | None:
+    """What a failed scoring means: RewardDownError for a reward that stayed down after its retries,
+    RewardStageFailedError when the ``reward_stage`` actor itself kept dying (Ray reran the call on the
+    restarted stage ``limit - 1`` times), None for anything else."""
+    import ray
+
+    from rewards.scoring import RewardServiceError
+
+    chain = list(cause_chain(err))
+    down = next((e for e in chain if isinstance(e, RewardServiceError)), None)
+    if down is not None:
+        return RewardDownError(str(down))
+    stage_id = reward_stage._actor_id.hex()
+    died = next((e for e in chain if isinstance(e, ray.exceptions.RayActorError)
+                 and getattr(e, "actor_id", None) == stage_id), None)
+    if died is not None:
+        cause = (str(died).strip().splitlines() or [""])[0][:300]
+        return RewardStageFailedError(f"the reward stage died {limit} times in a row on one batch "
+                                      f"(cluster.max_actor_failures); last cause: {type(died).__name__}: {cause}")
+    return None
+
+
 def cause_chain(err: BaseException | None, *, limit: int = 8) -> Iterator[BaseException]:
     """``err`` and its causes, outermost first: Ray's ``RayTaskError.cause`` (the exception the remote
     task raised) or Python's ``__cause__``."""

@@ -10,6 +10,7 @@ references with the run's call timeout (``cluster.call_timeout_s``) and call the
 from __future__ import annotations
 
 import time
+import uuid
 
 import numpy as np
 
@@ -36,14 +37,31 @@ def _reward_totals(scored: list) -> list[np.ndarray]:
     return [s.total if isinstance(s, ScoredBatch) else np.asarray(s, dtype=np.float32) for s in scored]
 
 
+class LearnerRestarted(RuntimeError):
+    """A call meant for a learner instance that is gone: Ray restarted the actor (fresh state) since."""
+
+
 class RemoteLearner(Learner):
-    """``Learner`` whose ``update`` accepts lists of references (trajectories, scores, pairs)."""
+    """``Learner`` whose ``update`` accepts lists of references (trajectories, scores, pairs), and whose
+    stateful calls name the instance they expect: a call queued to an actor that Ray restarted in
+    between is refused (``LearnerRestarted``) instead of running on the constructor's state."""
 
     def __init__(self, *, call_timeout_s: float, **kwargs):
         super().__init__(**kwargs)
         self.call_timeout_s = call_timeout_s
+        self.instance = uuid.uuid4().hex
 
-    def update(self, *, trajectories: list, rewards: list, epoch: int, pairs: list | None = None) -> dict[str, float]:
+    def instance_id(self) -> str:
+        return self.instance
+
+    def _expect(self, instance: str) -> None:
+        if instance != self.instance:
+            raise LearnerRestarted(f"this learner ({self.instance[:8]}) was restarted; the call expected "
+                                   f"{instance[:8]}")
+
+    def update(self, *, instance: str, trajectories: list, rewards: list, epoch: int,
+               pairs: list | None = None) -> dict[str, float]:
+        self._expect(instance)
         start = time.perf_counter()
         trajectories = resolve(trajectories, timeout_s=self.call_timeout_s)
         totals = _reward_totals(resolve(rewards, timeout_s=self.call_timeout_s))
@@ -51,6 +69,25 @@ class RemoteLearner(Learner):
         waited = time.perf_counter() - start  # train_s excludes waiting for the samplers and rewards
         stats = super().update(trajectories=trajectories, rewards=totals, epoch=epoch, pairs=pairs)
         return {**stats, "time/wait_inputs_s": waited}
+
+    def publish_with_version(self, *, instance: str) -> tuple:
+        """``publish()`` and its version as two returns: the driver fetches the small one to learn that
+        the adapter was produced, and hands the packet's reference to the samplers."""
+        self._expect(instance)
+        packet = self.publish()
+        return packet, packet.version
+
+    def checked_state_dict(self, *, instance: str) -> dict:
+        self._expect(instance)
+        return self.state_dict()
+
+    def checked_export_lora(self, *, instance: str) -> dict[str, bytes]:
+        self._expect(instance)
+        return self.export_lora()
+
+    def checked_load_state_dict(self, *, instance: str, state: dict) -> int:
+        self._expect(instance)
+        return self.load_state_dict(state=state)
 
 
 class RemoteSampler(Sampler):

@@ -159,9 +159,13 @@ def train(config: Config, *, output_dir: str | None = None, resume: str | None =
     pretrained = check_pretrained(config, cache_dir=config.cache_dir)
     check_scheduler(config, pretrained=pretrained)
     check_policy(config, pretrained=pretrained)
-    run_dir = prepare_run_dir(config, output_dir, resume=checkpoint, start_over=resume == "never")
     stop = stop or StopRequest()
     with ray_session(config) as address, stop_on_signals(stop, log=log):
+        from cluster.placement import check_placement
+
+        # A cluster this process started cannot grow: a run it cannot hold fails now, not silently later.
+        check_placement(config, strict=address.startswith("local"), log=log)
+        run_dir = prepare_run_dir(config, output_dir, resume=checkpoint, start_over=resume == "never")
         log(banner(config, run_dir, address))
         driver = Driver(config, run_dir=run_dir)
         try:

@@ -1,5 +1,6 @@
 """Long runs on a real local Ray: stop + exact resume and extension against an uninterrupted
-run, a sampler killed with SIGKILL mid-epoch, and the CLI's refusal of an incompatible checkpoint."""
+run, a sampler, the learner and the reward stage killed with SIGKILL mid-run (each run equals the
+uninterrupted one), a learner that keeps dying, and the CLI's refusal of an incompatible checkpoint."""
 
 from __future__ import annotations
 
@@ -134,3 +135,76 @@ def test_cli_refuses_a_checkpoint_of_an_incompatible_config(reference, cache_dir
     err = capsys.readouterr().err
     assert code == 2, err
     assert "was written with a different config" in err and "train.learning_rate: 0.02 -> 0.5" in err
+
+
+def _pid(actor) -> int:
+    import ray
+
+    return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=120)
+
+
+def _run_with(config, run_dir: Path, on_epoch_end) -> tuple[list[dict], list[str], Driver]:
+    driver = Driver(config, run_dir=prepare_run_dir(config, str(run_dir)))
+    lines: list[str] = []
+    try:
+        rows = driver.run(log=lines.append, on_epoch_end=lambda epoch, row: on_epoch_end(driver, epoch))
+    finally:
+        driver.shutdown()
+    return rows, lines, driver
+
+
+def test_learner_killed_between_and_during_updates_is_restored_and_the_run_is_unchanged(reference, cache_dir,
+                                                                                        tmp_path):
+    config = _config(cache_dir, "epochs=4")
+    pids = []
+
+    def kill(driver: Driver, epoch: int) -> None:
+        pids.append(_pid(driver.learner.actor))
+        if epoch == 0:  # between updates: epoch 1's update reaches a restarted learner, which refuses it
+            os.kill(pids[-1], signal.SIGKILL)
+        if epoch == 1:  # queued ahead of epoch 2's update: the learner dies with that update in its queue
+            driver.learner.actor.__ray_call__.remote(lambda self: (__import__("time").sleep(2), os._exit(1)))
+
+    rows, lines, driver = _run_with(config, tmp_path / "run", kill)
+    deaths = [line for line in lines if "the learner died during" in line]
+    assert len(deaths) == 2 and driver.learner.restarts == 2, lines
+    assert len(set(pids)) == 3  # three learner processes served the run
+    # Every epoch applied exactly once, from the state it started from: the run equals the uninterrupted one.
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
+    for got, want in zip(rows, _rows(reference), strict=True):
+        assert _training(got) == _training(want)
+    assert _lora(tmp_path / "run") == _lora(reference)
+
+
+def test_reward_stage_killed_mid_epoch_is_restarted_and_the_run_is_unchanged(reference, cache_dir, tmp_path):
+    config = _config(cache_dir, "epochs=4")
+    pids = []
+
+    def kill(driver: Driver, epoch: int) -> None:
+        if epoch in (0, 2):  # the next epoch's batches were just submitted: their scoring dies with the stage
+            pids.append(_pid(driver.reward_stage))
+            os.kill(pids[-1], signal.SIGKILL)
+
+    rows, _, driver = _run_with(config, tmp_path / "run", kill)
+    assert len(set(pids)) == 2 and _pid(driver.reward_stage) not in pids
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
+    for got, want in zip(rows, _rows(reference), strict=True):
+        assert got["reward/n_scored"] == config.samples_per_epoch
+        assert _training(got) == _training(want)
+    assert _lora(tmp_path / "run") == _lora(reference)
+
+
+def test_a_learner_that_keeps_dying_stops_the_run_with_a_checkpoint(cache_dir, ray_local, tmp_path):
+    from cluster.learner_handle import LearnerFailedError
+
+    config = _config(cache_dir, "epochs=4", "cluster.max_actor_failures=1", "checkpoint.every_epochs=0")
+
+    def kill(driver: Driver, epoch: int) -> None:
+        if epoch == 1:
+            os.kill(_pid(driver.learner.actor), signal.SIGKILL)
+
+    with pytest.raises(LearnerFailedError, match=r"the learner died 1 times in a row .*cluster.max_actor_failures = 1"
+                                                 r".*The run stopped after checkpoint .*epoch-000002"):
+        _run_with(config, tmp_path / "run", kill)
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["epoch-000002"]
+    assert [json.loads(x)["epoch"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [0, 1]

@@ -1,0 +1,107 @@
+"""The learner actor as the driver uses it: every call with the run's timeout, and a learner that dies
+restarted and put back where it was.
+
+The driver keeps a snapshot of the learner's state (``Learner.state_dict``: adapter, AdamW moments,
+statistics, RNG states) taken with every update, in the same call sequence, so an update and its
+snapshot succeed together or are redone together. When the learner actor dies (Ray restarts it: the
+constructor runs again), the handle waits for it, loads the last snapshot and repeats the call that
+failed: the update of the epoch in flight is computed again from exactly the state it started from, so
+the run continues with every epoch applied once. ``max_failures`` deaths in a row (restores included)
+raise ``LearnerFailedError`` naming the cause; the driver then stops with a checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+
+class LearnerFailedError(RuntimeError):
+    """The learner kept dying; names the count and the last cause."""
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
+
+
+class LearnerHandle:
+    """Calls on one learner actor (created by the driver with ``max_restarts=-1``) that survive its deaths."""
+
+    def __init__(self, actor, *, timeout_s: float, max_failures: int, log=print):
+        import ray
+
+        self.actor = actor
+        self.instance = ray.get(actor.instance_id.remote(), timeout=timeout_s)
+        self.timeout_s = timeout_s
+        self.max_failures = max_failures
+        self.log = log
+        self.snapshot: dict | None = None  # the state after the last applied update (None: the constructor's)
+        self.restarts = 0  # deaths survived over the run
+
+    def _call(self, submit: Callable, what: str):
+        """``ray.get(submit(actor, instance))``; on the actor's death, restore it and submit again. A call
+        that reached a restarted actor before the death was seen is refused by it (LearnerRestarted):
+        the same case."""
+        import ray
+
+        from cluster.remote import LearnerRestarted
+
+        failures, restore = 0, False
+        while True:
+            try:
+                if restore:
+                    self._restore()
+                return ray.get(submit(self.actor, self.instance), timeout=self.timeout_s)
+            except (ray.exceptions.RayActorError, LearnerRestarted) as err:
+                failures += 1
+                if failures >= self.max_failures:
+                    raise LearnerFailedError(
+                        f"the learner died {failures} times in a row (during {what}; cluster.max_actor_failures = "
+                        f"{self.max_failures}); last cause: {first_line(err)}") from err
+                self.restarts += 1
+                self.log(f"gard: the learner died during {what} ({first_line(err)}); restarting it from the state "
+                         f"after the last update")
+                restore = True
+
+    def _restore(self) -> None:
+        import ray
+
+        self.instance = ray.get(self.actor.instance_id.remote(), timeout=self.timeout_s)  # waits for the restart
+        if self.snapshot is not None:
+            ray.get(self.actor.checked_load_state_dict.remote(instance=self.instance, state=ray.put(self.snapshot)),
+                    timeout=self.timeout_s)
+
+    # ----- the calls the driver makes ----------------------------------------------------------
+    def update(self, **inputs) -> dict:
+        """One epoch's update; its result and the new snapshot come back together or not at all."""
+        stats, state = self._call(lambda a, i: [a.update.remote(instance=i, **inputs),
+                                                a.checked_state_dict.remote(instance=i)], "the update")
+        self.snapshot = state
+        return stats
+
+    def publish(self):
+        """The current adapter as an ObjectRef (it goes to the samplers, not through the driver), after
+        checking that it was produced: the small version record is fetched, the buffer is not."""
+        def submit(actor, instance):
+            submit.packet, version = actor.publish_with_version.options(num_returns=2).remote(instance=instance)
+            return version
+
+        self._call(submit, "publishing the adapter")
+        return submit.packet
+
+    def state(self) -> dict:
+        """The learner's state (for a checkpoint): the snapshot of the last update, fetched if none."""
+        if self.snapshot is None:
+            self.snapshot = self._call(lambda a, i: a.checked_state_dict.remote(instance=i), "reading its state")
+        return self.snapshot
+
+    def export_lora(self) -> dict[str, bytes]:
+        return self._call(lambda a, i: a.checked_export_lora.remote(instance=i), "exporting the adapter")
+
+    def load_state(self, state: dict) -> int:
+        """Puts the learner at ``state`` (a checkpoint's); returns the restored policy version."""
+        import ray
+
+        self.snapshot = state
+        return self._call(lambda a, i: a.checked_load_state_dict.remote(instance=i, state=ray.put(state)),
+                          "loading a checkpoint")

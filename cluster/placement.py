@@ -1,0 +1,70 @@
+"""Will the run fit? The CPUs and GPUs every actor and reward replica of a run asks for, checked against
+what the Ray cluster has free before anything is started.
+
+Ray and Serve queue an actor or replica that no node can hold and wait (Serve only warns in its own log
+every 30 s), so a run that cannot be placed would make no progress and say nothing. On a cluster this
+driver started itself (nothing can be added to it) a shortfall is a ConfigError naming the resource,
+the amount asked with its parts and the amount free; on a cluster it joined (which may autoscale) it
+is a warning.
+"""
+
+from __future__ import annotations
+
+from cluster.config import Config, ConfigError
+
+RESOURCES = ("CPU", "GPU")
+
+
+def resource_demands(config: Config, *, running_apps: set[str] = frozenset()) -> list[tuple[str, float, float]]:
+    """(what, CPUs, GPUs) of every actor and of the reward replicas not running yet."""
+    c = config.cluster
+    serve = config.reward_service.backend == "serve"
+    demands = [(f"sampler {i}", c.sampler_num_cpus, c.sampler_num_gpus) for i in range(c.num_samplers)]
+    demands.append(("learner", c.learner_num_cpus, c.learner_num_gpus))
+    # With Serve the stage only waits on handles (the driver gives it 0.1 CPU, no GPU).
+    demands.append(("reward stage", 0.1 if serve else c.reward_num_cpus, 0.0 if serve else c.reward_num_gpus))
+    if serve:
+        from rewards.serve import app_name
+
+        placed_groups: set[str] = set()
+        for name, reward in config.rewards.items():
+            s = reward.serve
+            if app_name(name) in running_apps or (s.group is not None and s.group in placed_groups):
+                continue  # running already, or served by its group's shared replica
+            if s.group is not None:
+                placed_groups.add(s.group)
+            replicas = max(1, s.initial_replicas if s.initial_replicas is not None else s.min_replicas)
+            demands.append((f"rewards.{name} ({replicas} replica(s))", replicas * s.num_cpus, replicas * s.num_gpus))
+    return demands
+
+
+def placement_problem(demands: list[tuple[str, float, float]], available: dict[str, float]) -> str | None:
+    """The first resource whose total demand exceeds what is free, said in one paragraph; None if all fit."""
+    for index, resource in enumerate(RESOURCES):
+        parts = [(what, amounts[index]) for what, *amounts in demands if amounts[index] > 0]
+        asked = sum(amount for _, amount in parts)
+        free = float(available.get(resource, 0.0))
+        if asked > free + 1e-9:
+            listed = ", ".join(f"{what} {amount:g}" for what, amount in parts)
+            return (f"the run asks for {asked:g} {resource} ({listed}) but the Ray cluster has {free:g} free; "
+                    f"lower cluster.*_num_{resource.lower()}s or rewards.<name>.serve.num_{resource.lower()}s, use "
+                    f"fewer samplers, or give Ray more (cluster.local_num_cpus, a larger cluster)")
+    return None
+
+
+def check_placement(config: Config, *, strict: bool, log=print) -> None:
+    """Compares the run's demands with ``ray.available_resources()``: ConfigError when ``strict`` (a
+    cluster this process started), else a warning."""
+    import ray
+
+    running: set[str] = set()
+    if config.reward_service.backend == "serve":
+        from rewards.serve import running_apps
+
+        running = set(running_apps())
+    problem = placement_problem(resource_demands(config, running_apps=running), ray.available_resources())
+    if problem is None:
+        return
+    if strict:
+        raise ConfigError(problem)
+    log(f"gard: warning: {problem} (waiting for the cluster to grow)")

@@ -1,0 +1,41 @@
+"""The run's resource demands against what Ray has free: a run that cannot be placed fails before
+anything starts, naming the resource, the amount asked (with its parts) and the amount free."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cluster.config import ConfigError, load_config
+from cluster.placement import check_placement, placement_problem, resource_demands
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_demands_are_summed_per_actor_and_replica():
+    config = load_config(REPO / "configs" / "demo.yaml", ["reward_service.backend=serve",
+                                                         "rewards.jpeg_compressibility.serve.min_replicas=2",
+                                                         "rewards.jpeg_compressibility.serve.max_replicas=3"])
+    demands = resource_demands(config)
+    # 2 samplers x 0.5 + learner 0.5 + stage 0.1 (Serve backend) + 2 replicas x 0.25
+    assert sum(d[1] for d in demands) == pytest.approx(2.1)
+    assert ("rewards.jpeg_compressibility (2 replica(s))", 0.5, 0.0) in demands
+    assert resource_demands(config, running_apps={"reward-jpeg_compressibility"})[-1][0] == "reward stage"
+    problem = placement_problem(demands, {"CPU": 2.0})
+    assert problem.startswith("the run asks for 2.1 CPU (sampler 0 0.5, sampler 1 0.5, learner 0.5, reward stage 0.1, "
+                              "rewards.jpeg_compressibility (2 replica(s)) 0.5) but the Ray cluster has 2 free")
+    assert placement_problem(demands, {"CPU": 2.1}) is None
+    gpu = placement_problem([("learner", 0.5, 1.0)], {"CPU": 4.0})
+    assert "asks for 1 GPU (learner 1) but the Ray cluster has 0 free" in gpu
+
+
+def test_an_unplaceable_run_fails_fast_on_a_local_cluster_and_warns_on_a_joined_one(ray_local):
+    config = load_config(REPO / "configs" / "demo.yaml", ["reward_service.backend=serve",
+                                                         "rewards.jpeg_compressibility.serve.num_cpus=1"])
+    with pytest.raises(ConfigError, match=r"the run asks for 2.6 CPU .* but the Ray cluster has 2 free"):
+        check_placement(config, strict=True)
+    lines = []
+    check_placement(config, strict=False, log=lines.append)
+    assert len(lines) == 1 and "warning" in lines[0] and "waiting for the cluster to grow" in lines[0]
+    check_placement(load_config(REPO / "configs" / "demo.yaml", ["reward_service.backend=serve"]), strict=True)
