@@ -227,9 +227,19 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
+    """Where metrics go besides metrics.jsonl (cluster/metrics.py): TensorBoard, and optionally W&B."""
+
     eval_every: int = field(default=0, metadata={**NON_NEGATIVE, "doc": "0: before the first and after the last update"})
     tensorboard: bool = True
     progress: bool = True
+    wandb: bool = field(default=False, metadata={
+        "doc": "mirror the metric rows (step = epoch) and evaluation grids to Weights & Biases; needs the "
+               "wandb package (pip install wandb), imported only when this is on"})
+    wandb_project: str = field(default="gard", metadata=_rule(lambda v: bool(v.strip()), "a non-empty name"))
+    wandb_mode: str = field(default="offline", metadata={
+        **choice("offline", "online", "disabled"),
+        "doc": "offline: files under <run_dir>/wandb, uploaded later with `wandb sync`; online: needs "
+               "`wandb login` (or WANDB_API_KEY); disabled: W&B is not started"})
 
 
 @dataclass

@@ -29,6 +29,7 @@ import numpy as np
 
 from actors.seeding import batch_prompts, batch_seed
 from actors.tiny import resolve_pretrained
+from cluster.adapter_record import record_files
 from cluster.checkpoint import Checkpoint, write_checkpoint
 from cluster.config import Config
 from cluster.dfusion_pairs import DFusionLaunch, dfusion_row, fusion_tasks
@@ -36,7 +37,7 @@ from cluster.epoch_metrics import epoch_row, log_captions, progress_bar, run_cou
 from cluster.errors import RewardDownError, RewardStageFailedError, actor_start_error, reward_failure
 from cluster.evaluation import EvalResult, eval_jobs, eval_result, save_eval
 from cluster.learner_handle import LearnerFailedError, LearnerHandle
-from cluster.metrics import MetricsWriter
+from cluster.metrics import MetricsWriter, open_writer
 from cluster.samplers import BatchJob, EpochBatch, SamplerFailedError, SamplerPool, StepAbandoned
 from cluster.specs import bpt_schedule, learner_spec, policy_spec, resolve_reward_specs, start_reward_services
 from cluster.stop import EXIT_CODES, RunInterrupted, StopRequest
@@ -55,7 +56,7 @@ class Driver:
         self.run_dir = run_dir
         self.timeout = config.cluster.call_timeout_s
         c = config.cluster
-        pretrained = resolve_pretrained(config.policy.pretrained, cache_dir=config.cache_dir)
+        pretrained = self.pretrained = resolve_pretrained(config.policy.pretrained, cache_dir=config.cache_dir)
         specs, weights = resolve_reward_specs(config)
         env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(c.torch_threads)}}
         from cluster.remote import RemoteLearner, RemoteSampler
@@ -201,11 +202,14 @@ class Driver:
         scores = self.complete(EpochBatch(jobs=jobs, submitted_at=time.perf_counter()))
         return eval_result(jobs, scores, self._get([job.images for job in jobs]))
 
-    def save_eval(self, result: EvalResult, epoch: int) -> None:
-        save_eval(result, self.run_dir, epoch)
+    def lora_record(self, *, epoch: int, policy_version: int) -> dict[str, bytes]:
+        """``gard_adapter.json`` for a ``lora/`` directory: the base model and how far it was trained."""
+        return record_files(self.config, pretrained=self.pretrained,
+                            progress={"epoch": epoch, "policy_version": policy_version})
 
     def export_lora(self) -> Path:
         files = self.learner.export_lora()
+        files.update(self.lora_record(epoch=self.completed_epochs, policy_version=self.version))
         out = self.run_dir / "lora"
         out.mkdir(parents=True, exist_ok=True)
         for name, data in files.items():
@@ -220,6 +224,7 @@ class Driver:
         cfg = self.config
         epoch = self.completed_epochs
         learner_state, lora_files = self.learner.state(), self.learner.export_lora()
+        lora_files.update(self.lora_record(epoch=epoch, policy_version=int(learner_state["version"])))
         info = {
             "policy_version": int(learner_state["version"]),
             "bpt_stage": self.schedule.stage(epoch) if self.schedule is not None else None,
@@ -275,7 +280,7 @@ class Driver:
         cfg = self.config
         stop = stop or StopRequest()
         self.pool.log = self.learner.log = log
-        writer = MetricsWriter(self.run_dir, tensorboard=cfg.logging.tensorboard)
+        writer = open_writer(cfg, run_dir=self.run_dir, resuming=resume is not None)
         if resume is not None:
             self.restore(resume)
             writer.rows = [dict(row) for row in self.rows]
@@ -287,7 +292,7 @@ class Driver:
             eval_mean = None
             if first == 0:
                 initial = self.evaluate()
-                self.save_eval(initial, 0)
+                save_eval(initial, run_dir=self.run_dir, updates=0, writer=writer)
                 eval_mean = initial.mean
                 log(f"eval before training: reward {eval_mean:.4f}")
             else:
@@ -315,7 +320,8 @@ class Driver:
             writer.close()
         return self.rows
 
-    def _epochs(self, first: int, *, writer, progress, log, stop: StopRequest, eval_mean, on_epoch_end) -> None:
+    def _epochs(self, first: int, *, writer: MetricsWriter, progress, log, stop: StopRequest, eval_mean,
+                on_epoch_end) -> None:
         cfg = self.config
         pending = self.launch(first)
         last_end = time.perf_counter()
@@ -353,12 +359,14 @@ class Driver:
             if fusion is not None:
                 row.update(self.dfusion_row(fusion))
             log_captions(self.run_dir, epoch, scores)
-            self._evaluate_if_due(row, epoch, eval_mean)
+            evaluation = self._evaluate_if_due(row, epoch, eval_mean)
             now = time.perf_counter()
             row["time/epoch_s"], row["time/samples_per_s"] = now - last_end, row["reward/n_scored"] / (now - last_end)
             last_end = now
             writer.write(row)
             self.rows.append(writer.rows[-1])
+            if evaluation is not None:  # after the row: W&B ignores a step lower than one it has logged
+                save_eval(evaluation, run_dir=self.run_dir, updates=epoch + 1, writer=writer)
             if self._checkpoint_due():
                 self.save_checkpoint()
             progress.update(1)
@@ -371,16 +379,18 @@ class Driver:
             if stop.requested:
                 return
 
-    def _evaluate_if_due(self, row: dict, epoch: int, eval_mean: float | None) -> None:
-        """Scores the evaluation set after every ``logging.eval_every`` epochs and the last one."""
+    def _evaluate_if_due(self, row: dict, epoch: int, eval_mean: float | None) -> EvalResult | None:
+        """Scores the evaluation set after every ``logging.eval_every`` epochs and the last one; returns
+        the result (its grid is saved once the row is written) or None."""
+        result = None
         every = self.config.logging.eval_every
         if epoch + 1 == self.config.epochs or (every and (epoch + 1) % every == 0):
             result = self.evaluate()
             row["eval/reward_mean"] = result.mean
             row.update(result.components)
-            self.save_eval(result, epoch + 1)
         if epoch == 0 and eval_mean is not None:
             row["eval/reward_mean_initial"] = eval_mean
+        return result
 
     def _epoch_row(self, epoch, scores, stats, applied) -> dict:
         return epoch_row(epoch, scores=scores, stats=stats, applied=applied, config=self.config,

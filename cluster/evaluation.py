@@ -1,5 +1,6 @@
 """The fixed evaluation set: which batches to sample (prompts x images per prompt, fixed seeds), the
-result of one evaluation, and its files (a grid PNG and the prompts, rewards and captions as JSON)."""
+result of one evaluation, and its outputs: a grid PNG whose cells carry their prompt and reward, the
+prompts, rewards and captions as JSON, and the same grid to the metric sinks (TensorBoard, W&B)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import numpy as np
 
 from actors.seeding import eval_seed
 from cluster.config import Config
-from cluster.metrics import save_grid
+from cluster.grids import save_grid
+from cluster.metrics import MetricsWriter
 from cluster.samplers import BatchJob
 
 
@@ -46,12 +48,24 @@ def eval_result(jobs: list[BatchJob], scores: list, image_batches: list) -> Eval
                       captions=captions)
 
 
-def save_eval(result: EvalResult, run_dir: Path, epoch: int) -> None:
-    """``samples/eval_epochNNNN.png`` (grid) and ``.json`` (prompt, reward and caption of every image)."""
-    stem = run_dir / "samples" / f"eval_epoch{epoch:04d}"
-    save_grid(result.images, stem.with_suffix(".png"))
+EVAL_IMAGES = "eval/samples"  # the image tag of the evaluation grids (TensorBoard, W&B)
+
+
+def save_eval(result: EvalResult, *, run_dir: Path, updates: int, writer: MetricsWriter | None = None) -> Path:
+    """``samples/eval_epochNNNN.png`` (the labelled grid; NNNN = ``updates``, the updates applied before
+    the evaluation, 0 = the base model) and ``.json`` (prompt, reward and caption of every image); the
+    grid also goes to ``writer``'s sinks as ``eval/samples`` at step ``updates``. Returns the PNG's path."""
+    stem = run_dir / "samples" / f"eval_epoch{updates:04d}"
+    grid = save_grid(result.images, stem.with_suffix(".png"), labels=result.prompts, scores=result.scores)
     items = [{"prompt": p, "reward": None if not np.isfinite(r) else float(r)}
              for p, r in zip(result.prompts, result.scores, strict=True)]
     for item, caption in zip(items, result.captions or [], strict=False):
         item["caption"] = caption
     stem.with_suffix(".json").write_text(json.dumps(items, indent=1))
+    if writer is not None:
+        prompts = list(dict.fromkeys(result.prompts))  # the cells carry every prompt; the caption lists a few
+        listed = "; ".join(prompts[:8]) + (f"; and {len(prompts) - 8} more" if len(prompts) > 8 else "")
+        caption = (f"after {updates} update{'' if updates == 1 else 's'}: eval reward {result.mean:.4g} over {len(result.prompts)} samples of "
+                   f"{len(prompts)} prompts ({listed})")
+        writer.log_images(EVAL_IMAGES, [grid], captions=[caption], step=updates)
+    return stem.with_suffix(".png")

@@ -1,4 +1,11 @@
-"""Run-directory sinks: metrics.jsonl, TensorBoard scalars, sample grids and the reward curve."""
+"""Run-directory sinks: metrics.jsonl, TensorBoard (scalars and evaluation grids), the optional W&B
+logger (cluster/wandb_logger.py) and the reward curve.
+
+A sink is any object with ``log(row, *, step)``, ``log_images(key, images, *, captions, step)`` and
+``close()`` (``MetricsSink``); the writer hands every sink the same numeric scalars of a row under their
+namespaced names (``train/loss``, ``eval/reward_mean``: TensorBoard groups by the part before the first
+``/``) and the same images.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +13,11 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
+
+from cluster.config import Config
 
 
 def _clean(value):
@@ -62,34 +72,97 @@ def write_rows(path: Path, rows: list[dict]) -> None:
                                            f"the file was left as it was") from err
 
 
-class MetricsWriter:
-    """Appends one JSON object per epoch to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
+class MetricsSink(Protocol):
+    """Where the writer mirrors rows and images (TensorBoard, W&B, a test's recorder)."""
 
-    def __init__(self, run_dir: Path, *, tensorboard: bool = True):
+    def log(self, row: dict[str, float], *, step: int | None) -> None: ...
+
+    def log_images(self, key: str, images: list[np.ndarray], *, captions: list[str], step: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def row_scalars(row: dict) -> dict[str, float]:
+    """The values a sink plots: numbers (bools as 0/1) under their namespaced names, without the step
+    keys (``epoch``, ``step``) and without nulls (non-finite values, see _clean), strings or lists."""
+    return {key: value for key, value in row.items()
+            if isinstance(value, (int, float)) and key not in ("epoch", "step")}
+
+
+def row_step(row: dict) -> int | None:
+    """A row's x-axis value: its ``epoch`` (``gard train``) or ``step`` (``gard dpo``)."""
+    return row.get("epoch", row.get("step"))
+
+
+class TensorBoardSink:
+    """Scalars and images into ``<run_dir>/tensorboard`` (one event file per process)."""
+
+    def __init__(self, log_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._tb = SummaryWriter(log_dir=str(log_dir))
+
+    def log(self, row: dict[str, float], *, step: int | None) -> None:
+        for key, value in row.items():
+            self._tb.add_scalar(key, value, global_step=step)
+        self._tb.flush()  # a crash loses at most the row being written
+
+    def log_images(self, key: str, images: list[np.ndarray], *, captions: list[str], step: int) -> None:
+        # One tag per key (TensorBoard's image panel shows one image per tag and step): a second
+        # image of the same key and step would hide the first, so several become key/0, key/1, ...
+        for i, image in enumerate(images):
+            self._tb.add_image(key if len(images) == 1 else f"{key}/{i}", image, global_step=step, dataformats="HWC")
+        self._tb.flush()
+
+    def close(self) -> None:
+        self._tb.close()
+
+
+class MetricsWriter:
+    """Appends one JSON object per epoch to ``metrics.jsonl`` and mirrors scalars and evaluation grids to
+    TensorBoard (``tensorboard=True``) and to any further ``sinks`` (W&B: cluster/wandb_logger.py)."""
+
+    def __init__(self, run_dir: Path, *, tensorboard: bool = True, sinks: list[MetricsSink] = ()):
         self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
         self.rows: list[dict] = []
-        self._tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        self.sinks: list[MetricsSink] = [TensorBoardSink(run_dir / "tensorboard")] if tensorboard else []
+        self.sinks += list(sinks)
 
     def write(self, row: dict) -> None:
-        """Appends one row (all or nothing: see append_line), then mirrors it to TensorBoard."""
+        """Appends one row (all or nothing: see append_line), then mirrors its scalars to the sinks at
+        the row's epoch (or step)."""
         row = {k: _clean(v) for k, v in row.items()}
         append_line(self.path, json.dumps(row) + "\n")  # serialized in full before a byte is written
         self.rows.append(row)
-        if self._tb is not None:
-            for key, value in row.items():
-                if isinstance(value, (int, float)) and key not in ("epoch", "step"):
-                    self._tb.add_scalar(key, value, global_step=row.get("epoch", row.get("step")))
-            self._tb.flush()
+        for sink in self.sinks:
+            sink.log(row_scalars(row), step=row_step(row))
+
+    def log_images(self, key: str, images: list[np.ndarray], *, captions: list[str], step: int) -> None:
+        """uint8 [H, W, 3] images (an evaluation grid) to every sink under ``key`` at ``step``.
+
+        W&B drops anything logged at a step lower than one it has seen, so a grid belongs after the
+        rows of the steps before it: the driver logs the grid after N updates once row N - 1 is written."""
+        for sink in self.sinks:
+            sink.log_images(key, images, captions=captions, step=step)
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+        for sink in self.sinks:
+            sink.close()
         plot_reward_curve(self.rows, self.run_dir / "reward_curve.png")
+
+
+def open_writer(config: Config, *, run_dir: Path, resuming: bool) -> MetricsWriter:
+    """The writer of a run as its ``logging`` section asks: TensorBoard (``logging.tensorboard``) and W&B
+    (``logging.wandb`` unless ``logging.wandb_mode`` is ``disabled``); ``resuming`` continues the W&B run."""
+    log = config.logging
+    sinks = []
+    if log.wandb and log.wandb_mode != "disabled":
+        from cluster.wandb_logger import WandbLogger
+
+        sinks.append(WandbLogger(run_dir=run_dir, project=log.wandb_project, mode=log.wandb_mode, name=config.name,
+                                 config=config.to_dict(), resuming=resuming))
+    return MetricsWriter(run_dir, tensorboard=log.tensorboard, sinks=sinks)
 
 
 def reward_curve_points(rows: list[dict]) -> tuple[list[dict], list[tuple[int, float]]]:
@@ -125,18 +198,3 @@ def plot_reward_curve(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def save_grid(images: np.ndarray, path: Path, *, columns: int = 4) -> None:
-    """uint8 [N, H, W, 3] -> one PNG grid."""
-    from PIL import Image
-
-    n, h, w, _ = images.shape
-    columns = max(1, min(columns, n))
-    rows = math.ceil(n / columns)
-    grid = np.full((rows * h, columns * w, 3), 255, dtype=np.uint8)
-    for i, image in enumerate(images):
-        r, c = divmod(i, columns)
-        grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = image
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(path)

@@ -16,8 +16,10 @@ from pathlib import Path
 import torch
 
 from actors.tiny import resolve_pretrained
+from cluster.adapter_record import record_files
 from cluster.config import Config, ConfigError
-from cluster.metrics import MetricsWriter
+from cluster.metrics import open_writer
+from cluster.preflight import check_logging
 from cluster.run import prepare_run_dir
 from cluster.specs import policy_spec
 from learner.offline_dpo import OfflineDpoTrainer, PreferenceDataError, load_preferences, window_means
@@ -67,6 +69,7 @@ def run_offline_dpo(config: Config, *, output_dir: str | None = None, log=print)
     from actors.policy import Policy
 
     pairs = load_dataset(config)
+    check_logging(config)
     torch.set_num_threads(config.cluster.torch_threads)
     try:
         pretrained = resolve_pretrained(config.policy.pretrained, cache_dir=config.cache_dir)
@@ -93,7 +96,14 @@ def run_offline_dpo(config: Config, *, output_dir: str | None = None, log=print)
         adam_eps=t.adam_eps, max_grad_norm=t.max_grad_norm, batch_size=config.dpo.batch_size, seed=config.seed,
         mixed_precision=t.mixed_precision,
     )
-    writer = MetricsWriter(run_dir, tensorboard=config.logging.tensorboard)
+    writer = open_writer(config, run_dir=run_dir, resuming=False)
+
+    def save_lora(steps: int) -> Path:  # the adapter, and the record of its base model (cluster/adapter_record.py)
+        lora_dir = policy.save_lora(run_dir / "lora")
+        for name, data in record_files(config, pretrained=pretrained, progress={"dpo_steps": steps}).items():
+            (lora_dir / name).write_bytes(data)
+        return lora_dir
+
     steps, every = config.dpo.steps, config.dpo.log_every
     window: list[dict[str, float]] = []
     first_mean = last_mean = None
@@ -106,7 +116,7 @@ def run_offline_dpo(config: Config, *, output_dir: str | None = None, log=print)
                 raise ConfigError(f"dpo.dataset: {err}") from None
             window.append(stats)
             if stats["skipped_in_row"] >= t.max_skipped_steps:
-                lora_dir = policy.save_lora(run_dir / "lora")
+                lora_dir = save_lora(step + 1)
                 raise TrainingStalledError(
                     f"offline DPO: {int(stats['skipped_in_row'])} steps in a row (up to step {step + 1}) were skipped "
                     f"because the loss or the gradient norm was not finite (train.max_skipped_steps = "
@@ -132,7 +142,7 @@ def run_offline_dpo(config: Config, *, output_dir: str | None = None, log=print)
         with warnings.catch_warnings():  # close() also plots the (here empty) reward curve
             warnings.simplefilter("ignore", UserWarning)
             writer.close()
-    lora_dir = policy.save_lora(run_dir / "lora")
+    lora_dir = save_lora(steps)
     log(f"gard dpo: done: {steps} steps in {time.perf_counter() - start:.1f}s; loss {first_mean['loss_mean']:.4f} -> "
         f"{last_mean['loss_mean']:.4f}, implicit_acc {first_mean['implicit_acc_mean']:.3f} -> "
         f"{last_mean['implicit_acc_mean']:.3f} (first and last logging windows); LoRA -> {lora_dir}")

@@ -1,5 +1,6 @@
-"""Checks that need the model files but not Ray: run in the driver before any actor starts (the model
-reference, the scheduler, the adapters' targets and ranks, the resolution, the initial adapter).
+"""Checks that need the model files or the environment but not Ray: run in the driver before any actor
+starts (the model reference, the scheduler, the adapters' targets and ranks, the resolution, the
+initial adapter, the optional packages the logging section asks for).
 
 A bad scheduler found inside an actor would surface as an actor that died at start-up; found here, it
 is one paragraph naming the field (exit code 2) and the run directory is not written.
@@ -146,3 +147,12 @@ def check_init_adapter(config: Config) -> None:
             field = "policy.lora_rank" if component == "unet" else "policy.text_encoder_lora_rank"
             raise ConfigError(f"policy.init_adapter = {pol.init_adapter!r} has rank {shape[0]} ({key}), but "
                               f"{field} = {expected[component]}; set {field}={shape[0]} or use another adapter")
+
+
+def check_logging(config: Config) -> None:
+    """``logging.wandb`` needs an importable wandb package (imported here, so that a missing one stops
+    the run before Ray starts or the run directory is written)."""
+    if config.logging.wandb and config.logging.wandb_mode != "disabled":
+        from cluster.wandb_logger import require_wandb
+
+        require_wandb()

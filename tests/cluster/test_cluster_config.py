@@ -83,11 +83,26 @@ def test_every_preset_is_valid():
         (BASE, ["policy.train_targets=[vae]"], r"policy.train_targets = \['vae'\]: expected a non-empty list .*'unet', 'text_encoder'"),
         (BASE, ["policy.train_targets=[]"], r"policy.train_targets = \[\]: expected a non-empty list"),
         (BASE, ["policy.init_adapter=no/dir"], r"policy.init_adapter = 'no/dir': no pytorch_lora_weights.safetensors"),
+        (BASE, ["logging.wandb_mode=cloud"],
+         r"logging.wandb_mode = 'cloud' is out of range: expected one of \['offline', 'online', 'disabled'\]"),
+        (BASE, ["logging.wandb=maybe"], r"logging.wandb = 'maybe' has the wrong type: expected bool"),
+        (BASE, ["logging.wandb_project=' '"], r"logging.wandb_project = ' ' is out of range: expected a non-empty name"),
     ],
 )
 def test_bad_config_gives_a_clear_error(tmp_path, text, overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):
         load_config(_write(tmp_path, text), overrides)
+
+
+def test_wandb_logging_is_off_by_default_offline_when_on_and_may_change_on_resume(tmp_path):
+    from cluster.checkpoint import is_resume_safe
+
+    default = load_config(_write(tmp_path, BASE)).logging
+    assert (default.wandb, default.wandb_project, default.wandb_mode) == (False, "gard", "offline")
+    on = load_config(_write(tmp_path, BASE), ["logging.wandb=true", "logging.wandb_project=shapes",
+                                              "logging.wandb_mode=online"]).logging
+    assert (on.wandb, on.wandb_project, on.wandb_mode) == (True, "shapes", "online")
+    assert all(is_resume_safe(f"logging.{name}") for name in ("wandb", "wandb_project", "wandb_mode"))
 
 
 def test_prompt_file_is_read_relative_to_the_config(tmp_path):

@@ -57,14 +57,60 @@ def test_short_pipelined_run_improves_reward_and_writes_the_run_directory(ray_lo
     assert np.abs(base - tuned).max() > 1e-3
 
 
-def test_synchronous_run_samples_with_the_newest_adapter(ray_local, tmp_path):
+def test_synchronous_run_samples_with_the_newest_adapter(ray_local, tmp_path, monkeypatch):
+    import cluster.driver
+    from cluster.metrics import open_writer, reward_curve_points
+
+    calls = []  # what a further sink (W&B) is handed, in order
+
+    class Recorder:
+        def log(self, row, *, step):
+            calls.append(("row", step))
+
+        def log_images(self, key, images, *, captions, step):
+            calls.append((key, step))
+
+        def close(self):
+            pass
+
+    def writer_with_recorder(*args, **kwargs):
+        writer = open_writer(*args, **kwargs)
+        writer.sinks.append(Recorder())
+        return writer
+
+    monkeypatch.setattr(cluster.driver, "open_writer", writer_with_recorder)
     config = _config(tmp_path, "epochs=3", "cluster.max_staleness=0", "sampling.batches_per_sampler=1")
-    rows = _rows(train(config, output_dir=str(tmp_path / "run"), log=lambda *_: None))
+    run_dir = train(config, output_dir=str(tmp_path / "run"), log=lambda *_: None)
+    rows = _rows(run_dir)
     assert [r["sampler/policy_version"] for r in rows] == [0, 1, 2]
     # The first-step importance ratio is measured every epoch and is 1 when sampler and learner agree.
     assert all(0 <= r["train/onpolicy_ratio_dev"] < 1e-4 for r in rows), [r["train/onpolicy_ratio_dev"] for r in rows]
     assert "eval/reward_mean" in rows[-1] and "eval/reward_mean" not in rows[0]
     assert np.isfinite(rows[0]["eval/reward_mean_initial"])
+    # The reward curve starts at the base model: the evaluation before training at x = 0.
+    assert reward_curve_points(rows)[1] == [(0, rows[0]["eval/reward_mean_initial"]), (3, rows[-1]["eval/reward_mean"])]
+
+    # Evaluation grids: the base model's, then the one after the last update, each after the rows before
+    # its step (steps never go back), and in TensorBoard as one image tag beside the namespaced scalars.
+    assert calls == [("eval/samples", 0), ("row", 0), ("row", 1), ("row", 2), ("eval/samples", 3)]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert events.Tags()["images"] == ["eval/samples"]
+    assert [e.step for e in events.Images("eval/samples")] == [0, 3]
+    assert {"train/loss", "reward/mean", "time/epoch_s", "eval/reward_mean", "sampler/policy_version"} <= set(
+        events.Tags()["scalars"])
+    assert all("/" in tag for tag in events.Tags()["scalars"])
+
+    # The adapter names the base model it was trained on, at the end and in the final checkpoint.
+    record = json.loads((run_dir / "lora" / "gard_adapter.json").read_text())
+    assert record["base_model"] == {"pretrained": "tiny:sd", "resolved": str((tmp_path / "cache" / "tiny-sd").resolve())}
+    assert (record["run"], record["epoch"], record["policy_version"]) == ("demo", 3, 3)
+    assert record["adapters"] == {"unet": {"rank": config.policy.lora_rank, "alpha": config.policy.lora_alpha,
+                                           "targets": config.policy.lora_targets}}
+    checkpointed = json.loads((run_dir / "checkpoints" / "epoch-000003" / "lora" / "gard_adapter.json").read_text())
+    assert checkpointed == record
 
 
 def test_b2_run_with_branch_rollouts_and_progressive_intervals(ray_local, tmp_path):

@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 
 import cluster.metrics as metrics_module
-from cluster.metrics import MetricsWriteError, MetricsWriter, plot_reward_curve, save_grid, write_rows
+from cluster.grids import save_grid
+from cluster.metrics import MetricsWriteError, MetricsWriter, plot_reward_curve, write_rows
 
 
 def _read(path) -> list[dict]:

@@ -227,6 +227,9 @@ def test_gard_dpo_end_to_end(tmp_path):
     assert state and all("lora" in k for k in state)
     assert any(v.abs().sum() > 0 for k, v in state.items() if "lora_B" in k)  # trained away from B = 0
     assert (run_dir / "config.yaml").is_file()
+    record = json.loads((run_dir / "lora" / "gard_adapter.json").read_text())  # the base model it was trained on
+    assert record["base_model"] == {"pretrained": "tiny:sd", "resolved": str((tmp_path / "cache" / "tiny-sd").resolve())}
+    assert record["dpo_steps"] == 5 and list(record["adapters"]) == ["unet"]
 
 
 def test_gard_dpo_dataset_errors_exit_2_without_traceback(tmp_path):
