@@ -37,7 +37,7 @@ from cluster.epoch_metrics import epoch_row, log_captions, progress_bar, run_cou
 from cluster.errors import RewardDownError, RewardStageFailedError, actor_start_error, reward_failure
 from cluster.evaluation import EvalResult, eval_jobs, eval_result, save_eval
 from cluster.learner_handle import LearnerFailedError, LearnerHandle
-from cluster.metrics import MetricsWriter, open_writer
+from cluster.metrics import MetricsWriteError, MetricsWriter, open_writer
 from cluster.samplers import BatchJob, EpochBatch, SamplerFailedError, SamplerPool, StepAbandoned
 from cluster.specs import bpt_schedule, learner_spec, policy_spec, resolve_reward_specs, start_reward_services
 from cluster.stop import EXIT_CODES, RunInterrupted, StopRequest
@@ -301,7 +301,7 @@ class Driver:
                 self._epochs(first, writer=writer, progress=progress, log=log, stop=stop, eval_mean=eval_mean,
                              on_epoch_end=on_epoch_end)
             except (RewardDownError, SamplerFailedError, TrainingStalledError, LearnerFailedError,
-                    RewardStageFailedError) as err:
+                    RewardStageFailedError, MetricsWriteError) as err:
                 self.learner.max_failures += 1  # one more restore, to take the final checkpoint
                 where = self._checkpoint_before_stopping(log)
                 raise type(err)(f"{err}. The run stopped after {where}; fix the cause and continue with "

@@ -12,6 +12,7 @@ raise ``LearnerFailedError`` naming the cause; the driver then stops with a chec
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 
@@ -66,7 +67,15 @@ class LearnerHandle:
     def _restore(self) -> None:
         import ray
 
-        self.instance = ray.get(self.actor.instance_id.remote(), timeout=self.timeout_s)  # waits for the restart
+        deadline = time.monotonic() + self.timeout_s
+        while True:  # the death was counted by the caller; "unavailable" only says Ray is restarting the actor
+            try:
+                self.instance = ray.get(self.actor.instance_id.remote(), timeout=self.timeout_s)
+                break
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
         if self.snapshot is not None:
             ray.get(self.actor.checked_load_state_dict.remote(instance=self.instance, state=ray.put(self.snapshot)),
                     timeout=self.timeout_s)

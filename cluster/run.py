@@ -74,9 +74,16 @@ def prepare_run_dir(config: Config, output_dir: str | None, *, resume: Checkpoin
     run_dir = Path(output_dir or config.output_dir or f"runs/{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--output-dir {str(run_dir)!r} is a file, not a directory; pass a directory path")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if start_over and checkpoint_root(run_dir).is_dir():
-        shutil.rmtree(checkpoint_root(run_dir))
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if start_over and checkpoint_root(run_dir).is_dir():
+            shutil.rmtree(checkpoint_root(run_dir))
+        probe = run_dir / f".gard-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"the run directory {str(run_dir)!r} cannot be written ({err.strerror or err}); pass a "
+                          f"writable --output-dir") from None
     rows = resume.metrics if resume is not None else []
     write_rows(run_dir / "metrics.jsonl", rows)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

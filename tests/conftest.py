@@ -45,14 +45,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_local_ray(*, attempts: int = 3) -> None:
+    """A new local Ray on 127.0.0.1 with 2 CPUs. On a loaded machine its start can time out waiting for
+    the GCS; each failed attempt is cleaned up and retried after a pause."""
+    import time
+
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+                     logging_level="WARNING", log_to_driver=False)
+            return
+        except Exception:  # noqa: BLE001 - Ray raises several types for a start that did not finish
+            ray.shutdown()
+            if attempt == attempts:
+                raise
+            time.sleep(10 * attempt)
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     """A local Ray on 127.0.0.1 with 2 CPUs for one test module (Serve, if a test started it, removed)."""
     import ray
     from ray import serve
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING",
-             log_to_driver=False)
+    start_local_ray()
     yield
     serve.shutdown()
     ray.shutdown()

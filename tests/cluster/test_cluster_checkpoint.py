@@ -236,3 +236,5 @@ def test_resume_skips_corrupt_checkpoints_and_never_starts_over_a_run_silently(t
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ConfigError, match=r"--output-dir .*afile' is a file, not a directory"):
         prepare_run_dir(config, str(tmp_path / "afile"))
+    with pytest.raises(ConfigError, match=r"the run directory .*afile/run' cannot be written \(Not a directory\)"):
+        prepare_run_dir(config, str(tmp_path / "afile" / "run"))

@@ -18,6 +18,7 @@ import pytest
 
 from rewards.http_codec import HttpLimits, encode_image
 from rewards.registry import build_reward
+from tests.conftest import start_local_ray
 
 LIMITS = HttpLimits(max_body_bytes=200_000, max_image_pixels=96 * 96, max_batch=64)
 
@@ -40,8 +41,7 @@ def serve_session(tmp_path_factory):
     # with only handle-side reports, the autoscaling test below saw no upscaling once earlier tests of
     # this module had created handles in this process (Ray 2.60; in isolation it scaled).
     os.environ["RAY_SERVE_COLLECT_AUTOSCALING_METRICS_ON_HANDLE"] = "0"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING",
-             log_to_driver=False)
+    start_local_ray()
     port = _free_port()
     clip_options = tiny_clip_score_options(tmp_path_factory.mktemp("clip"))
     specs = {"jpeg_compressibility": {}, "clip_score": clip_options}

@@ -20,6 +20,7 @@ from cluster.checkpoint import latest_checkpoint, load_checkpoint
 from cluster.config import load_config
 from cluster.errors import RewardDownError
 from cluster.run import train
+from tests.conftest import start_local_ray
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = ["logging.progress=false", "logging.tensorboard=false", "cluster.max_staleness=0",
@@ -32,8 +33,7 @@ def ray_cluster():
     import ray
     from ray import serve
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING",
-             log_to_driver=False)
+    start_local_ray()
     yield ray.get_runtime_context().gcs_address
     serve.shutdown()
     ray.shutdown()
