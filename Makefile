@@ -5,7 +5,12 @@ export TRANSFORMERS_OFFLINE := 1
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test lint bench clean
+# Images of deploy/Dockerfile, tagged with gard's version (the tags deploy/*.yaml refer to).
+DOCKER ?= docker
+IMAGE ?= gard
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+
+.PHONY: setup demo test lint bench clean docker-cpu docker-gpu docker-available
 
 setup: $(VENV)/.gard-setup-done
 
@@ -27,3 +32,13 @@ bench: setup
 
 clean:
 	rm -rf runs .cache
+
+docker-cpu: docker-available
+	DOCKER_BUILDKIT=1 $(DOCKER) build -f deploy/Dockerfile --build-arg VARIANT=cpu -t $(IMAGE):$(VERSION)-cpu .
+
+docker-gpu: docker-available
+	DOCKER_BUILDKIT=1 $(DOCKER) build -f deploy/Dockerfile --build-arg VARIANT=gpu -t $(IMAGE):$(VERSION)-cu130 .
+
+docker-available:
+	@command -v $(DOCKER) >/dev/null 2>&1 || { echo "Docker is missing: no '$(DOCKER)' command on PATH (install Docker to build the image)." >&2; exit 1; }
+	@$(DOCKER) info >/dev/null 2>&1 || { echo "Docker is installed but its daemon does not answer ('$(DOCKER) info' failed): start it, or build on a machine that has one." >&2; exit 1; }

