@@ -185,13 +185,27 @@ class RewardServiceConfig:
     retry_backoff_s: float = field(default=1.0, metadata=NON_NEGATIVE)
     http_host: str = "127.0.0.1"
     http_port: int = field(default=8000, metadata=_rule(lambda v: 0 < v < 65536, "a TCP port in 1..65535"))
+    # Bounds of the HTTP API (rewards/http_codec.py HttpLimits): 413 above a size, 429 when busy.
     max_body_bytes: int = field(default=16 * 2**20, metadata=POSITIVE)
     max_image_pixels: int = field(default=2048 * 2048, metadata=POSITIVE)
+    max_request_pixels: int = field(default=64 * 2**20, metadata={
+        **POSITIVE, "doc": "decoded pixels summed over a request's images (3 bytes each); >= max_image_pixels"})
+    max_aspect_ratio: float = field(default=16.0, metadata={
+        **_rule(lambda v: v >= 1, ">= 1"), "doc": "longer over shorter side of an image (422 above)"})
     max_batch: int = field(default=256, metadata=POSITIVE)
+    max_inflight_images: int = field(default=1024, metadata={
+        **POSITIVE, "doc": "images being decoded or scored per replica, over its concurrent requests; an HTTP "
+                           "request beyond it gets 429 with Retry-After; >= max_batch"})
     keep_running: bool = field(default=False, metadata={"doc": "leave the apps gard train started"})
     down_timeout_s: float = field(default=300.0, metadata={
         **NON_NEGATIVE, "doc": "keep retrying a failing reward this long (and at least max_retries times); "
                                "then checkpoint and stop the run"})
+
+    def http_limits(self):
+        """The HTTP bounds as ``rewards.http_codec.HttpLimits`` (ValueError when they contradict each other)."""
+        from rewards.http_codec import HttpLimits
+
+        return HttpLimits(**{f.name: getattr(self, f.name) for f in dataclasses.fields(HttpLimits)})
 
 
 @dataclass
@@ -362,6 +376,10 @@ def validate(config: Config) -> None:
             dfusion_spec(config)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+    try:
+        config.reward_service.http_limits()
+    except ValueError as err:
+        raise ConfigError(f"reward_service: {err}") from None
     if config.train.stat_min_count > config.train.stat_buffer_size:
         raise ConfigError(f"train.stat_min_count = {config.train.stat_min_count} exceeds train.stat_buffer_size = "
                           f"{config.train.stat_buffer_size}; per-prompt statistics would never be used")

@@ -134,12 +134,10 @@ def banner(config: Config, run_dir: Path, ray_address: str) -> str:
 def deploy_config_rewards(config: Config, specs: dict[str, dict], *, reuse_running: bool = True):
     """Deploys one Serve application per reward of ``specs`` with the config's placement and HTTP limits
     -> ``rewards.serve.Deployed``."""
-    from rewards.http_codec import HttpLimits
     from rewards.serve import deploy_rewards
 
     rs = config.reward_service
-    limits = HttpLimits(max_body_bytes=rs.max_body_bytes, max_image_pixels=rs.max_image_pixels, max_batch=rs.max_batch)
-    return deploy_rewards(specs, {name: config.rewards[name].serve for name in specs}, limits=limits,
+    return deploy_rewards(specs, {name: config.rewards[name].serve for name in specs}, limits=rs.http_limits(),
                           http_host=rs.http_host, http_port=rs.http_port, reuse_running=reuse_running)
 
 

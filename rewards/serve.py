@@ -9,6 +9,7 @@ requests into batches of up to ``max_batch_size`` images, so small requests stil
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -16,7 +17,10 @@ import numpy as np
 from ray import serve
 
 from rewards.base import RewardOutput, TextEmbedder, check_batch
-from rewards.http_codec import HttpLimits, RequestError, encode_response, parse_request
+from rewards.http_codec import HttpLimits, RequestError, decode_images, encode_response, parse_request
+from rewards.http_io import error_response, json_response, read_body
+from rewards.serve_batch import Item, ItemScoringError, score_batch
+from rewards.serve_bind import bind_replica_grpc_to_node_ip
 from rewards.serve_options import ServeOptions
 
 APP_PREFIX = "reward-"
@@ -41,6 +45,8 @@ class RewardDeployment:
         from rewards.clip_encoder import EncoderCache
         from rewards.registry import build_reward
 
+        # Before Serve starts this replica's gRPC server, which it does once this constructor returns.
+        self.grpc_host = bind_replica_grpc_to_node_ip()
         torch.set_num_threads(1)
         self.reward_name = reward
         self.limits = HttpLimits(**limits)
@@ -52,35 +58,29 @@ class RewardDeployment:
         self._score_items.set_max_batch_size(max_batch_size)
         self._score_items.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.batches_run = 0
+        self.items_failed = 0
+        self.inflight_images = 0  # images of requests being decoded or scored here (HTTP and handle)
+        self.last_batch_s = 0.0
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _score_items(self, items: list[tuple[str, np.ndarray, str]]) -> list[dict]:
-        """Scores single (reward, image, prompt) items merged from concurrent requests, one model call
-        per (reward, image size) group."""
-        results: list[dict | None] = [None] * len(items)
-        groups: dict[tuple, list[int]] = {}
-        for i, (reward, image, _) in enumerate(items):
-            groups.setdefault((reward, image.shape), []).append(i)
-        for (reward, _), indices in groups.items():
-            images = np.stack([items[i][1] for i in indices])
-            prompts = [items[i][2] for i in indices]
-            # The model runs in a thread so the replica keeps accepting (and validating) requests.
-            output: RewardOutput = await asyncio.to_thread(self.rewards[reward], images, prompts)
-            for row, i in enumerate(indices):
-                results[i] = {
-                    "score": float(output.scores[row]),
-                    "embeddings": {k: v[row] for k, v in output.embeddings.items()},
-                    "caption": output.captions[row] if output.captions is not None else None,
-                    "error": output.errors[row] if output.errors is not None else None,
-                }
+    async def _score_items(self, items: list[Item]) -> list[dict | ItemScoringError]:
+        """Scores single items merged from concurrent requests (rewards/serve_batch.py); an item that fails
+        gets its error as its result, so the other requests of the batch still get theirs."""
+        start = time.perf_counter()
+        # The model runs in a thread so the replica keeps accepting (and validating) requests.
+        results, failed = await asyncio.to_thread(score_batch, self.rewards, items)
         self.batches_run += 1
+        self.items_failed += failed
+        self.last_batch_s = time.perf_counter() - start
         return results
 
     def stats(self) -> dict:
-        """What this replica hosts: rewards, distinct CLIP encoders, batches run, encoder cache hits."""
+        """What this replica hosts and has done: rewards, distinct CLIP encoders, batches run, items that
+        failed alone, images in flight, encoder cache hits, the host its gRPC server is bound to."""
         encoders = self.encoders.values()
         return {"rewards": sorted(self.rewards), "clip_encoders": len(encoders), "batches_run": self.batches_run,
-                "encoder_cache_hits": sum(e.cache_hits for e in encoders)}
+                "items_failed": self.items_failed, "inflight_images": self.inflight_images,
+                "encoder_cache_hits": sum(e.cache_hits for e in encoders), "grpc_host": self.grpc_host}
 
     def _which(self, reward: str | None) -> str:
         reward = reward or self.reward_name
@@ -93,6 +93,9 @@ class RewardDeployment:
             return await self.backend.score.remote(images=np.stack(images), prompts=list(prompts), reward=reward)
         items = await asyncio.gather(*(self._score_items((reward, image, prompt))
                                        for image, prompt in zip(images, prompts, strict=True)))
+        for i, item in enumerate(items):
+            if isinstance(item, ItemScoringError):
+                raise ItemScoringError(f"images[{i}]: {item.message}")
         modalities = items[0]["embeddings"].keys() if items else ()
         return RewardOutput(
             scores=np.array([it["score"] for it in items], dtype=np.float32),
@@ -102,9 +105,17 @@ class RewardDeployment:
         )
 
     async def score(self, *, images: np.ndarray, prompts: list[str], reward: str | None = None) -> RewardOutput:
-        """Handle API: uint8 images [B, H, W, 3] and B prompts -> RewardOutput (inside the Ray cluster)."""
+        """Handle API: uint8 images [B, H, W, 3] and B prompts -> RewardOutput (inside the Ray cluster).
+
+        Handle callers are counted in flight but never refused: Serve's ``max_ongoing_requests`` already
+        holds them back in their router, and a refusal would only turn into a retry."""
         check_batch(images, prompts)
-        return await self._score(list(images), list(prompts), self._which(reward))
+        reward = self._which(reward)
+        self.inflight_images += len(images)
+        try:
+            return await self._score(list(images), list(prompts), reward)
+        finally:
+            self.inflight_images -= len(images)
 
     async def embed_texts(self, *, texts: list[str], reward: str | None = None) -> np.ndarray:
         """Unit-norm text embeddings [B, n] from a reward with a text encoder (CLIP)."""
@@ -115,27 +126,43 @@ class RewardDeployment:
             raise TypeError(f"reward {reward!r} has no text encoder (embed_texts)")
         return await asyncio.to_thread(self.rewards[reward].embed_texts, list(texts))
 
-    async def __call__(self, request):
-        """HTTP API: POST JSON (see rewards/http_codec.py); 4xx with a message for every bad input."""
-        from starlette.responses import JSONResponse
+    def _admit(self, count: int) -> None:
+        """Claims ``count`` images in flight or refuses with 429 (no await: check and claim are atomic)."""
+        limit = self.limits.max_inflight_images
+        if self.inflight_images + count > limit:
+            retry_s = max(1, math.ceil(self.last_batch_s))  # about one batch from now, room has been made
+            raise RequestError(429, f"this replica has {self.inflight_images} images in flight; {count} more would "
+                                    f"exceed the limit of {limit} (max_inflight_images); retry after {retry_s} s",
+                               limit="max_inflight_images", value=self.inflight_images + count, maximum=limit,
+                               retry_after_s=retry_s)
+        self.inflight_images += count
 
+    async def __call__(self, request):
+        """HTTP API: POST JSON (see rewards/http_codec.py); a 4xx with a message for every bad input.
+
+        The body is read up to max_body_bytes, parsed and checked up to the images' headers; only a
+        request within every bound and admitted under max_inflight_images is decoded and scored."""
         start = time.perf_counter()
         try:
             if request.method != "POST":
                 raise RequestError(405, f"use POST with a JSON body, not {request.method}")
-            declared = request.headers.get("content-length")
-            if declared is not None and declared.isdigit() and int(declared) > self.limits.max_body_bytes:
-                raise RequestError(413, f"request body is {declared} bytes, above the limit of "
-                                        f"{self.limits.max_body_bytes}")
-            body = await request.body()
-            images, prompts, return_embeddings = parse_request(body, self.limits)
+            body = await read_body(request, self.limits.max_body_bytes)
+            parsed = await asyncio.to_thread(parse_request, body, self.limits)
+            del body
+            self._admit(len(parsed.images))
+            try:
+                images = await asyncio.to_thread(decode_images, parsed)
+                output = await self._score(images, parsed.prompts, self.reward_name)
+            except ItemScoringError as err:
+                raise RequestError(422, f"{err.message}; no scores are returned for this request") from None
+            finally:
+                self.inflight_images -= len(parsed.images)
         except RequestError as err:
-            return JSONResponse({"error": str(err), "reward": self.reward_name}, status_code=err.status)
-        output = await self._score(images, prompts, self.reward_name)
-        response = encode_response(output, return_embeddings=return_embeddings)
+            return error_response(err, reward=self.reward_name)
+        response = encode_response(output, return_embeddings=parsed.return_embeddings)
         response["reward"] = self.reward_name
         response["latency_s"] = time.perf_counter() - start
-        return JSONResponse(response)
+        return json_response(response)
 
 
 def build_reward_app(reward: str, options: dict, serve_options: ServeOptions, limits: HttpLimits | None = None, *,

@@ -35,9 +35,7 @@ def tiny_sd_v(tmp_path_factory) -> str:
     return str(build_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd-v", prediction_type="v_prediction"))
 
 
-@pytest.fixture
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
+def _free_port() -> int:
     import socket
 
     with socket.socket() as s:
@@ -62,6 +60,18 @@ def start_local_ray(*, attempts: int = 3) -> None:
             if attempt == attempts:
                 raise
             time.sleep(10 * attempt)
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    return _free_port()
+
+
+@pytest.fixture(scope="module")
+def module_port() -> int:
+    """A free TCP port on 127.0.0.1 for the services one test module starts."""
+    return _free_port()
 
 
 @pytest.fixture(scope="module")

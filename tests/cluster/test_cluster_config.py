@@ -55,6 +55,12 @@ def test_every_preset_is_valid():
         (BASE, ["checkpoint.every_epochs=-1"], r"checkpoint.every_epochs = -1 is out of range: expected >= 0"),
         (BASE, ["cluster.max_sampler_failures=0"], r"cluster.max_sampler_failures = 0 is out of range: expected > 0"),
         (BASE, ["reward_service.down_timeout_s=-1"], r"reward_service.down_timeout_s = -1.0 is out of range"),
+        (BASE, ["reward_service.max_request_pixels=0"], r"reward_service.max_request_pixels = 0 is out of range"),
+        (BASE, ["reward_service.max_aspect_ratio=0.5"], r"reward_service.max_aspect_ratio = 0.5 .*expected >= 1"),
+        (BASE, ["reward_service.max_inflight_images=8"], r"reward_service: max_inflight_images = 8 is below "
+                                                         r"max_batch = 256: a request of max_batch images could never"),
+        (BASE, ["reward_service.max_request_pixels=100"], r"reward_service: max_request_pixels = 100 is below "
+                                                          r"max_image_pixels = 4194304"),
         ("prompts:\n  train: []\n", [], r"prompts.train is empty"),
         ("prompts:\n  train: ['a', '  ']\n", [], r"prompts.train\[1\] is an empty string"),
         ("prompts:\n  train: [a]\n  train_file: nowhere.txt\n", [], r"prompts.train_file = 'nowhere.txt': no such prompt file"),
