@@ -198,9 +198,16 @@ def test_an_adapter_target_that_binds_to_nothing_stops_the_run_at_start(ray_loca
     import pytest
 
     from cluster.config import ConfigError
+    from cluster.driver import Driver
+    from cluster.run import prepare_run_dir
 
     config = _config(tmp_path, "epochs=1", "policy.lora_targets=[to_q, to_kk]")
+    # The preflight finds it in the model's config before Ray starts: nothing is written.
+    with pytest.raises(ConfigError, match=r"policy.lora_targets: 'to_kk' matches no Linear/Conv2d layer of the UNet"):
+        train(config, output_dir=str(tmp_path / "run"), log=lambda *_: None)
+    assert not (tmp_path / "run").exists()
+    # The learner's own check (the guard for models the preflight cannot read, e.g. hub ids) says the same.
     with pytest.raises(ConfigError, match=r"the learner could not start: policy.lora_targets: target 'to_kk' "
                                           r"matches no module of the unet"):
-        train(config, output_dir=str(tmp_path / "run"), log=lambda *_: None)
+        Driver(config, run_dir=prepare_run_dir(config, str(tmp_path / "run")))
     assert not (tmp_path / "run" / "checkpoints").exists()
