@@ -69,8 +69,11 @@ def _submit(head, *train_args: str) -> str:
 def _status(head, job: str) -> str:
     proc = _ray(head, "job", "status", "--address", head["address"], job)  # Ray's CLI logger writes to stderr
     text = proc.stdout + proc.stderr
-    found = re.findall(r"Status for job '\w+': (?:JobStatus\.)?(\w+)", text)
     _status.last = text
+    for words, status in (("was stopped", "STOPPED"), ("succeeded", "SUCCEEDED"), ("failed", "FAILED")):
+        if f"Job '{job}' {words}" in text:  # how Ray's CLI reports the end states
+            return status
+    found = re.findall(r"Status for job '\w+': (?:JobStatus\.)?(\w+)", text)
     return found[-1] if found else ""
 
 
