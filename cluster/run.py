@@ -8,6 +8,7 @@ bound to 127.0.0.1, builds the ``Driver`` and runs it, and removes the reward ap
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import time
@@ -63,6 +64,9 @@ def ray_session(config: Config):
     finally:
         if started:
             ray.shutdown()
+            # Serve handles of this process keep a metrics thread that would log "Ray has not been
+            # started" errors from here to the interpreter's exit: nothing is wrong, so say nothing.
+            logging.getLogger("ray.serve").setLevel(logging.CRITICAL)
 
 
 def prepare_run_dir(config: Config, output_dir: str | None, *, resume: Checkpoint | None = None,

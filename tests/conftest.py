@@ -84,3 +84,11 @@ def ray_local():
     yield
     serve.shutdown()
     ray.shutdown()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Serve handles made in this process keep a metrics thread after their module's Ray is shut down; at
+    interpreter exit it logs "Ray has not been started" errors that are not test results. Quiet it."""
+    import logging
+
+    logging.getLogger("ray.serve").setLevel(logging.CRITICAL)
