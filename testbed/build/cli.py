@@ -42,14 +42,15 @@ def _load(out: Path, what: str):
 
 
 def build(out: Path, *, only: str | None = None, steps: int | None = None, seed: int = 0,
-          evaluate: bool = False, batch_size: int | None = None, pool_size: int | None = None) -> Path | None:
+          evaluate: bool = False, batch_size: int | None = None, pool_size: int | None = None,
+          stop_after: int | None = None) -> Path | None:
     """Runs the build (see the module docstring); returns the pipeline directory when the UNet was built."""
     from testbed.build.common import count_params
 
     out.mkdir(parents=True, exist_ok=True)
     todo = MODELS if only is None else (only,)
     vae = text = None
-    sizes = {} if batch_size is None else {"batch_size": batch_size}
+    sizes = ({} if batch_size is None else {"batch_size": batch_size}) | {"stop_after": stop_after}
     for name in todo:
         n = steps if steps is not None else DEFAULT_STEPS[name]
         t0 = time.time()
@@ -81,6 +82,9 @@ def build(out: Path, *, only: str | None = None, steps: int | None = None, seed:
             target = assemble_pipeline(out, vae, encoder, tokenizer, unet)
             info["pipeline_bytes"] = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
         _record(out, name, info)
+        if stop_after is not None and stop_after < n:
+            print(f"[build] stopped {name} at step {stop_after} of {n}; rerun to resume", file=sys.stderr)
+            return None  # the models after this one need it finished
     return out / "pipeline" if "unet" in todo else None
 
 
@@ -93,13 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval", action="store_true", help="also measure the VAE and the text encoder")
     parser.add_argument("--batch-size", type=int, help="batch size of every model (default: each model's own)")
     parser.add_argument("--pool-size", type=int, help="training scenes the UNet's latent pool holds")
+    parser.add_argument("--stop-after", type=int, help="end this run at that step (rerun to resume)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be a positive number of training steps, got {args.steps}")
     torch.set_num_threads(args.threads)
     path = build(args.out, only=args.only, steps=args.steps, seed=args.seed, evaluate=args.eval,
-                 batch_size=args.batch_size, pool_size=args.pool_size)
+                 batch_size=args.batch_size, pool_size=args.pool_size, stop_after=args.stop_after)
     if path is not None:
         print(f"pipeline: {path}")
     return 0

@@ -105,11 +105,14 @@ def train_loop(
     save_every: int = 500,
     log_every: int = 50,
     clip_norm: float = 1.0,
+    stop_after: int | None = None,
 ) -> int:
     """Runs steps [resumed step, ``steps``) of ``loss_fn`` (a function of the step index), saving the
     training state every ``save_every`` steps and at the end; returns the step reached.
 
     The state at ``state_path`` (if any) is loaded first, so rerunning a build continues where it stopped.
+    ``stop_after`` ends this run early at that step (as an interruption would; the learning-rate schedule
+    still spans ``steps``), so a long build can be done in time-boxed pieces.
     """
     state = TrainState.load(state_path)
     start = 0
@@ -124,8 +127,9 @@ def train_loop(
     def save(step: int) -> None:
         TrainState(step, {k: m.state_dict() for k, m in modules.items()}, optimizer.state_dict()).save(state_path)
 
+    end = steps if stop_after is None else min(steps, stop_after)
     t0, running = time.time(), {}
-    for step in range(start, steps):
+    for step in range(start, end):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         loss, stats = loss_fn(step)
@@ -144,11 +148,11 @@ def train_loop(
             print(f"[{name}] step {done}/{steps} {shown} {rate:.2f} it/s eta {eta / 60:.1f} min",
                   file=sys.stderr, flush=True)
             running = {}
-        if done % save_every == 0 or done == steps:
+        if done % save_every == 0 or done == end:
             save(done)
-    if start >= steps:
-        print(f"[{name}] already trained to step {start} (asked {steps}); nothing to do", file=sys.stderr, flush=True)
-    return max(start, steps)
+    if start >= end:
+        print(f"[{name}] already trained to step {start} (asked {end}); nothing to do", file=sys.stderr, flush=True)
+    return max(start, end)
 
 
 def count_params(module: torch.nn.Module) -> int:

@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 
 MANIFEST = "manifest.json"
+# The shipped build of the shapes world's pipeline (``resolve_pretrained("tiny:shapes")``).
+SHAPES_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "shapes"
 REBUILD = "python -m testbed.build --out DIR (or `gard testbed build`)"
 
 

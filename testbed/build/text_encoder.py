@@ -106,7 +106,7 @@ def _candidates(captions: list[str], rng: np.random.Generator) -> tuple[list[str
 
 
 def train_text_encoder(out_dir: Path, *, steps: int, seed: int, batch_size: int = BATCH_SIZE,
-                       save_every: int = 200):
+                       save_every: int = 200, stop_after: int | None = None):
     """Trains (or resumes) the text encoder to ``steps``; saves out_dir/text_encoder and out_dir/tokenizer.
     Returns (text_encoder, tokenizer, image_tower, heads) for evaluation."""
     tokenizer = make_tokenizer(out_dir / "tokenizer")
@@ -123,7 +123,7 @@ def train_text_encoder(out_dir: Path, *, steps: int, seed: int, batch_size: int 
         return contrastive_loss(image_emb, encode_text(text_encoder, heads, tokenizer, texts), targets, heads.log_scale)
 
     train_loop(name="text_encoder", modules=modules, optimizer=optimizer, loss_fn=loss_fn, steps=steps,
-               state_path=out_dir / "state" / "text_encoder.pt", save_every=save_every,
+               state_path=out_dir / "state" / "text_encoder.pt", save_every=save_every, stop_after=stop_after,
                lr_at=lambda s: cosine_lr(s, total=steps, peak=PEAK_LR, warmup=min(100, max(1, steps // 10))))
     text_encoder.eval()
     text_encoder.save_pretrained(out_dir / "text_encoder")

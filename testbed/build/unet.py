@@ -88,7 +88,7 @@ def diffusion_loss(unet, scheduler, z0: torch.Tensor, states: torch.Tensor, gene
 
 
 def train_unet(out_dir: Path, vae, text_encoder, tokenizer, *, steps: int, seed: int, batch_size: int = BATCH_SIZE,
-               save_every: int = 100, pool_size: int = POOL_SIZE):
+               save_every: int = 100, pool_size: int = POOL_SIZE, stop_after: int | None = None):
     """Trains (or resumes) the UNet on the frozen VAE's latents to ``steps``; saves out_dir/unet."""
     vae.eval()
     text_encoder.eval()
@@ -108,7 +108,7 @@ def train_unet(out_dir: Path, vae, text_encoder, tokenizer, *, steps: int, seed:
         return diffusion_loss(unet, scheduler, z0, cond, g)
 
     train_loop(name="unet", modules={"unet": unet}, optimizer=optimizer, loss_fn=loss_fn, steps=steps,
-               state_path=out_dir / "state" / "unet.pt", save_every=save_every,
+               state_path=out_dir / "state" / "unet.pt", save_every=save_every, stop_after=stop_after,
                lr_at=lambda s: cosine_lr(s, total=steps, peak=PEAK_LR, warmup=min(100, max(1, steps // 10))))
     unet.eval()
     unet.save_pretrained(out_dir / "unet")

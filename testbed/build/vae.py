@@ -86,7 +86,8 @@ def latent_scaling_factor(vae, *, seed: int, n: int = 256) -> float:
     return float(1.0 / z.std())
 
 
-def train_vae(out_dir: Path, *, steps: int, seed: int, batch_size: int = BATCH_SIZE, save_every: int = 100):
+def train_vae(out_dir: Path, *, steps: int, seed: int, batch_size: int = BATCH_SIZE, save_every: int = 100,
+              stop_after: int | None = None, scaling_scenes: int = 256):
     """Trains (or resumes) the VAE to ``steps`` and saves it with ``save_pretrained`` to out_dir/vae."""
     vae = make_vae(seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=PEAK_LR, weight_decay=0.0)
@@ -96,10 +97,10 @@ def train_vae(out_dir: Path, *, steps: int, seed: int, batch_size: int = BATCH_S
         return vae_loss(vae, x, step_generator(seed, step))
 
     train_loop(name="vae", modules={"vae": vae}, optimizer=optimizer, loss_fn=loss_fn, steps=steps,
-               state_path=out_dir / "state" / "vae.pt", save_every=save_every,
+               state_path=out_dir / "state" / "vae.pt", save_every=save_every, stop_after=stop_after,
                lr_at=lambda s: cosine_lr(s, total=steps, peak=PEAK_LR, warmup=min(50, max(1, steps // 10))))
     vae.eval()
-    vae.register_to_config(scaling_factor=latent_scaling_factor(vae, seed=seed))
+    vae.register_to_config(scaling_factor=latent_scaling_factor(vae, seed=seed, n=scaling_scenes))
     vae.save_pretrained(out_dir / "vae")
     return vae
 
