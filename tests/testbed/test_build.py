@@ -125,3 +125,18 @@ def test_resolve_pretrained_names_the_build_command_for_an_unknown_variant():
 
     with pytest.raises(ValueError, match="tiny:shapes"):
         resolve_pretrained("tiny:nope", cache_dir="unused")
+
+
+def test_tiny_shapes_is_refused_when_its_manifest_is_missing_or_stale(tmp_path, monkeypatch):
+    import testbed.build.manifest as manifest
+    from actors.tiny import resolve_pretrained
+
+    monkeypatch.setattr(manifest, "SHAPES_WEIGHTS", tmp_path)
+    (tmp_path / "model_index.json").write_text("{}")
+    with pytest.raises(ManifestError, match=r"no manifest\.json.*python -m testbed\.build"):
+        resolve_pretrained("tiny:shapes", cache_dir=tmp_path)
+    write_manifest(tmp_path)
+    assert resolve_pretrained("tiny:shapes", cache_dir="unused") == str(tmp_path)
+    (tmp_path / "model_index.json").write_text('{"edited": 1}')
+    with pytest.raises(ManifestError, match="model_index.json does not match"):
+        resolve_pretrained("tiny:shapes", cache_dir=tmp_path)
