@@ -15,7 +15,7 @@ import torch
 
 MODELS = ("vae", "text_encoder", "unet")
 # Step counts of the shipped build (chosen to fit a busy 2-core CPU; see testbed/weights/shapes/BUILD.md).
-DEFAULT_STEPS = {"vae": 240, "text_encoder": 600, "unet": 400}
+DEFAULT_STEPS = {"vae": 240, "vae_decoder": 200, "text_encoder": 600, "unet": 600}
 
 
 def _record(out: Path, key: str, value: dict) -> None:
@@ -55,10 +55,15 @@ def build(out: Path, *, only: str | None = None, steps: int | None = None, seed:
         n = steps if steps is not None else DEFAULT_STEPS[name]
         t0 = time.time()
         if name == "vae":
-            from testbed.build.vae import evaluate_vae, train_vae
+            from testbed.build.vae import evaluate_vae, finetune_decoder, train_vae
 
             vae = train_vae(out, steps=n, seed=seed, **sizes)
-            info = {"params": count_params(vae), "steps": n, "wall_s": round(time.time() - t0, 1)}
+            if stop_after is not None and stop_after < n:
+                return None  # the decoder stage and the models after need the first stage finished
+            decoder_steps = steps if steps is not None else DEFAULT_STEPS["vae_decoder"]
+            vae = finetune_decoder(out, vae, steps=decoder_steps, seed=seed, **sizes)
+            info = {"params": count_params(vae), "steps": n, "decoder_steps": decoder_steps,
+                    "wall_s": round(time.time() - t0, 1)}
             if evaluate:
                 info |= dataclasses.asdict(evaluate_vae(vae, steps=n))
         elif name == "text_encoder":

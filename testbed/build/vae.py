@@ -138,3 +138,31 @@ def evaluate_vae(vae, *, steps: int, n: int = 300) -> VaeReport:
         judge_held_out=results[True][1], judge_clean_seen=results[False][2], judge_clean_held_out=results[True][2],
         n_eval=n,
     )
+
+
+def finetune_decoder(out_dir: Path, vae, *, steps: int, seed: int, batch_size: int = BATCH_SIZE,
+                     save_every: int = 20, stop_after: int | None = None):
+    """Second stage: trains only the decoder (MSE of D(z) against x, z the frozen encoder's posterior
+    mean) to ``steps`` and saves the VAE again. The encoder, hence the latents and ``scaling_factor`` the
+    UNet is trained on, stay unchanged, so this stage can run alongside or after the UNet's training."""
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    decoder = [vae.post_quant_conv, vae.decoder]
+    for module in decoder:
+        module.requires_grad_(True)
+    optimizer = torch.optim.AdamW([p for m in decoder for p in m.parameters()], lr=PEAK_LR / 2, weight_decay=0.0)
+
+    def loss_fn(step: int):
+        x = render_batch(scene_batch(seed + 3, step, batch_size))  # a stream apart from the first stage's
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mean
+        mse = (vae.decode(z).sample - x).pow(2).mean()
+        return mse, {}
+
+    train_loop(name="vae_decoder", modules={"vae": vae}, optimizer=optimizer, loss_fn=loss_fn, steps=steps,
+               state_path=out_dir / "state" / "vae_decoder.pt", save_every=save_every, stop_after=stop_after,
+               lr_at=lambda s: cosine_lr(s, total=steps, peak=PEAK_LR / 2, warmup=min(20, max(1, steps // 10))))
+    vae.eval()
+    vae.requires_grad_(True)
+    vae.save_pretrained(out_dir / "vae")
+    return vae
