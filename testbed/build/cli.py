@@ -87,9 +87,9 @@ def build(out: Path, *, only: str | None = None, steps: int | None = None, seed:
             target = assemble_pipeline(out, vae, encoder, tokenizer, unet)
             info["pipeline_bytes"] = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
         _record(out, name, info)
-        if stop_after is not None and stop_after < n:
+        if stop_after is not None and stop_after < n and name != "unet":
             print(f"[build] stopped {name} at step {stop_after} of {n}; rerun to resume", file=sys.stderr)
-            return None  # the models after this one need it finished
+            return None  # the models after this one need it finished (a stopped UNet is still assembled)
     return out / "pipeline" if "unet" in todo else None
 
 

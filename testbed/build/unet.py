@@ -22,10 +22,10 @@ import torch
 from testbed.build.common import cosine_lr, scene_batch, step_generator, train_loop
 from testbed.world import render
 
-BATCH_SIZE = 64
+BATCH_SIZE = 32
 PEAK_LR = 1e-3
 CFG_DROPOUT = 0.1
-POOL_SIZE = 4096
+POOL_SIZE = 2048
 
 
 def make_scheduler():

@@ -79,7 +79,7 @@ def vae_loss(vae, x: torch.Tensor, generator: torch.Generator, *, kl_weight: flo
 
 
 @torch.no_grad()
-def latent_scaling_factor(vae, *, seed: int, n: int = 256) -> float:
+def latent_scaling_factor(vae, *, seed: int, n: int = 512) -> float:
     """1 / std of sampled latents of ``n`` training scenes (a batch index no training run reaches)."""
     x = render_batch(scene_batch(seed, SCALING_STEP, n))
     z = vae.encode(x).latent_dist.sample(generator=step_generator(seed, SCALING_STEP))
@@ -87,7 +87,7 @@ def latent_scaling_factor(vae, *, seed: int, n: int = 256) -> float:
 
 
 def train_vae(out_dir: Path, *, steps: int, seed: int, batch_size: int = BATCH_SIZE, save_every: int = 100,
-              stop_after: int | None = None, scaling_scenes: int = 256):
+              stop_after: int | None = None, scaling_scenes: int = 512):
     """Trains (or resumes) the VAE to ``steps`` and saves it with ``save_pretrained`` to out_dir/vae."""
     vae = make_vae(seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=PEAK_LR, weight_decay=0.0)
