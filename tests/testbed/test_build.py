@@ -140,3 +140,12 @@ def test_tiny_shapes_is_refused_when_its_manifest_is_missing_or_stale(tmp_path, 
     (tmp_path / "model_index.json").write_text('{"edited": 1}')
     with pytest.raises(ManifestError, match="model_index.json does not match"):
         resolve_pretrained("tiny:shapes", cache_dir=tmp_path)
+
+
+def test_the_shipped_shapes_pipeline_matches_its_manifest_and_is_fp16_and_small():
+    from actors.tiny import resolve_pretrained
+    from testbed.build.manifest import SHAPES_WEIGHTS
+
+    path = resolve_pretrained("tiny:shapes", cache_dir="unused")
+    assert path == str(SHAPES_WEIGHTS)
+    assert sum(p.stat().st_size for p in SHAPES_WEIGHTS.rglob("*") if p.is_file()) < 25 * 2**20
