@@ -18,6 +18,7 @@ import torch
 
 TINY_PREFIX = "tiny:"
 TINY_VARIANTS = ("sd", "sd-v")  # ε-prediction and v-prediction
+SHAPES_VARIANT = "shapes"  # the trained shapes-world pipeline shipped under testbed/weights/shapes
 
 
 def _write_clip_tokenizer(directory: Path) -> None:
@@ -120,13 +121,21 @@ def build_tiny_sd(out_dir: str | Path, *, prediction_type: str = "epsilon", seed
 
 
 def resolve_pretrained(name: str, *, cache_dir: str | Path) -> str:
-    """Maps ``tiny:sd`` / ``tiny:sd-v`` to a locally built pipeline (built once) and a local directory to
-    its absolute path (actors may run in another working directory); hub ids pass through."""
+    """Maps ``tiny:sd`` / ``tiny:sd-v`` to a locally built pipeline (built once), ``tiny:shapes`` to the
+    shipped shapes-world pipeline (after checking its manifest), and a local directory to its absolute path
+    (actors may run in another working directory); hub ids pass through."""
     if not name.startswith(TINY_PREFIX):
         return str(Path(name).resolve()) if Path(name).exists() else name
     variant = name[len(TINY_PREFIX) :]
+    if variant == SHAPES_VARIANT:
+        # Imported here: only this variant needs the testbed package.
+        from testbed.build.manifest import SHAPES_WEIGHTS, check_manifest
+
+        check_manifest(SHAPES_WEIGHTS)
+        return str(SHAPES_WEIGHTS)
     if variant not in TINY_VARIANTS:
-        raise ValueError(f"unknown tiny model {name!r}; valid: {[TINY_PREFIX + v for v in TINY_VARIANTS]}")
+        valid = [TINY_PREFIX + v for v in (*TINY_VARIANTS, SHAPES_VARIANT)]
+        raise ValueError(f"unknown tiny model {name!r}; valid: {valid}")
     path = Path(cache_dir).resolve() / f"tiny-{variant}"
     if not (path / "model_index.json").exists():
         build_tiny_sd(path, prediction_type="v_prediction" if variant == "sd-v" else "epsilon")

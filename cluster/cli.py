@@ -29,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
               gard train configs/demo.yaml epochs=60 --output-dir runs/try --resume auto
               ray job submit --working-dir . -- python -m cluster train configs/sd15_aesthetic.yaml
               gard fuse-lora --out runs/fused runs/aesthetic/lora:0.7 runs/texforce/lora:0.3
+              gard testbed build --out build/shapes --eval
             """
         ),
     )
@@ -68,6 +69,11 @@ def _parser() -> argparse.ArgumentParser:
     fuse.add_argument("--rank", type=int, default=None,
                       help="compress every layer to this rank (truncated SVD)")
     fuse.add_argument("--overwrite", action="store_true", help="replace an existing adapter in --out")
+    testbed = sub.add_parser(
+        "testbed", help="the shapes world: `gard testbed build --out DIR` trains its pretrained models",
+        description="`gard testbed build ARGS` is `python -m testbed.build ARGS` (see its --help).")
+    testbed.add_argument("action", choices=["build"])
+    testbed.add_argument("args", nargs=argparse.REMAINDER, help="arguments of python -m testbed.build")
     return parser
 
 
@@ -117,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if args.command == "fuse-lora":
         return _fuse_lora(parser, args, extra)
+    if args.command == "testbed":
+        from testbed.build.cli import main as build_main
+
+        return build_main(list(args.args) + extra)
     stray = [item for item in extra if item.startswith("-") or "=" not in item]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")

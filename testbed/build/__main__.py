@@ -1,0 +1,5 @@
+import sys
+
+from testbed.build.cli import main
+
+sys.exit(main())

@@ -1,0 +1,151 @@
+"""The shapes world's model builders: deterministic and bit-identically resumable training, the manifest
+check, and the assembled pipeline loading through diffusers' own ``from_pretrained`` (tiny step counts)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from testbed.build.cli import build
+from testbed.build.manifest import ManifestError, check_manifest, write_manifest
+from testbed.build.negatives import hard_negatives
+from testbed.judge import parse_caption
+
+torch.set_num_threads(1)
+
+
+def _same_state(a, b) -> bool:
+    """Bitwise equality of two saved training states (weights and optimizer moments)."""
+    sa, sb = torch.load(a, weights_only=False), torch.load(b, weights_only=False)
+    if sa["step"] != sb["step"]:
+        return False
+    for key in sa["modules"]:
+        for name, tensor in sa["modules"][key].items():
+            if not torch.equal(tensor, sb["modules"][key][name]):
+                return False
+    for pid, moments in sa["optimizer"]["state"].items():
+        for name, value in moments.items():
+            if not torch.equal(torch.as_tensor(value), torch.as_tensor(sb["optimizer"]["state"][pid][name])):
+                return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def tiny_build(tmp_path_factory):
+    """A full build with 2 steps per model and tiny batches (weights nearly random; the plumbing is real)."""
+    out = tmp_path_factory.mktemp("build")
+    pipeline = build(out, steps=2, seed=0, batch_size=4, pool_size=16)
+    return out, pipeline
+
+
+def test_hard_negatives_change_one_attribute_and_stay_in_the_grammar():
+    rng = __import__("numpy").random.default_rng(0)
+    negatives = hard_negatives("a red circle left of a blue square", rng)
+    assert set(negatives) == {"colour", "shape", "relation"}
+    assert negatives["relation"] == "a red circle right of a blue square"
+    assert hard_negatives("two red circles", rng)["count"] in ("a red circle", "three red circles")
+    for negative in negatives.values():
+        parse_caption(negative)  # a ValueError if it left the grammar
+
+
+def test_same_seed_gives_the_same_weights(tmp_path, tiny_build):
+    from testbed.build.vae import train_vae
+
+    for run in ("a", "b"):
+        train_vae(tmp_path / run, steps=3, seed=5, batch_size=4, scaling_scenes=8)
+    assert _same_state(tmp_path / "a" / "state" / "vae.pt", tmp_path / "b" / "state" / "vae.pt")
+    train_vae(tmp_path / "c", steps=3, seed=6, batch_size=4, scaling_scenes=8)
+    assert not _same_state(tmp_path / "a" / "state" / "vae.pt", tmp_path / "c" / "state" / "vae.pt")
+
+
+@pytest.mark.parametrize("model", ["vae", "text_encoder", "unet"])
+def test_a_resumed_build_is_bit_identical_to_an_uninterrupted_one(tmp_path, tiny_build, model):
+    out, _ = tiny_build
+    whole, pieces = tmp_path / "whole", tmp_path / "pieces"
+    if model == "unet":  # the UNet needs the other two: reuse the module's build for both runs
+        for target in (whole, pieces):
+            for sub in ("vae", "text_encoder", "tokenizer"):
+                shutil.copytree(out / sub, target / sub)
+    build(whole, only=model, steps=4, seed=1, batch_size=4, pool_size=16)
+    build(pieces, only=model, steps=4, seed=1, batch_size=4, pool_size=16, stop_after=2)
+    assert not _same_state(whole / "state" / f"{model}.pt", pieces / "state" / f"{model}.pt")
+    build(pieces, only=model, steps=4, seed=1, batch_size=4, pool_size=16)
+    assert _same_state(whole / "state" / f"{model}.pt", pieces / "state" / f"{model}.pt")
+
+
+def test_the_manifest_names_a_modified_missing_or_unlisted_file(tmp_path):
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "w.bin").write_bytes(b"weights")
+    (tmp_path / "model_index.json").write_text("{}")
+    write_manifest(tmp_path)
+    check_manifest(tmp_path)
+    (tmp_path / "unet" / "w.bin").write_bytes(b"weightz")
+    with pytest.raises(ManifestError, match=r"unet/w\.bin does not match .*python -m testbed\.build"):
+        check_manifest(tmp_path)
+    (tmp_path / "unet" / "w.bin").unlink()
+    with pytest.raises(ManifestError, match=r"unet/w\.bin is listed .* but missing.*python -m testbed\.build"):
+        check_manifest(tmp_path)
+    write_manifest(tmp_path)
+    (tmp_path / "extra.txt").write_text("x")
+    with pytest.raises(ManifestError, match="does not list"):
+        check_manifest(tmp_path)
+    (tmp_path / "manifest.json").unlink()
+    with pytest.raises(ManifestError, match="no manifest.json"):
+        check_manifest(tmp_path)
+
+
+def test_the_assembled_pipeline_loads_with_diffusers_and_makes_32px_images(tiny_build):
+    from diffusers import StableDiffusionPipeline
+
+    _, pipeline = tiny_build
+    check_manifest(pipeline)
+    assert all(p.suffix != ".bin" for p in pipeline.rglob("*"))  # safetensors only
+    pipe = StableDiffusionPipeline.from_pretrained(pipeline, local_files_only=True, dtype=torch.float32)
+    assert pipe.safety_checker is None and pipe.scheduler.config.steps_offset == 1
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    images = pipe(["a red circle", "two blue squares"], num_inference_steps=2, guidance_scale=3.0,
+                  generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (2, 32, 32, 3)
+    from safetensors.torch import load_file
+
+    for part in ("unet", "vae", "text_encoder"):
+        (weights,) = (pipeline / part).glob("*.safetensors")
+        assert {t.dtype for t in load_file(weights).values()} == {torch.float16}  # shipped as fp16
+
+
+def test_the_unet_needs_the_vae_built_first(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"--only vae"):
+        build(tmp_path, only="unet", steps=1, batch_size=2, pool_size=4)
+
+
+def test_resolve_pretrained_names_the_build_command_for_an_unknown_variant():
+    from actors.tiny import resolve_pretrained
+
+    with pytest.raises(ValueError, match="tiny:shapes"):
+        resolve_pretrained("tiny:nope", cache_dir="unused")
+
+
+def test_tiny_shapes_is_refused_when_its_manifest_is_missing_or_stale(tmp_path, monkeypatch):
+    import testbed.build.manifest as manifest
+    from actors.tiny import resolve_pretrained
+
+    monkeypatch.setattr(manifest, "SHAPES_WEIGHTS", tmp_path)
+    (tmp_path / "model_index.json").write_text("{}")
+    with pytest.raises(ManifestError, match=r"no manifest\.json.*python -m testbed\.build"):
+        resolve_pretrained("tiny:shapes", cache_dir=tmp_path)
+    write_manifest(tmp_path)
+    assert resolve_pretrained("tiny:shapes", cache_dir="unused") == str(tmp_path)
+    (tmp_path / "model_index.json").write_text('{"edited": 1}')
+    with pytest.raises(ManifestError, match="model_index.json does not match"):
+        resolve_pretrained("tiny:shapes", cache_dir=tmp_path)
+
+
+def test_the_shipped_shapes_pipeline_matches_its_manifest_and_is_fp16_and_small():
+    from actors.tiny import resolve_pretrained
+    from testbed.build.manifest import SHAPES_WEIGHTS
+
+    path = resolve_pretrained("tiny:shapes", cache_dir="unused")
+    assert path == str(SHAPES_WEIGHTS)
+    assert sum(p.stat().st_size for p in SHAPES_WEIGHTS.rglob("*") if p.is_file()) < 25 * 2**20
