@@ -128,6 +128,18 @@ def assemble_pipeline(out_dir: Path, vae, text_encoder, tokenizer, unet, *, dtyp
     target = out_dir / "pipeline"
     pipe.to(dtype=dtype).save_pretrained(target, safe_serialization=True)
     pipe.to(dtype=torch.float32)  # the caller's modules stay usable for fp32 evaluation
+    strip_source_paths(target)
     write_manifest(target)
     return target
 
+
+
+def strip_source_paths(directory: Path) -> None:
+    """Drops ``_name_or_path`` from the saved configs: a module loaded from a build directory records
+    that machine's path there, which means nothing where the pipeline is shipped."""
+    import json
+
+    for config in sorted(Path(directory).glob("*/config.json")):
+        data = json.loads(config.read_text())
+        if data.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
