@@ -9,7 +9,8 @@ from rewards.registry import reward_options
 
 
 def test_registered_names():
-    assert set(REWARDS) == {"jpeg_compressibility", "jpeg_incompressibility", "clip_score", "aesthetic", "llava_bertscore"}
+    assert set(REWARDS) == {"jpeg_compressibility", "jpeg_incompressibility", "clip_score", "aesthetic", "llava_bertscore",
+                            "shapes_judge"}
     for name, cls in REWARDS.items():
         assert cls.name == name
 
