@@ -1,6 +1,7 @@
-"""``python -m testbed.build``: trains the shapes world's VAE, text encoder and UNet in that order (each
-resumable from its last saved training state under OUT/state), assembles the fp16 pipeline at
-OUT/pipeline with its manifest, and appends what it measured to OUT/report.json."""
+"""``python -m testbed.build``: trains the shapes world's VAE, text encoder and UNet in that order, then the
+reward model (each resumable from its last saved training state under OUT/state), assembles the fp16
+pipeline at OUT/pipeline and the reward model at OUT/reward_clip_fp16, each with its manifest, and appends
+what it measured to OUT/report.json."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-MODELS = ("vae", "text_encoder", "unet")
-# Step counts of the shipped build (chosen to fit a busy 2-core CPU; see testbed/weights/shapes/BUILD.md).
-DEFAULT_STEPS = {"vae": 240, "vae_decoder": 200, "text_encoder": 600, "unet": 600}
+MODELS = ("vae", "text_encoder", "unet", "reward_clip")
+# Step counts of the shipped build (see testbed/weights/BUILD_REPORT.md for their wall times).
+DEFAULT_STEPS = {"vae": 600, "vae_decoder": 400, "text_encoder": 2000, "unet": 4000, "reward_clip": 1500}
 
 
 def _record(out: Path, key: str, value: dict) -> None:
@@ -76,6 +77,14 @@ def build(out: Path, *, only: str | None = None, steps: int | None = None, seed:
                 for held_out in (False, True):
                     report = pairwise_accuracy(encoder, tokenizer, tower, heads, held_out=held_out)
                     info["pairwise_" + ("held_out" if held_out else "seen")] = dataclasses.asdict(report)
+        elif name == "reward_clip":
+            from testbed.build.reward_clip import export, pairwise_accuracy, train_reward_clip
+
+            model, tokenizer = train_reward_clip(out, steps=n, seed=seed, **sizes)
+            info = {"params": count_params(model), "steps": n, "wall_s": round(time.time() - t0, 1),
+                    "shipped": str(export(out, model).relative_to(out))}
+            if evaluate:
+                info |= dataclasses.asdict(pairwise_accuracy(model, tokenizer))
         else:
             from testbed.build.unet import assemble_pipeline, train_unet
 
@@ -87,7 +96,7 @@ def build(out: Path, *, only: str | None = None, steps: int | None = None, seed:
             target = assemble_pipeline(out, vae, encoder, tokenizer, unet)
             info["pipeline_bytes"] = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
         _record(out, name, info)
-        if stop_after is not None and stop_after < n and name != "unet":
+        if stop_after is not None and stop_after < n and name not in ("unet", "reward_clip"):
             print(f"[build] stopped {name} at step {stop_after} of {n}; rerun to resume", file=sys.stderr)
             return None  # the models after this one need it finished (a stopped UNet is still assembled)
     return out / "pipeline" if "unet" in todo else None

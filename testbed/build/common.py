@@ -40,6 +40,16 @@ def scene_batch(seed: int, step: int, batch_size: int) -> list[Scene]:
     return [scene_for_seed(base + i) for i in range(batch_size)]
 
 
+def codec_scene_batch(seed: int, step: int, batch_size: int, *, held_out_every: int = 4) -> list[Scene]:
+    """The VAE's scenes of one step: every kind of the world, one scene in ``held_out_every`` with a
+    held-out kind. The VAE is the pipeline's image codec, trained on broader data than the
+    text-conditioned models, as Stable Diffusion's autoencoder was (OpenImages, against the UNet's LAION
+    captions); the hold-out is a property of text conditioning, which the UNet and text encoder never
+    see for the held-out kinds."""
+    base = (seed * _STRIDE + step) * batch_size
+    return [scene_for_seed(base + i, held_out=i % held_out_every == held_out_every - 1) for i in range(batch_size)]
+
+
 def eval_scenes(n: int, *, held_out: bool, family: str | None = None, offset: int = 0) -> list[Scene]:
     """Fixed evaluation scenes, disjoint from every training batch (seen kinds or with a held-out kind)."""
     return [scene_for_seed(EVAL_SEED_BASE + offset + i, family=family, held_out=held_out) for i in range(n)]

@@ -1,5 +1,6 @@
 """The shapes world's VAE: a diffusers ``AutoencoderKL`` with downsampling factor 4 (32 px -> 4×8×8
-latents, three encoder blocks, ~0.7M params), trained on renders of training-split scenes.
+latents, three encoder blocks, ~0.7M params), trained on renders of scenes of every kind (a quarter
+with a held-out kind: see ``codec_scene_batch``).
 
 Loss (the β-VAE objective of Kingma & Welling 2014, eq. 10, with a Gaussian decoder and a small KL weight,
 as the Stable Diffusion autoencoder uses, Rombach et al. 2022, §3):
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from testbed.build.common import (
+    codec_scene_batch,
     cosine_lr,
     eval_scenes,
     render_batch,
@@ -93,7 +95,7 @@ def train_vae(out_dir: Path, *, steps: int, seed: int, batch_size: int = BATCH_S
     optimizer = torch.optim.AdamW(vae.parameters(), lr=PEAK_LR, weight_decay=0.0)
 
     def loss_fn(step: int):
-        x = render_batch(scene_batch(seed, step, batch_size))
+        x = render_batch(codec_scene_batch(seed, step, batch_size))
         return vae_loss(vae, x, step_generator(seed, step))
 
     train_loop(name="vae", modules={"vae": vae}, optimizer=optimizer, loss_fn=loss_fn, steps=steps,
@@ -153,7 +155,7 @@ def finetune_decoder(out_dir: Path, vae, *, steps: int, seed: int, batch_size: i
     optimizer = torch.optim.AdamW([p for m in decoder for p in m.parameters()], lr=PEAK_LR / 2, weight_decay=0.0)
 
     def loss_fn(step: int):
-        x = render_batch(scene_batch(seed + 3, step, batch_size))  # a stream apart from the first stage's
+        x = render_batch(codec_scene_batch(seed + 3, step, batch_size))  # a stream apart from the first stage's
         with torch.no_grad():
             z = vae.encode(x).latent_dist.mean
         mse = (vae.decode(z).sample - x).pow(2).mean()
