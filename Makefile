@@ -22,7 +22,7 @@ demo: setup
 	$(VENV)/bin/gard train configs/demo.yaml --output-dir runs/demo --resume never
 
 test: setup
-	$(PY) -m pytest -q -x
+	$(PY) -m pytest -q -x --durations=30
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -156,3 +156,14 @@ def check_logging(config: Config) -> None:
         from cluster.wandb_logger import require_wandb
 
         require_wandb()
+
+
+def check_reward_models(config: Config) -> None:
+    """Resolves each reward's model shortcuts (``tiny:clip``, ``tiny:shapes-clip``) as the run will: a shipped
+    model that is missing or fails its manifest stops the run here, naming the reward."""
+    from cluster.specs import resolve_reward_specs
+
+    try:
+        resolve_reward_specs(config)
+    except (OSError, RuntimeError, ValueError) as err:
+        raise ConfigError(f"rewards: {err}") from None

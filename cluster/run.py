@@ -164,10 +164,17 @@ def train(config: Config, *, output_dir: str | None = None, resume: str | None =
         log(f"gard: {checkpoint.path} already has {checkpoint.epoch} epochs >= epochs={config.epochs}; "
             f"nothing to train (pass epochs=N with N > {checkpoint.epoch} to continue)")
         return run_dir
-    from cluster.preflight import check_logging, check_policy, check_pretrained, check_scheduler
+    from cluster.preflight import (
+        check_logging,
+        check_policy,
+        check_pretrained,
+        check_reward_models,
+        check_scheduler,
+    )
 
     # Everything that can be checked without Ray, before the run directory is written.
     check_logging(config)
+    check_reward_models(config)
     pretrained = check_pretrained(config, cache_dir=config.cache_dir)
     check_scheduler(config, pretrained=pretrained)
     check_policy(config, pretrained=pretrained)

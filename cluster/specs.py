@@ -12,11 +12,13 @@ from learner.bpt import BptSchedule
 from learner.spec import LearnerSpec
 
 TINY_CLIP = "tiny:clip"
+SHAPES_CLIP = "tiny:shapes-clip"  # the shapes world's trained reward model (testbed/weights/shapes-clip)
 
 
 def resolve_reward_specs(config: Config) -> tuple[dict[str, dict], dict[str, float]]:
-    """Each reward's builder options and weight; ``tiny:clip`` models are built locally."""
-    from rewards.tiny import tiny_aesthetic_options, tiny_clip_score_options
+    """Each reward's builder options and weight; ``tiny:clip`` models are built locally, ``tiny:shapes-clip``
+    is the shipped shapes-world reward model."""
+    from rewards.tiny import shapes_clip_options, tiny_aesthetic_options, tiny_clip_score_options
 
     specs, weights = {}, {}
     cache_dir = Path(config.cache_dir).resolve()  # absolute: reward replicas may run in another cwd
@@ -26,6 +28,8 @@ def resolve_reward_specs(config: Config) -> tuple[dict[str, dict], dict[str, flo
         weights[name] = reward.weight
         if name == "clip_score" and options.get("model") == TINY_CLIP:
             options = {**options, **tiny_clip_score_options(tiny_dir, seed=options.get("seed", 0))}
+        if name == "clip_score" and options.get("model") == SHAPES_CLIP:
+            options = {**options, **shapes_clip_options()}
         if name == "aesthetic" and options.get("clip_model") == TINY_CLIP:
             options = {**options, **tiny_aesthetic_options(tiny_dir, seed=options.get("seed", 0))}
         if name == "llava_bertscore":

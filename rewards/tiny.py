@@ -61,3 +61,15 @@ def tiny_aesthetic_options(path: str | Path, name: str = "gard-tiny-clip", *, se
         "model_config": str(tiny_clip_config_path(path, name)),
         "seed": seed,
     }
+
+
+def shapes_clip_options() -> dict:
+    """``clip_score`` options for the shapes world's trained reward model (``testbed/weights/shapes-clip``,
+    an open_clip checkpoint), after checking its manifest; a missing or edited file is an error that names
+    the rebuild command."""
+    from testbed.build.manifest import SHAPES_CLIP_WEIGHTS, check_manifest
+    from testbed.build.reward_clip import MODEL_NAME, WEIGHTS_FILE
+
+    check_manifest(SHAPES_CLIP_WEIGHTS)
+    return {"model": MODEL_NAME, "pretrained": str(SHAPES_CLIP_WEIGHTS / WEIGHTS_FILE),
+            "model_config": str(SHAPES_CLIP_WEIGHTS / f"{MODEL_NAME}.json")}

@@ -4,7 +4,9 @@ judge's verdicts, accuracy per caption family with standard errors, and a shuffl
 Chance is measured, not assumed: the same images judged against the captions of other prompts of the
 same family (a fixed derangement), which is how often an image that ignores its prompt would pass.
 
-``python -m testbed.build.evaluate --pipeline DIR [--n 200] [--steps 20] [--cfg 3] [--eta 1]``
+``python -m testbed.build.evaluate --pipeline DIR [--lora RUN/lora] [--n 200] [--steps 20] [--cfg 3] [--eta 1]``
+evaluates on the generator's fixed evaluation scenes; with ``--prompts NAME=FILE`` (repeatable) and
+``--per-prompt K`` it evaluates each named prompt set instead, K images per prompt.
 """
 
 from __future__ import annotations
@@ -81,11 +83,29 @@ def evaluate_pipeline(pipe, *, n: int = 200, seed: int = 0, steps: int = 20, gui
     return report
 
 
+def evaluate_prompt_sets(pipe, sets: dict[str, list[str]], *, per_prompt: int, seed: int = 0, steps: int = 20,
+                         guidance: float = 3.0, eta: float = 1.0) -> dict:
+    """Accuracy tables of named prompt sets, ``per_prompt`` images per prompt (image j of prompt i drawn
+    with seed ``seed + i * per_prompt + j``, so a set's images do not depend on the other sets)."""
+    from testbed.judge import parse_caption
+
+    report = {}
+    for name, prompts in sets.items():
+        captions = [p for p in prompts for _ in range(per_prompt)]
+        images = generate(pipe, captions, seed=seed, steps=steps, guidance=guidance, eta=eta)
+        report[name] = accuracy_table(images, captions, [parse_caption(c).family for c in captions])
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     from diffusers import StableDiffusionPipeline
 
     parser = argparse.ArgumentParser(prog="python -m testbed.build.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--pipeline", required=True, type=Path)
+    parser.add_argument("--lora", type=Path, help="a diffusers LoRA directory to load (a run's lora/)")
+    parser.add_argument("--prompts", action="append", default=[], metavar="NAME=FILE",
+                        help="a named prompt set (one prompt per line); repeatable")
+    parser.add_argument("--per-prompt", type=int, default=8, help="images per prompt of --prompts sets")
     parser.add_argument("--n", type=int, default=200, help="prompts per split (seen, held-out)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cfg", type=float, default=3.0)
@@ -97,8 +117,20 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     pipe = StableDiffusionPipeline.from_pretrained(args.pipeline, local_files_only=True, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    report = evaluate_pipeline(pipe, n=args.n, seed=args.seed, steps=args.steps, guidance=args.cfg, eta=args.eta,
-                               family=args.family)
+    if args.lora is not None:
+        pipe.load_lora_weights(args.lora)
+    if args.prompts:
+        sets = {}
+        for item in args.prompts:
+            name, sep, file = item.partition("=")
+            if not sep or not name:
+                parser.error(f"--prompts {item!r}: expected NAME=FILE")
+            sets[name] = [line.strip() for line in Path(file).read_text().splitlines() if line.strip()]
+        report = evaluate_prompt_sets(pipe, sets, per_prompt=args.per_prompt, seed=args.seed, steps=args.steps,
+                                      guidance=args.cfg, eta=args.eta)
+    else:
+        report = evaluate_pipeline(pipe, n=args.n, seed=args.seed, steps=args.steps, guidance=args.cfg,
+                                   eta=args.eta, family=args.family)
     print(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **report}, indent=1))
     return 0
 

@@ -10,6 +10,8 @@ from pathlib import Path
 MANIFEST = "manifest.json"
 # The shipped build of the shapes world's pipeline (``resolve_pretrained("tiny:shapes")``).
 SHAPES_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "shapes"
+# The shipped reward model of the shapes world (``clip_score`` with ``model: tiny:shapes-clip``).
+SHAPES_CLIP_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "shapes-clip"
 REBUILD = "python -m testbed.build --out DIR (or `gard testbed build`)"
 
 
