@@ -22,7 +22,7 @@ def _config(tmp_path: Path, *overrides: str):
 def test_online_dpo_run_on_dfusion_pairs(ray_local, tmp_path):
     # One sampler, 8 samples of 4 prompts per epoch: each prompt with two distinct rewards gives a pair.
     config = _config(tmp_path, "epochs=2", "cluster.num_samplers=1", "sampling.num_steps=6",
-                     "prompts.eval_images_per_prompt=1")
+                     "evaluation.images_per_prompt=1")
     run_dir = train(config, output_dir=str(tmp_path / "run"), log=lambda *_: None)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2
