@@ -129,7 +129,8 @@ def _eval_line(evaluation) -> str:
     line = (f"{len(evaluation.prompts)} set(s) ({sets} prompts) x {evaluation.images_per_prompt} images, fixed "
             f"seeds, {every}")
     if evaluation.gold is not None:
-        line += f"; gold {evaluation.gold} (of {', '.join(evaluation.rewards)})"
+        others = [name for name in evaluation.rewards if name != evaluation.gold]
+        line += f"; gold {evaluation.gold}" + (f" (also {', '.join(others)})" if others else "")
     if evaluation.recall is not None:
         line += f"; Recall@1 with {evaluation.recall}"
     if evaluation.guard.action != "off":
