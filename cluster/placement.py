@@ -22,7 +22,7 @@ def resource_demands(config: Config, *, running_apps: set[str] = frozenset()) ->
     serve = config.reward_service.backend == "serve"
     demands = [(f"sampler {i}", c.sampler_num_cpus, c.sampler_num_gpus) for i in range(c.num_samplers)]
     demands.append(("learner", c.learner_num_cpus, c.learner_num_gpus))
-    # With Serve and no evaluation rewards the stage only waits on handles (0.1 CPU, no GPU).
+    # With Serve the stage mostly waits on handles (0.1 CPU; a GPU only for evaluation models on CUDA).
     demands.append(("reward stage", *reward_stage_resources(config)))
     if serve:
         from rewards.serve import app_name

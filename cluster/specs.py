@@ -54,11 +54,12 @@ def evaluation_in_process(config: Config) -> bool:
 
 
 def reward_stage_resources(config: Config) -> tuple[float, float]:
-    """(CPUs, GPUs) of the reward-stage actor: ``cluster.reward_num_*`` when it runs models (the local
-    backend, or evaluation rewards); with Serve and nothing in-process it only waits on handles (0.1, 0)."""
+    """(CPUs, GPUs) of the reward-stage actor: ``cluster.reward_num_*`` with the local backend. With Serve
+    it mostly waits on handles (0.1 CPU); it asks for ``cluster.reward_num_gpus`` only when it runs
+    evaluation models of its own (a gold or recall reward on CUDA needs it; the config checks that)."""
     c = config.cluster
-    if config.reward_service.backend == "serve" and not evaluation_in_process(config):
-        return 0.1, 0.0
+    if config.reward_service.backend == "serve":
+        return 0.1, c.reward_num_gpus if evaluation_in_process(config) else 0.0
     return c.reward_num_cpus, c.reward_num_gpus
 
 
