@@ -121,7 +121,7 @@ def soak_and_restart(epochs: int, out: Path) -> dict:
              log_to_driver=False)
     config = load_config(REPO / "configs" / "demo.yaml", [
         "cache_dir=.cache/gard", f"epochs={epochs}", "logging.progress=false", "logging.tensorboard=false",
-        "sampling.batches_per_sampler=1", "prompts.eval_images_per_prompt=1", "logging.eval_every=0",
+        "sampling.batches_per_sampler=1", "evaluation.images_per_prompt=1", "evaluation.every=0",
         "checkpoint.every_epochs=5", "cluster.max_staleness=0", "train.learning_rate=1e-3"])
     run_dir = prepare_run_dir(config, str(out / "soak-run"))
     driver = Driver(config, run_dir=run_dir)

@@ -31,6 +31,7 @@ import torch
 import yaml
 
 from cluster.config import ConfigError, resume_safe_fields
+from cluster.eval_config import MOVED_KEYS
 
 CHECKPOINTS = "checkpoints"
 FORMAT = 1
@@ -288,7 +289,7 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     missing = object()
     diffs = []
     for key in sorted(set(a) | set(b)):
-        if is_resume_safe(key):
+        if is_resume_safe(key) or key in MOVED_KEYS:  # moved keys were resume-safe where they were
             continue
         left, right = a.get(key, missing), b.get(key, missing)
         if left != right:

@@ -104,7 +104,7 @@ def _user_error(err: BaseException) -> BaseException | None:
     from actors.policy import AdapterBindingError
     from actors.weights import AdapterMismatchError, ChecksumError, NonFiniteWeightsError
     from cluster.config import ConfigError
-    from cluster.errors import RewardDownError, RewardStageFailedError, cause_chain
+    from cluster.errors import RewardDownError, RewardHackingError, RewardStageFailedError, cause_chain
     from cluster.learner_handle import LearnerFailedError
     from cluster.metrics import MetricsWriteError
     from cluster.samplers import SamplerFailedError
@@ -112,7 +112,7 @@ def _user_error(err: BaseException) -> BaseException | None:
 
     user_types = (ConfigError, AdapterMismatchError, ChecksumError, FileNotFoundError, RewardDownError,
                   SamplerFailedError, TrainingStalledError, AdapterBindingError, NonFiniteWeightsError,
-                  MetricsWriteError, LearnerFailedError, RewardStageFailedError)
+                  MetricsWriteError, LearnerFailedError, RewardStageFailedError, RewardHackingError)
     return next((e for e in cause_chain(err) if isinstance(e, user_types)), None)
 
 

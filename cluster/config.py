@@ -11,33 +11,15 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cluster.config_rules import FRACTION, NON_NEGATIVE, POSITIVE, RESUMABLE, ConfigError, _rule, choice
+from cluster.eval_config import EvaluationConfig, validate_evaluation
 from cluster.reward_config import RewardConfig, default_rewards, parse_rewards
-
-
-class ConfigError(ValueError):
-    """A user error in the config: printed as one paragraph, exit code 2, no traceback."""
-
-
-def _rule(check, text: str, **extra) -> dict:
-    return {"check": check, "rule": text, **extra}
-
-
-POSITIVE = _rule(lambda v: v > 0, "> 0")
-NON_NEGATIVE = _rule(lambda v: v >= 0, ">= 0")
-FRACTION = _rule(lambda v: 0 < v <= 1, "in (0, 1]")
 
 
 def _algorithm_names() -> list[str]:
     from learner.algorithms import ALGORITHMS  # the registry is the one list of update rules
 
     return list(ALGORITHMS)
-
-
-RESUMABLE = {"resume_safe": True}  # may change when a run is resumed (see resume_safe_fields)
-
-
-def choice(*options: str) -> dict:
-    return _rule(lambda v: v in options, f"one of {list(options)}")
 
 
 @dataclass
@@ -78,10 +60,6 @@ class SamplingConfig:
 class PromptsConfig:
     train: list[str] = field(default_factory=list)
     train_file: str | None = None
-    eval: list[str] = field(default_factory=list, metadata=RESUMABLE)
-    eval_file: str | None = field(default=None, metadata=RESUMABLE)
-    eval_seed: int = field(default=1234, metadata=RESUMABLE)
-    eval_images_per_prompt: int = field(default=2, metadata={**POSITIVE, **RESUMABLE})
 
 
 @dataclass
@@ -243,7 +221,6 @@ class CheckpointConfig:
 class LoggingConfig:
     """Where metrics go besides metrics.jsonl (cluster/metrics.py): TensorBoard, and optionally W&B."""
 
-    eval_every: int = field(default=0, metadata={**NON_NEGATIVE, "doc": "0: before the first and after the last update"})
     tensorboard: bool = True
     progress: bool = True
     wandb: bool = field(default=False, metadata={
@@ -276,6 +253,7 @@ class Config:
     reward_service: RewardServiceConfig = field(default_factory=RewardServiceConfig, metadata=RESUMABLE)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig, metadata=RESUMABLE)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig, metadata=RESUMABLE)  # eval_config.py
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata=RESUMABLE)
 
     # ----- derived ------------------------------------------------------------------------
@@ -293,12 +271,14 @@ class Config:
         """Plain data in the YAML form the loader reads back (rewards flat, as users write them)."""
         data = dataclasses.asdict(self)
         data["rewards"] = {name: reward.to_yaml() for name, reward in self.rewards.items()}
+        data["evaluation"] = self.evaluation.to_yaml()
         return data
 
 
 def resume_safe_fields(cls=Config, prefix: str = "") -> tuple[str, ...]:
     """Dotted paths of the fields marked ``RESUMABLE`` (a marked section ends with "."): what a resumed
-    run may change (how long to run, where things live, resources, timeouts, logging, checkpointing).
+    run may change (how long to run, where things live, resources, timeouts, logging, evaluation,
+    checkpointing).
     Every other field decides what is sampled and trained, so it must match the checkpoint's."""
     hints = typing.get_type_hints(cls)
     paths: list[str] = []
@@ -335,8 +315,6 @@ def validate(config: Config) -> None:
     for i, prompt in enumerate(p.train):
         if not prompt.strip():
             raise ConfigError(f"prompts.train[{i}] is an empty string; every prompt needs text")
-    if not p.eval:
-        raise ConfigError("prompts.eval is empty: give at least one evaluation prompt (prompts.eval or prompts.eval_file)")
 
     pol = config.policy
     if not pol.train_targets or len(set(pol.train_targets)) != len(pol.train_targets) or \
@@ -376,6 +354,8 @@ def validate(config: Config) -> None:
             dfusion_spec(config)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+    validate_evaluation(config.evaluation, train_rewards=config.rewards,
+                        reward_num_gpus=config.cluster.reward_num_gpus)
     try:
         config.reward_service.http_limits()
     except ValueError as err:

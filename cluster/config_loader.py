@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from cluster.config import Config, ConfigError, validate
+from cluster.eval_config import check_moved_keys, fill_evaluation_defaults
 
 
 def _type_name(tp) -> str:
@@ -123,6 +124,7 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level, got {type(data).__name__}")
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(data, key, value)
+    check_moved_keys(data)
     config = _build(Config, data, "")
     resolve_files(config, base_dir=path.parent if path is not None else Path("."))
     fill_defaults(config)
@@ -174,9 +176,11 @@ def resolve_files(config: Config, *, base_dir: Path) -> None:
     if p.train_file:
         p.train = p.train + _read_prompt_file("prompts.train_file", p.train_file, base_dir)
         p.train_file = None
-    if p.eval_file:
-        p.eval = p.eval + _read_prompt_file("prompts.eval_file", p.eval_file, base_dir)
-        p.eval_file = None
+    evaluation = config.evaluation
+    for name, file in evaluation.prompt_files.items():  # appended to the set, which they may create
+        prompts = _read_prompt_file(f"evaluation.prompt_files.{name}", file, base_dir)
+        evaluation.prompts[name] = evaluation.prompts.get(name, []) + prompts
+    evaluation.prompt_files = {}
     pol = config.policy
     if pol.init_adapter is not None:
         adapter = Path(pol.init_adapter)
@@ -189,7 +193,6 @@ def resolve_files(config: Config, *, base_dir: Path) -> None:
 
 
 def fill_defaults(config: Config) -> None:
-    """Defaults that depend on other fields: the evaluation prompts (the first four distinct training
-    prompts)."""
-    if not config.prompts.eval:
-        config.prompts.eval = list(dict.fromkeys(config.prompts.train))[:4]
+    """Defaults that depend on other fields: the evaluation set (the first four distinct training
+    prompts), its gold and recall rewards and the guard's metric (``cluster/eval_config.py``)."""
+    fill_evaluation_defaults(config.evaluation, train_prompts=config.prompts.train, train_rewards=config.rewards)

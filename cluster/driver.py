@@ -16,8 +16,8 @@ is sampled with the newest adapter instead of the one before it.) Dead samplers 
 their batches sampled again (cluster/samplers.py); a reward that stays down, a sampler that keeps
 dying or a learner that keeps skipping non-finite steps stops the run with a checkpoint written first.
 
-Beside the loop: ``specs.py`` (actor specs, banner), ``evaluation.py``, ``dfusion_pairs.py``,
-``epoch_metrics.py`` (metric rows), ``run.py`` (the Ray session and ``train()``).
+Beside the loop: ``specs.py`` (actor specs, banner), ``eval_run.py`` (evaluations and the hacking
+guard), ``dfusion_pairs.py``, ``epoch_metrics.py`` (metric rows), ``run.py`` (the Ray session and ``train()``).
 """
 
 from __future__ import annotations
@@ -34,12 +34,27 @@ from cluster.checkpoint import Checkpoint, write_checkpoint
 from cluster.config import Config
 from cluster.dfusion_pairs import DFusionLaunch, dfusion_row, fusion_tasks
 from cluster.epoch_metrics import epoch_row, log_captions, progress_bar, run_counters, summary_line
-from cluster.errors import RewardDownError, RewardStageFailedError, actor_start_error, reward_failure
-from cluster.evaluation import EvalResult, eval_jobs, eval_result, save_eval
+from cluster.errors import (
+    RewardDownError,
+    RewardHackingError,
+    RewardStageFailedError,
+    actor_start_error,
+    reward_failure,
+)
+from cluster.eval_run import Evaluator
+from cluster.evaluation import save_eval
 from cluster.learner_handle import LearnerFailedError, LearnerHandle
 from cluster.metrics import MetricsWriteError, MetricsWriter, open_writer
 from cluster.samplers import BatchJob, EpochBatch, SamplerFailedError, SamplerPool, StepAbandoned
-from cluster.specs import bpt_schedule, learner_spec, policy_spec, resolve_reward_specs, start_reward_services
+from cluster.specs import (
+    bpt_schedule,
+    evaluation_specs,
+    learner_spec,
+    policy_spec,
+    resolve_reward_specs,
+    reward_stage_resources,
+    start_reward_services,
+)
 from cluster.stop import EXIT_CODES, RunInterrupted, StopRequest
 from learner.precision import TrainingStalledError, ratio_check, stalled_error
 from learner.schedules import linear_ramp
@@ -57,7 +72,7 @@ class Driver:
         self.timeout = config.cluster.call_timeout_s
         c = config.cluster
         pretrained = self.pretrained = resolve_pretrained(config.policy.pretrained, cache_dir=config.cache_dir)
-        specs, weights = resolve_reward_specs(config)
+        specs, weights = resolve_reward_specs(config.rewards, cache_dir=config.cache_dir)
         env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(c.torch_threads)}}
         from cluster.remote import RemoteLearner, RemoteSampler
         from rewards.stage import RewardStage
@@ -94,18 +109,20 @@ class Driver:
         service = None
         if config.reward_service.backend == "serve":  # deploys the reward apps not running yet
             service, self.started_apps = start_reward_services(config, specs)
-        # With services the stage only waits on handles, so it takes several batches at once. Scoring is
-        # a pure function of its inputs, so Ray may rerun a call on the restarted stage when it dies.
+        # With services the stage mostly waits on handles, so it takes several batches at once. Scoring
+        # is a pure function of its inputs, so Ray may rerun a call on the restarted stage when it dies.
+        stage_cpus, stage_gpus = reward_stage_resources(config)
+        eval_specs, recall = evaluation_specs(config, specs)
         self.reward_stage = ray.remote(
-            num_cpus=c.reward_num_cpus if service is None else 0.1,
-            num_gpus=c.reward_num_gpus if service is None else 0,
-            max_concurrency=1 if service is None else 8,
+            num_cpus=stage_cpus, num_gpus=stage_gpus, max_concurrency=1 if service is None else 8,
             runtime_env=env, max_restarts=-1, max_task_retries=c.max_actor_failures - 1,
         )(RewardStage).remote(specs=specs, weights=weights, volume_modalities=tuple(config.volume.modalities),
-                              service=service)
+                              service=service, eval_specs=eval_specs, recall=recall)
         self.weights_ref = None
         self.pool = SamplerPool(samplers=self.samplers, reward_stage=self.reward_stage, timeout_s=self.timeout,
                                 max_failures=c.max_sampler_failures)
+        self.evaluator = Evaluator(config, pool=self.pool, reward_stage=self.reward_stage, complete=self.complete,
+                                   get=self._get)
         self.rows: list[dict] = []  # metric rows of the completed epochs (restored on resume)
         self.version = 0  # the learner's policy version after the last update
         self.completed_epochs = 0  # epochs whose update the learner has applied
@@ -196,12 +213,6 @@ class Driver:
         fused = [s.total for s in self._get(fusion.scores)]
         return dfusion_row(fusion, stats=self._get(fusion.stats), fused=np.concatenate(fused) if fused else None)
 
-    def evaluate(self) -> EvalResult:
-        """The fixed evaluation set (prompts x images_per_prompt, fixed seeds) with current weights."""
-        jobs = [self.pool.submit(job) for job in eval_jobs(self.config, num_samplers=len(self.samplers))]
-        scores = self.complete(EpochBatch(jobs=jobs, submitted_at=time.perf_counter()))
-        return eval_result(jobs, scores, self._get([job.images for job in jobs]))
-
     def lora_record(self, *, epoch: int, policy_version: int) -> dict[str, bytes]:
         """``gard_adapter.json`` for a ``lora/`` directory: the base model and how far it was trained."""
         return record_files(self.config, pretrained=self.pretrained,
@@ -248,6 +259,7 @@ class Driver:
         self.pool.counters.restarts = int(counters.get("sampler_restarts_total", 0))
         self.pool.counters.resampled_batches = int(counters.get("resampled_batches_total", 0))
         self.rows = [dict(row) for row in checkpoint.metrics]
+        self.evaluator.restore(self.rows)
         self.completed_epochs = checkpoint.epoch
         self.version = version
         self.last_checkpoint = checkpoint.path
@@ -289,19 +301,16 @@ class Driver:
         progress.update(first)
         try:
             self.broadcast()
-            eval_mean = None
             if first == 0:
-                initial = self.evaluate()
+                initial = self.evaluator.initial()
                 save_eval(initial, run_dir=self.run_dir, updates=0, writer=writer)
-                eval_mean = initial.mean
-                log(f"eval before training: reward {eval_mean:.4f}")
+                log(f"eval before training: reward {initial.mean:.4f}")
             else:
                 log(f"resumed from {resume.path} at epoch {first} (policy version {resume.meta['policy_version']})")
             try:
-                self._epochs(first, writer=writer, progress=progress, log=log, stop=stop, eval_mean=eval_mean,
-                             on_epoch_end=on_epoch_end)
+                self._epochs(first, writer=writer, progress=progress, log=log, stop=stop, on_epoch_end=on_epoch_end)
             except (RewardDownError, SamplerFailedError, TrainingStalledError, LearnerFailedError,
-                    RewardStageFailedError, MetricsWriteError) as err:
+                    RewardStageFailedError, MetricsWriteError, RewardHackingError) as err:
                 self.learner.max_failures += 1  # one more restore, to take the final checkpoint
                 where = self._checkpoint_before_stopping(log)
                 raise type(err)(f"{err}. The run stopped after {where}; fix the cause and continue with "
@@ -320,8 +329,7 @@ class Driver:
             writer.close()
         return self.rows
 
-    def _epochs(self, first: int, *, writer: MetricsWriter, progress, log, stop: StopRequest, eval_mean,
-                on_epoch_end) -> None:
+    def _epochs(self, first: int, *, writer: MetricsWriter, progress, log, stop: StopRequest, on_epoch_end) -> None:
         cfg = self.config
         pending = self.launch(first)
         last_end = time.perf_counter()
@@ -359,7 +367,9 @@ class Driver:
             if fusion is not None:
                 row.update(self.dfusion_row(fusion))
             log_captions(self.run_dir, epoch, scores)
-            evaluation = self._evaluate_if_due(row, epoch, eval_mean)
+            evaluation, alarm = self.evaluator.after_epoch(row, epoch=epoch)
+            if alarm is not None:
+                log(f"gard: warning (epoch {epoch}): {alarm}")
             now = time.perf_counter()
             row["time/epoch_s"], row["time/samples_per_s"] = now - last_end, row["reward/n_scored"] / (now - last_end)
             last_end = now
@@ -376,21 +386,10 @@ class Driver:
                 on_epoch_end(epoch, row)
             if (stalled := stalled_error(stats, limit=cfg.train.max_skipped_steps)) is not None:
                 raise stalled
+            if alarm is not None and cfg.evaluation.guard.action == "stop":
+                raise RewardHackingError(alarm)
             if stop.requested:
                 return
-
-    def _evaluate_if_due(self, row: dict, epoch: int, eval_mean: float | None) -> EvalResult | None:
-        """Scores the evaluation set after every ``logging.eval_every`` epochs and the last one; returns
-        the result (its grid is saved once the row is written) or None."""
-        result = None
-        every = self.config.logging.eval_every
-        if epoch + 1 == self.config.epochs or (every and (epoch + 1) % every == 0):
-            result = self.evaluate()
-            row["eval/reward_mean"] = result.mean
-            row.update(result.components)
-        if epoch == 0 and eval_mean is not None:
-            row["eval/reward_mean_initial"] = eval_mean
-        return result
 
     def _epoch_row(self, epoch, scores, stats, applied) -> dict:
         return epoch_row(epoch, scores=scores, stats=stats, applied=applied, config=self.config,

@@ -15,6 +15,11 @@ class RewardStageFailedError(RuntimeError):
     """The reward-stage actor kept dying on one batch (Ray's retries on the restarted stage used up)."""
 
 
+class RewardHackingError(RuntimeError):
+    """The hacking guard (``evaluation.guard.action: stop``) saw the training metric rise while the gold
+    metric fell over ``evaluation.guard.patience`` evaluations in a row; the run stopped after a checkpoint."""
+
+
 def reward_failure(err: BaseException, reward_stage, *, limit: int) -> Exception | None:
     """What a failed scoring means: RewardDownError for a reward that stayed down after its retries,
     RewardStageFailedError when the ``reward_stage`` actor itself kept dying (Ray reran the call on the

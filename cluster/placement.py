@@ -11,6 +11,7 @@ is a warning.
 from __future__ import annotations
 
 from cluster.config import Config, ConfigError
+from cluster.specs import reward_stage_resources
 
 RESOURCES = ("CPU", "GPU")
 
@@ -21,8 +22,8 @@ def resource_demands(config: Config, *, running_apps: set[str] = frozenset()) ->
     serve = config.reward_service.backend == "serve"
     demands = [(f"sampler {i}", c.sampler_num_cpus, c.sampler_num_gpus) for i in range(c.num_samplers)]
     demands.append(("learner", c.learner_num_cpus, c.learner_num_gpus))
-    # With Serve the stage only waits on handles (the driver gives it 0.1 CPU, no GPU).
-    demands.append(("reward stage", 0.1 if serve else c.reward_num_cpus, 0.0 if serve else c.reward_num_gpus))
+    # With Serve the stage mostly waits on handles (0.1 CPU; a GPU only for evaluation models on CUDA).
+    demands.append(("reward stage", *reward_stage_resources(config)))
     if serve:
         from rewards.serve import app_name
 

@@ -163,7 +163,8 @@ def check_reward_models(config: Config) -> None:
     model that is missing or fails its manifest stops the run here, naming the reward."""
     from cluster.specs import resolve_reward_specs
 
-    try:
-        resolve_reward_specs(config)
-    except (OSError, RuntimeError, ValueError) as err:
-        raise ConfigError(f"rewards: {err}") from None
+    for section, rewards in (("rewards", config.rewards), ("evaluation.rewards", config.evaluation.rewards)):
+        try:
+            resolve_reward_specs(rewards, cache_dir=config.cache_dir)
+        except (OSError, RuntimeError, ValueError) as err:
+            raise ConfigError(f"{section}: {err}") from None

@@ -19,6 +19,7 @@ import typing
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from cluster.config_rules import ConfigError
 from rewards.serve_options import ServeOptions
 
 RESERVED = ("weight", "serve")  # gard's keys in a reward's mapping; the rest are the model's options
@@ -40,8 +41,6 @@ class RewardConfig:
 
 
 def _error(message: str):
-    from cluster.config import ConfigError  # the config module imports this one
-
     return ConfigError(message)
 
 
@@ -51,9 +50,9 @@ def _coerce(path: str, value: Any, tp) -> Any:
     return coerce_value(path, value, tp)
 
 
-def parse_serve(name: str, raw: Any) -> ServeOptions:
-    """``rewards.<name>.serve`` -> ServeOptions, each setting checked against its type and rule."""
-    path = f"rewards.{name}.serve"
+def parse_serve(name: str, raw: Any, *, path: str | None = None) -> ServeOptions:
+    """``rewards.<name>.serve`` (or ``path``) -> ServeOptions, each setting checked against its type and rule."""
+    path = path or f"rewards.{name}.serve"
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise _error(f"{path} must be a mapping of deployment settings, got {raw!r}")
@@ -68,7 +67,7 @@ def parse_serve(name: str, raw: Any) -> ServeOptions:
         raise _error(f"{path}: {err}") from None
 
 
-def _parse_options(name: str, raw: dict) -> dict[str, Any]:
+def _parse_options(name: str, raw: dict, *, path: str) -> dict[str, Any]:
     from rewards.registry import check_reward_options, reward_option_types, reward_options
 
     valid = reward_options(name)
@@ -76,32 +75,35 @@ def _parse_options(name: str, raw: dict) -> dict[str, Any]:
     options = {}
     for key, value in raw.items():
         if key not in valid:
-            raise _error(f"rewards.{name}.{key}: unknown option for reward {name!r}; valid options: "
+            raise _error(f"{path}.{key}: unknown option for reward {name!r}; valid options: "
                          f"{sorted([*RESERVED, *valid])}")
-        options[key] = _coerce(f"rewards.{name}.{key}", value, types[key]) if key in types else value
+        options[key] = _coerce(f"{path}.{key}", value, types[key]) if key in types else value
     try:
         check_reward_options(name, options)
     except ValueError as err:
-        raise _error(f"rewards.{name}: {err}") from None
+        raise _error(f"{path}: {err}") from None
     return options
 
 
-def parse_reward(name: str, raw: Any) -> RewardConfig:
-    """One reward's YAML mapping (None = all defaults) -> RewardConfig."""
+def parse_reward(name: str, raw: Any, *, path: str | None = None) -> RewardConfig:
+    """One reward's YAML mapping (None = all defaults) -> RewardConfig; errors name ``path`` (default
+    ``rewards.<name>``)."""
     from rewards.registry import REWARDS
 
+    path = path or f"rewards.{name}"
     if name not in REWARDS:
-        raise _error(f"rewards.{name}: unknown reward {name!r}; valid rewards: {sorted(REWARDS)}")
+        raise _error(f"{path}: unknown reward {name!r}; valid rewards: {sorted(REWARDS)}")
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
-        raise _error(f"rewards.{name} must be a mapping such as {{weight: 1.0}}, got {raw!r}")
+        raise _error(f"{path} must be a mapping such as {{weight: 1.0}}, got {raw!r}")
     weight = raw.get("weight", 1.0)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-        raise _error(f"rewards.{name}.weight = {weight!r} has the wrong type: expected a number")
+        raise _error(f"{path}.weight = {weight!r} has the wrong type: expected a number")
     if not math.isfinite(weight):
-        raise _error(f"rewards.{name}.weight = {weight!r} is not a finite number")
-    options = _parse_options(name, {k: v for k, v in raw.items() if k not in RESERVED})
-    return RewardConfig(weight=float(weight), serve=parse_serve(name, raw.get("serve")), options=options)
+        raise _error(f"{path}.weight = {weight!r} is not a finite number")
+    options = _parse_options(name, {k: v for k, v in raw.items() if k not in RESERVED}, path=path)
+    return RewardConfig(weight=float(weight), serve=parse_serve(name, raw.get("serve"), path=f"{path}.serve"),
+                        options=options)
 
 
 def parse_rewards(raw: Any, path: str = "rewards") -> dict[str, RewardConfig]:
@@ -109,7 +111,7 @@ def parse_rewards(raw: Any, path: str = "rewards") -> dict[str, RewardConfig]:
     if not isinstance(raw, dict):
         raise _error(f"{path} must be a mapping of reward name -> settings, e.g. {{jpeg_compressibility: "
                      f"{{weight: 1.0}}}}, got {raw!r}")
-    return {name: value if isinstance(value, RewardConfig) else parse_reward(name, value)
+    return {name: value if isinstance(value, RewardConfig) else parse_reward(name, value, path=f"{path}.{name}")
             for name, value in raw.items()}
 
 

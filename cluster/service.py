@@ -20,7 +20,7 @@ def serve_forever(config: Config, *, stop: threading.Event | None = None, log=pr
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, lambda *_: stop.set())
-        specs, _ = resolve_reward_specs(config)
+        specs, _ = resolve_reward_specs(config.rewards, cache_dir=config.cache_dir)
         deployed = deploy_config_rewards(config, specs, reuse_running=False)
         try:
             for name in specs:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from actors.policy import PolicySpec
 from cluster.config import Config
+from cluster.reward_config import RewardConfig
 from learner.bpt import BptSchedule
 from learner.spec import LearnerSpec
 
@@ -15,15 +16,17 @@ TINY_CLIP = "tiny:clip"
 SHAPES_CLIP = "tiny:shapes-clip"  # the shapes world's trained reward model (testbed/weights/shapes-clip)
 
 
-def resolve_reward_specs(config: Config) -> tuple[dict[str, dict], dict[str, float]]:
-    """Each reward's builder options and weight; ``tiny:clip`` models are built locally, ``tiny:shapes-clip``
-    is the shipped shapes-world reward model."""
+def resolve_reward_specs(rewards: dict[str, RewardConfig], *, cache_dir: str) -> tuple[dict[str, dict],
+                                                                                       dict[str, float]]:
+    """Each reward's builder options and weight (the training ``rewards`` or ``evaluation.rewards``);
+    ``tiny:clip`` models are built locally under ``cache_dir``, ``tiny:shapes-clip`` is the shipped
+    shapes-world reward model (its manifest checked)."""
     from rewards.tiny import shapes_clip_options, tiny_aesthetic_options, tiny_clip_score_options
 
     specs, weights = {}, {}
-    cache_dir = Path(config.cache_dir).resolve()  # absolute: reward replicas may run in another cwd
+    cache_dir = Path(cache_dir).resolve()  # absolute: reward replicas may run in another cwd
     tiny_dir = cache_dir / "tiny-clip"
-    for name, reward in config.rewards.items():
+    for name, reward in rewards.items():
         options = dict(reward.options)
         weights[name] = reward.weight
         if name == "clip_score" and options.get("model") == TINY_CLIP:
@@ -36,6 +39,32 @@ def resolve_reward_specs(config: Config) -> tuple[dict[str, dict], dict[str, flo
             options.setdefault("cache_dir", str(cache_dir))
         specs[name] = options
     return specs, weights
+
+
+def evaluation_specs(config: Config, train_specs: dict[str, dict]) -> tuple[dict[str, dict], tuple[str, dict] | None]:
+    """(the gold rewards' builder options, (name, options) of the Recall@1 reward or None): the reward
+    stage builds both in-process on its first evaluation. The recall reward is taken from
+    ``evaluation.rewards`` when it is there, else from the training rewards (``train_specs``)."""
+    specs, _ = resolve_reward_specs(config.evaluation.rewards, cache_dir=config.cache_dir)
+    name = config.evaluation.recall
+    if name is None:
+        return specs, None
+    return specs, (name, specs[name] if name in specs else train_specs[name])
+
+
+def evaluation_in_process(config: Config) -> bool:
+    """Whether the reward stage runs models of its own for the evaluation (gold or recall rewards)."""
+    return bool(config.evaluation.rewards) or config.evaluation.recall is not None
+
+
+def reward_stage_resources(config: Config) -> tuple[float, float]:
+    """(CPUs, GPUs) of the reward-stage actor: ``cluster.reward_num_*`` with the local backend. With Serve
+    it mostly waits on handles (0.1 CPU); it asks for ``cluster.reward_num_gpus`` only when it runs
+    evaluation models of its own (a gold or recall reward on CUDA needs it; the config checks that)."""
+    c = config.cluster
+    if config.reward_service.backend == "serve":
+        return 0.1, c.reward_num_gpus if evaluation_in_process(config) else 0.0
+    return c.reward_num_cpus, c.reward_num_gpus
 
 
 def _section_fields(spec_cls, *sections) -> dict:
@@ -98,6 +127,23 @@ def _adapters(policy) -> str:
     return adapters + (f", from {policy.init_adapter}" if policy.init_adapter else "")
 
 
+def _eval_line(evaluation) -> str:
+    """'2 sets (seen 4, heldout 2 prompts) x 2 images, fixed seeds, every 10 epochs; gold shapes_judge; ...'."""
+    sets = ", ".join(f"{name} {len(prompts)}" for name, prompts in evaluation.prompts.items())
+    every = f"every {evaluation.every} epochs" if evaluation.every else "before and after training"
+    line = (f"{len(evaluation.prompts)} set(s) ({sets} prompts) x {evaluation.images_per_prompt} images, fixed "
+            f"seeds, {every}")
+    if evaluation.gold is not None:
+        others = [name for name in evaluation.rewards if name != evaluation.gold]
+        line += f"; gold {evaluation.gold}" + (f" (also {', '.join(others)})" if others else "")
+    if evaluation.recall is not None:
+        line += f"; Recall@1 with {evaluation.recall}"
+    if evaluation.guard.action != "off":
+        g = evaluation.guard
+        line += f"; hacking guard {g.action}: {g.train_metric} up and {g.metric} down {g.patience}x in a row"
+    return line
+
+
 def banner(config: Config, run_dir: Path, ray_address: str) -> str:
     c, s, t = config.cluster, config.sampling, config.train
     branching = config.b2.enabled and config.b2.branching
@@ -119,8 +165,7 @@ def banner(config: Config, run_dir: Path, ray_address: str) -> str:
         f" {t.inner_epochs} inner epoch(s), precision {t.mixed_precision} (samplers {config.policy.dtype})",
         f"  (sample, t) pairs   : {pairs} / epoch in {steps} optimizer steps of ~{pairs // max(steps, 1)}"
         f" (micro-batches of {t.micro_batch_size})",
-        f"  eval                : {len(config.prompts.eval)} prompts x {config.prompts.eval_images_per_prompt}"
-        f" images, fixed seeds",
+        f"  eval                : {_eval_line(config.evaluation)}",
         *([f"  B²-DiffuRL          : tau {config.b2.tau_start}->{config.b2.tau_end} over {config.b2.num_stages} stages"
            f" x {config.b2.epochs_per_stage} epoch(s)"
            + (f", {config.b2.n_branch} branches per prefix" if config.b2.branching else ", no branching")

@@ -30,6 +30,14 @@ class ShapesJudge:
         if mode not in MODES:
             raise ValueError(f"shapes_judge: mode must be one of {list(MODES)}, got {mode!r}")
 
+    @staticmethod
+    def groups(prompts: list[str]) -> list[str]:
+        """Each prompt's caption family ("single", "count", "relation"): the evaluation reports the gold
+        mean per family (``eval/gold_<set>/<family>``), where a policy's failures differ most."""
+        from testbed.judge import parse_caption
+
+        return [parse_caption(p).family for p in prompts]
+
     def __call__(self, images: np.ndarray, prompts: list[str]) -> RewardOutput:
         from testbed.judge import judge, parse_caption
 

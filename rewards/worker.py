@@ -19,7 +19,8 @@ _NO_RETRIES = RetryPolicy(timeout_s=None, max_retries=0, retry_backoff_s=0.0, do
 
 
 class RewardWorker:
-    """Holds the rewards named in ``specs`` (name -> options for ``build_reward``) and their weights."""
+    """Holds the rewards named in ``specs`` (name -> options for ``build_reward``) and their weights;
+    ``encoders``: a CLIP encoder cache shared with other rewards of the process."""
 
     def __init__(
         self,
@@ -27,6 +28,7 @@ class RewardWorker:
         specs: dict[str, dict],
         weights: dict[str, float],
         volume_modalities: tuple[str, ...] = ("text", "image"),
+        encoders: EncoderCache | None = None,
     ) -> None:
         # Several workers share the machine's cores; more than one torch thread each only spins.
         torch.set_num_threads(1)
@@ -38,7 +40,9 @@ class RewardWorker:
             )
         self.weights = dict(weights)
         self.volume_modalities = tuple(volume_modalities)
-        encoders = EncoderCache()  # clip_score and aesthetic on the same CLIP model share one encoder
+        # clip_score and aesthetic on the same CLIP model share one encoder (and with ``encoders``, the
+        # gold rewards of the same process too)
+        encoders = encoders if encoders is not None else EncoderCache()
         self.rewards = {name: build_reward(name, encoders=encoders, **(options or {})) for name, options in specs.items()}
 
     def score(self, *, images: np.ndarray, prompts: list[str], gamma: float = 0.0) -> ScoredBatch:

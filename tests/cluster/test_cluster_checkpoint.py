@@ -142,7 +142,7 @@ def test_a_damaged_metrics_line_is_refused_naming_the_file_and_the_line(tmp_path
 def test_incompatible_config_is_refused_naming_the_fields(tmp_path):
     checkpoint = load_checkpoint(_write(tmp_path, 2))
     current = Config()
-    current.epochs, current.logging.eval_every, current.cluster.call_timeout_s = 50, 3, 5.0  # may change
+    current.epochs, current.evaluation.every, current.cluster.call_timeout_s = 50, 3, 5.0  # may change
     current.rewards["jpeg_compressibility"].serve = ServeOptions(max_replicas=4)  # placement, not what is computed
     check_compatible(checkpoint, current.to_dict())
     current.train.learning_rate, current.seed = 0.5, 7

@@ -115,7 +115,7 @@ def test_prompt_file_is_read_relative_to_the_config(tmp_path):
     (tmp_path / "prompts.txt").write_text("a cat\n\n# a comment\na dog\n")
     config = load_config(_write(tmp_path, "prompts:\n  train_file: prompts.txt\n"))
     assert config.prompts.train == ["a cat", "a dog"]
-    assert config.prompts.eval == ["a cat", "a dog"]  # defaults to the first training prompts
+    assert config.evaluation.prompts == {"all": ["a cat", "a dog"]}  # defaults to the first training prompts
 
 
 def test_prompt_and_config_files_must_be_utf8_text_with_prompts(tmp_path):
@@ -176,7 +176,8 @@ def test_reward_serve_settings_are_validated(tmp_path):
 
 
 def test_reward_config_is_typed_and_round_trips_through_the_run_config(tmp_path):
-    text = BASE + "rewards:\n  jpeg_compressibility: {weight: 2, quality: 80, serve: {max_replicas: 3}}\n  clip_score:\n"
+    text = BASE + "rewards:\n  jpeg_compressibility: {weight: 2, quality: 80, serve: {max_replicas: 3}}\n  clip_score:\n" \
+        + "evaluation:\n  rewards: {jpeg_incompressibility: {quality: 70}}\n"
     config = load_config(_write(tmp_path, text))
     jpeg, clip = config.rewards["jpeg_compressibility"], config.rewards["clip_score"]
     assert (jpeg.weight, jpeg.options, jpeg.serve.max_replicas) == (2.0, {"quality": 80}, 3)
@@ -186,6 +187,9 @@ def test_reward_config_is_typed_and_round_trips_through_the_run_config(tmp_path)
     dumped.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     assert load_config(dumped).rewards == config.rewards
     assert config.to_dict()["rewards"]["jpeg_compressibility"]["quality"] == 80
+    # The gold rewards of the evaluation section keep the same flat form.
+    assert load_config(dumped).evaluation == config.evaluation
+    assert config.to_dict()["evaluation"]["rewards"]["jpeg_incompressibility"]["quality"] == 70
 
 
 def test_volume_modalities_are_validated(tmp_path):

@@ -22,7 +22,7 @@ def _config(tmp_path: Path, *overrides: str):
 def test_online_dpo_run_on_dfusion_pairs(ray_local, tmp_path):
     # One sampler, 8 samples of 4 prompts per epoch: each prompt with two distinct rewards gives a pair.
     config = _config(tmp_path, "epochs=2", "cluster.num_samplers=1", "sampling.num_steps=6",
-                     "prompts.eval_images_per_prompt=1")
+                     "evaluation.images_per_prompt=1")
     run_dir = train(config, output_dir=str(tmp_path / "run"), log=lambda *_: None)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2
@@ -39,6 +39,9 @@ def test_online_dpo_run_on_dfusion_pairs(ray_local, tmp_path):
     assert rows[0]["dpo/loss"] < np.log(2) - 1e-3, rows[0]["dpo/loss"]
     assert rows[0]["dpo/acc"] > 0 and rows[0]["dpo/margin"] > 0
     assert [r["train/policy_version"] for r in rows] == [1, 2]
+    # The training clip_score also gives the evaluation's Recall@1 (one image per prompt: no diversity).
+    assert config.evaluation.recall == "clip_score" and 0 <= rows[-1]["eval/recall_at_1/all"] <= 1
+    assert 0 <= rows[0]["eval/recall_at_1/all_initial"] <= 1 and "eval/diversity/all" not in rows[-1]
     assert (run_dir / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 

@@ -26,7 +26,7 @@ def test_llava_bertscore_and_clip_with_volume_through_reward_services(ray_local,
     )
     config = load_config(REPO / "configs" / "demo.yaml", [
         f"cache_dir={tmp_path / 'cache'}", "logging.progress=false", "epochs=2", "sampling.batches_per_sampler=1",
-        "prompts.eval_images_per_prompt=1", "reward_service.backend=serve", f"reward_service.http_port={free_port}",
+        "evaluation.images_per_prompt=1", "reward_service.backend=serve", f"reward_service.http_port={free_port}",
         f"rewards={rewards}", "volume.gamma=0.25", "volume.modalities=[text, image, caption]",
     ])
     run_dir = train(config, output_dir=str(tmp_path / "run"), log=lambda *_: None)
@@ -42,6 +42,6 @@ def test_llava_bertscore_and_clip_with_volume_through_reward_services(ray_local,
     captions = [json.loads(line) for line in (run_dir / "captions.jsonl").read_text().splitlines()]
     assert len(captions) == 2 * config.sampling.batch_size and all(c["caption"] for c in captions)
     final = json.loads((run_dir / "samples" / "eval_epoch0002.json").read_text())
-    assert len(final) == len(config.prompts.eval) and all(item["caption"] for item in final)
+    assert len(final) == len(config.evaluation.prompts["all"]) and all(item["caption"] for item in final)
     # gard train removed the reward applications it started.
     assert not [name for name in serve.status().applications if name.startswith("reward-")]

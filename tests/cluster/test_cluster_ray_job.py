@@ -85,7 +85,7 @@ def _logs(head, job: str) -> str:
 def test_job_submit_stop_and_resume(head, tmp_path):
     run_dir, cache = tmp_path / "run", tmp_path / "cache"
     args = ("reward_service.backend=serve", f"cache_dir={cache}", "logging.progress=false", "checkpoint.every_epochs=0",
-            "prompts.eval_images_per_prompt=1", "--output-dir", str(run_dir), "--resume", "auto")
+            "evaluation.images_per_prompt=1", "--output-dir", str(run_dir), "--resume", "auto")
     first = _submit(head, "epochs=40", *args)
     _wait_for(lambda: (run_dir / "metrics.jsonl").is_file() and len((run_dir / "metrics.jsonl").read_text().splitlines())
               >= 1, timeout_s=900, what="the first epoch of the first job")

@@ -24,7 +24,7 @@ from tests.conftest import start_local_ray
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = ["logging.progress=false", "logging.tensorboard=false", "cluster.max_staleness=0",
-         "sampling.batches_per_sampler=1", "prompts.eval_images_per_prompt=1", "checkpoint.every_epochs=0",
+         "sampling.batches_per_sampler=1", "evaluation.images_per_prompt=1", "checkpoint.every_epochs=0",
          "reward_service.backend=serve", "rewards.jpeg_compressibility.serve={num_cpus: 0.1}"]
 
 
