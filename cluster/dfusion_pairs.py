@@ -73,3 +73,26 @@ def dfusion_row(fusion: DFusionLaunch, *, stats: list[dict], fused: np.ndarray |
         "time/dfusion_s": float(max(s["dfusion_s"] for s in stats)),
     })
     return row
+
+
+def launch_dfusion(config, current, scores: list, *, samplers: list, reward_stage, gamma: float) -> DFusionLaunch:
+    """Queues the epoch's D-Fusion calls and, as a metric only, the scoring of the fused images (fused ≻
+    worst is D-Fusion's construction, not a reward comparison). ``current`` is the epoch's
+    ``EpochBatch``, ``scores`` its ScoredBatches. A call is deterministic, so Ray may rerun it on a
+    restarted sampler; until the next broadcast that sampler holds the initial adapter, and the learner
+    refuses its pairs as stale (counted)."""
+    from cluster.config import dfusion_spec
+
+    spec = dfusion_spec(config)
+    total = np.concatenate([s.total for s in scores]).astype(np.float32)
+    tasks, poor_rewards, good_rewards = fusion_tasks(current.prompts, total, num_samplers=len(samplers))
+    pair_refs, score_refs, stat_refs = [], [], []
+    for task in tasks:
+        pairs_ref, images_ref, stats_ref = samplers[task.sampler].dfusion.options(
+            num_returns=3, max_task_retries=2).remote(
+            sources=[current.jobs[b].trajectory for b in task.sources], poor=task.poor, good=task.good, spec=spec)
+        pair_refs.append(pairs_ref)
+        stat_refs.append(stats_ref)
+        score_refs.append(reward_stage.score.remote(batch=images_ref, gamma=gamma))
+    return DFusionLaunch(pairs=pair_refs, scores=score_refs, stats=stat_refs, poor_rewards=poor_rewards,
+                         good_rewards=good_rewards)

@@ -32,7 +32,7 @@ from actors.tiny import resolve_pretrained
 from cluster.adapter_record import record_files
 from cluster.checkpoint import Checkpoint, write_checkpoint
 from cluster.config import Config
-from cluster.dfusion_pairs import DFusionLaunch, dfusion_row, fusion_tasks
+from cluster.dfusion_pairs import DFusionLaunch, dfusion_row, launch_dfusion
 from cluster.epoch_metrics import epoch_row, log_captions, progress_bar, run_counters, summary_line
 from cluster.errors import (
     RewardDownError,
@@ -99,6 +99,22 @@ class Driver:
             init_adapter=config.policy.init_adapter,
             call_timeout_s=self.timeout,
         )
+        stage_cpus, stage_gpus = reward_stage_resources(config)
+        eval_specs, recall = evaluation_specs(config, specs)
+
+        def start_reward_stage(service):
+            # With services the stage mostly waits on handles, so it takes several batches at once. Scoring
+            # is a pure function of its inputs, so Ray may rerun a call on the restarted stage when it dies.
+            return ray.remote(
+                num_cpus=stage_cpus, num_gpus=stage_gpus, max_concurrency=1 if service is None else 8,
+                runtime_env=env, max_restarts=-1, max_task_retries=c.max_actor_failures - 1,
+            )(RewardStage).remote(specs=specs, weights=weights, volume_modalities=tuple(config.volume.modalities),
+                                  service=service, eval_specs=eval_specs, recall=recall)
+
+        serve = config.reward_service.backend == "serve"
+        # The local stage loads its reward models while the learner loads the policy; the Serve apps are
+        # deployed only once the learner has started (nothing to remove if it refuses its adapter).
+        self.reward_stage = None if serve else start_reward_stage(None)
         try:  # the learner refuses adapters that bind to nothing: say so before anything else runs
             ray.get(learner.__ray_ready__.remote(), timeout=self.timeout)
         except ray.exceptions.RayActorError as err:
@@ -106,18 +122,9 @@ class Driver:
         self.learner = LearnerHandle(learner, timeout_s=self.timeout, max_failures=c.max_actor_failures)
         self.schedule = bpt_schedule(config)
         self.started_apps: list[str] = []
-        service = None
-        if config.reward_service.backend == "serve":  # deploys the reward apps not running yet
+        if serve:  # deploys the reward apps not running yet
             service, self.started_apps = start_reward_services(config, specs)
-        # With services the stage mostly waits on handles, so it takes several batches at once. Scoring
-        # is a pure function of its inputs, so Ray may rerun a call on the restarted stage when it dies.
-        stage_cpus, stage_gpus = reward_stage_resources(config)
-        eval_specs, recall = evaluation_specs(config, specs)
-        self.reward_stage = ray.remote(
-            num_cpus=stage_cpus, num_gpus=stage_gpus, max_concurrency=1 if service is None else 8,
-            runtime_env=env, max_restarts=-1, max_task_retries=c.max_actor_failures - 1,
-        )(RewardStage).remote(specs=specs, weights=weights, volume_modalities=tuple(config.volume.modalities),
-                              service=service, eval_specs=eval_specs, recall=recall)
+            self.reward_stage = start_reward_stage(service)
         self.weights_ref = None
         self.pool = SamplerPool(samplers=self.samplers, reward_stage=self.reward_stage, timeout_s=self.timeout,
                                 max_failures=c.max_sampler_failures)
@@ -189,25 +196,8 @@ class Driver:
             raise failure from err
 
     def launch_dfusion(self, current: EpochBatch, scores: list, epoch: int) -> DFusionLaunch:
-        """Queues the epoch's D-Fusion calls (``cluster/dfusion_pairs.py``) and, as a metric only, the scoring
-        of the fused images (fused ≻ worst is D-Fusion's construction, not a reward comparison). A call
-        is deterministic, so Ray may rerun it on a restarted sampler; until the next broadcast that
-        sampler holds the initial adapter, and the learner refuses its pairs as stale (counted)."""
-        from cluster.config import dfusion_spec
-
-        spec = dfusion_spec(self.config)
-        total = np.concatenate([s.total for s in scores]).astype(np.float32)
-        tasks, poor_rewards, good_rewards = fusion_tasks(current.prompts, total, num_samplers=len(self.samplers))
-        pair_refs, score_refs, stat_refs = [], [], []
-        for task in tasks:
-            pairs_ref, images_ref, stats_ref = self.samplers[task.sampler].dfusion.options(
-                num_returns=3, max_task_retries=2).remote(
-                sources=[current.jobs[b].trajectory for b in task.sources], poor=task.poor, good=task.good, spec=spec)
-            pair_refs.append(pairs_ref)
-            stat_refs.append(stats_ref)
-            score_refs.append(self.reward_stage.score.remote(batch=images_ref, gamma=self.gamma(epoch)))
-        return DFusionLaunch(pairs=pair_refs, scores=score_refs, stats=stat_refs, poor_rewards=poor_rewards,
-                             good_rewards=good_rewards)
+        return launch_dfusion(self.config, current, scores, samplers=self.samplers, reward_stage=self.reward_stage,
+                              gamma=self.gamma(epoch))
 
     def dfusion_row(self, fusion: DFusionLaunch) -> dict:
         fused = [s.total for s in self._get(fusion.scores)]
