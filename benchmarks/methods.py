@@ -1,0 +1,147 @@
+"""Every method against the shapes world's ground truth, on equal budgets of reward queries.
+
+Each row trains the shipped shapes pipeline (``tiny:shapes``) from the same base config
+(``configs/demo.yaml``: DDPO-IS on the shapes reward CLIP) with one method's overrides, for as many
+epochs as the reward-query budget allows (B² rollouts query n_branch leaves per prompt, so they get
+fewer epochs), and reads the run's last evaluation: the judge's accuracy on the seen and held-out
+prompt sets (and per caption family), the CLIP score, diversity and CLIP Recall@1. The base model's
+row is the first evaluation of the DDPO-IS runs (before any update; the same fixed evaluation seeds).
+
+Seeds: run ``k`` uses ``seed=k`` and ``evaluation.seed=1234+k`` (fresh sampling noise and fresh
+evaluation images per seed), so a row's spread covers both.
+
+Usage:
+    python benchmarks/methods.py [--budget 2560] [--seeds 3] [--methods ddpo_is,gard_k2] [--out runs/methods]
+    python benchmarks/methods.py --table runs/methods      # the markdown table of finished runs
+Rows the world cannot support yet are listed in ``NOT_YET`` with the reason (printed in the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BASE_CONFIG = REPO / "configs" / "demo.yaml"
+
+# method -> (overrides of the base config, seeds it gets: "many" = --seeds, 1 = one)
+METHODS: dict[str, tuple[list[str], str | int]] = {
+    "ddpo_is": ([], "many"),
+    "ddpo_sf": (["train.algorithm=pg"], 1),
+    "dpok": (["train.kl_beta=0.01"], 1),
+    "gard_k2": (["volume.gamma=0.0", "volume.gamma_end=0.1", "volume.ramp_epochs=20"], "many"),
+    "b2": (["b2.enabled=true", "b2.tau_start=14", "b2.tau_end=20", "b2.num_stages=4", "b2.n_branch=4",
+            "sampling.batch_size=4"], "many"),
+    "dpo_best_worst": (["train.algorithm=dpo"], 1),
+    "dpo_dfusion": (["train.algorithm=dpo", "dpo.pair_source=dfusion"], 1),
+    "texforce_te": (["policy.train_targets=[text_encoder]"], 1),
+    "texforce_unet_te": (["policy.train_targets=[unet,text_encoder]"], 1),
+}
+NOT_YET = {
+    "gard_k3": "needs the shapes-world LLaVA captioner, not built yet",
+    "ddpo_caption": "needs the shapes-world LLaVA captioner, not built yet",
+    "lora_fusion_clip_caption": "needs the caption-trained adapter (the captioner is not built yet)",
+}
+COLUMNS = ["eval/gold_seen", "eval/gold_heldout", "eval/gold_heldout/single", "eval/gold_heldout/count",
+           "eval/gold_heldout/relation", "eval/clip_score", "eval/diversity/heldout", "eval/recall_at_1/heldout"]
+
+
+def samples_per_epoch(overrides: list[str]) -> int:
+    from cluster.config import load_config
+
+    return load_config(BASE_CONFIG, overrides).samples_per_epoch
+
+
+def run_one(method: str, seed: int, *, budget: int, out: Path) -> Path:
+    """Trains one (method, seed) with ``gard train`` in a subprocess; returns its run directory."""
+    overrides = METHODS[method][0] + [f"seed={seed}", f"evaluation.seed={1234 + seed}", "logging.progress=false"]
+    epochs = max(1, budget // samples_per_epoch(overrides))
+    run_dir = out / f"{method}-s{seed}"
+    if (run_dir / "lora").exists():
+        return run_dir  # finished earlier: the table reads it again
+    start = time.time()
+    cmd = [sys.executable, "-m", "cluster", "train", str(BASE_CONFIG), "--output-dir", str(run_dir),
+           "--resume", "auto", f"epochs={epochs}", *overrides]
+    print(f"[methods] {method} seed {seed}: {epochs} epochs", flush=True)
+    with open(out / f"{method}-s{seed}.log", "w") as log:
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    (run_dir / "wall_s.txt").write_text(f"{time.time() - start:.1f}\n")
+    return run_dir
+
+
+def read_run(run_dir: Path) -> dict:
+    """The last evaluation's metrics, the first row's ``_initial`` ones (the base model), the reward
+    queries and the wall time of one finished run."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    last = next(row for row in reversed(rows) if "eval/gold_seen" in row)
+    initial = {k[: -len("_initial")]: v for k, v in rows[0].items() if k.endswith("_initial")}
+    wall = run_dir / "wall_s.txt"
+    return {"final": {k: last.get(k) for k in COLUMNS}, "base": {k: initial.get(k) for k in COLUMNS},
+            "reward_queries": int(sum(row.get("reward/n_scored", 0) for row in rows)),
+            "wall_s": float(wall.read_text()) if wall.exists() else None}
+
+
+def _mean_std(values: list[float]) -> str:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return "–"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.3f}"
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+def table(out: Path) -> str:
+    """Markdown: one row per method (mean ± std over its seeds), the base row first."""
+    runs: dict[str, list[dict]] = {}
+    for run_dir in sorted(out.glob("*-s*")):
+        if run_dir.is_dir() and (run_dir / "lora").exists():
+            method = run_dir.name.rsplit("-s", 1)[0]
+            runs.setdefault(method, []).append(read_run(run_dir))
+    header = ["method", "seeds", *(c.removeprefix("eval/") for c in COLUMNS), "reward queries", "wall s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    if "ddpo_is" in runs:
+        base = runs["ddpo_is"]
+        lines.append("| base | " + " | ".join([str(len(base)), *(_mean_std([r["base"][c] for r in base]) for c in COLUMNS),
+                                                 "0", "–"]) + " |")
+    for method, results in runs.items():
+        cells = [_mean_std([r["final"][c] for r in results]) for c in COLUMNS]
+        walls = [r["wall_s"] for r in results if r["wall_s"] is not None]
+        lines.append(f"| {method} | {len(results)} | " + " | ".join(cells) + f" | {results[0]['reward_queries']} | "
+                     f"{(sum(walls) / len(walls)) if walls else float('nan'):.0f} |")
+    for method, why in NOT_YET.items():
+        lines.append(f"| {method} | 0 | not run: {why} |" + " |" * (len(header) - 3))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--budget", type=int, default=2560, help="reward queries per run")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds of the rows marked 'many'")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, out of {list(METHODS)}")
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "methods")
+    parser.add_argument("--table", type=Path, help="only print the table of the runs under this directory")
+    args = parser.parse_args(argv)
+    if args.table is not None:
+        print(table(args.table))
+        return 0
+    unknown = [m for m in args.methods.split(",") if m not in METHODS]
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; valid: {list(METHODS)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    for method in args.methods.split(","):
+        seeds = args.seeds if METHODS[method][1] == "many" else METHODS[method][1]
+        for seed in range(seeds):
+            run_one(method, seed, budget=args.budget, out=args.out)
+    print(table(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
