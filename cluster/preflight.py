@@ -96,7 +96,7 @@ def _check_targets(layers: dict[str, tuple[int, int]], *, targets, rank: int, fi
 def check_policy(config: Config, *, pretrained: str) -> None:
     """The adapters and the image size against a local pipeline's configs, built on the meta device (no
     weights are read): every LoRA target matches a layer, ranks fit the layers, the resolution fits the
-    VAE and the UNet's downsampling, and ``policy.init_adapter`` has the configured ranks."""
+    VAE and the UNet's downsampling. (``policy.init_adapter``'s ranks: ``check_init_adapter``.)"""
     path = Path(pretrained)
     if not (path / "unet" / "config.json").is_file():
         return  # a hub id: the actors check it when they load it
@@ -123,8 +123,6 @@ def check_policy(config: Config, *, pretrained: str) -> None:
         _check_targets(_adaptable_layers(networks["text_encoder"]), targets=pol.text_encoder_lora_targets,
                        rank=pol.text_encoder_lora_rank, field="policy.text_encoder_lora_targets",
                        network="text encoder")
-    if pol.init_adapter:
-        check_init_adapter(config)
 
 
 def check_init_adapter(config: Config) -> None:
@@ -168,3 +166,16 @@ def check_reward_models(config: Config) -> None:
             resolve_reward_specs(rewards, cache_dir=config.cache_dir)
         except (OSError, RuntimeError, ValueError) as err:
             raise ConfigError(f"{section}: {err}") from None
+
+
+def check_models(config: Config) -> str:
+    """What ``gard train`` and ``gard eval`` check before Ray starts: the reward models, the base model,
+    its DDIM schedule, the adapters against it and ``policy.init_adapter``'s ranks (that one also for a
+    hub id, from the adapter file alone). Returns the resolved ``policy.pretrained``."""
+    check_reward_models(config)
+    pretrained = check_pretrained(config, cache_dir=config.cache_dir)
+    check_scheduler(config, pretrained=pretrained)
+    check_policy(config, pretrained=pretrained)
+    if config.policy.init_adapter:
+        check_init_adapter(config)
+    return pretrained
