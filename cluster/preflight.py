@@ -8,6 +8,7 @@ is one paragraph naming the field (exit code 2) and the run directory is not wri
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -127,7 +128,8 @@ def check_policy(config: Config, *, pretrained: str) -> None:
 
 def check_init_adapter(config: Config) -> None:
     """The ranks of ``policy.init_adapter``'s LoRA tensors equal the configured ones (read from the
-    safetensors header, not the tensors)."""
+    safetensors header, not the tensors), and so do the alphas its diffusers metadata records (LoRA
+    scales its update by alpha / rank: the same tensors under another alpha are another adapter)."""
     from safetensors import safe_open
 
     pol = config.policy
@@ -136,6 +138,7 @@ def check_init_adapter(config: Config) -> None:
     try:
         with safe_open(str(file), framework="pt") as f:
             shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
+            metadata = f.metadata() or {}
     except Exception as err:  # noqa: BLE001 - any unreadable header is the same user error
         raise ConfigError(f"policy.init_adapter = {pol.init_adapter!r}: {file.name} is not a readable "
                           f"safetensors file ({err})") from None
@@ -145,6 +148,19 @@ def check_init_adapter(config: Config) -> None:
             field = "policy.lora_rank" if component == "unet" else "policy.text_encoder_lora_rank"
             raise ConfigError(f"policy.init_adapter = {pol.init_adapter!r} has rank {shape[0]} ({key}), but "
                               f"{field} = {expected[component]}; set {field}={shape[0]} or use another adapter")
+    try:  # diffusers' save_lora_weights packs each network's LoraConfig as "<network>.<key>"
+        saved = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+    except ValueError:
+        saved = {}
+    present = {key.split(".", 1)[0] for key in shapes}
+    for component, alpha in (("unet", pol.lora_alpha), ("text_encoder", pol.text_encoder_lora_alpha)):
+        recorded = saved.get(f"{component}.lora_alpha") if isinstance(saved, dict) else None
+        if component in present and isinstance(recorded, (int, float)) and float(recorded) != float(alpha):
+            field = "policy.lora_alpha" if component == "unet" else "policy.text_encoder_lora_alpha"
+            raise ConfigError(f"policy.init_adapter = {pol.init_adapter!r} was saved with lora_alpha {recorded:g} "
+                              f"for the {component}, but {field} = {alpha:g}; LoRA scales its update by alpha / "
+                              f"rank, so it would act {alpha / recorded:g} times as strong as saved; set "
+                              f"{field}={recorded:g} or use another adapter")
 
 
 def check_logging(config: Config) -> None:
