@@ -153,3 +153,19 @@ def test_an_earlier_evaluation_is_not_overwritten_without_the_flag(tmp_path, cap
     code = main(["eval", str(run), "--config", DEMO, "--output-dir", str(tmp_path / "a-file.txt")])
     err = capsys.readouterr().err
     assert code == 2 and "is a file, not a directory" in err, err
+
+
+def test_an_adapter_recorded_for_another_base_model_gets_a_warning(tmp_path):
+    from cluster.config import load_config
+    from cluster.eval_adapter import AdapterSource, _check_base_model
+
+    config = load_config(DEMO, [f"cache_dir={tmp_path}"])
+    record = {"base_model": {"pretrained": "tiny:sd", "resolved": "/elsewhere/tiny-sd"}}
+    same = AdapterSource(lora=tmp_path, default_output=None, record=record)
+    _check_base_model(config, pretrained="/here/tiny-sd", source=same, log=(messages := []).append)
+    assert messages == []  # the same base as configured, wherever it was resolved
+    other = AdapterSource(lora=tmp_path, default_output=None,
+                          record={"base_model": {"pretrained": "runwayml/stable-diffusion-v1-5", "resolved": "x"}})
+    _check_base_model(config, pretrained="/here/tiny-sd", source=other, log=messages.append)
+    assert len(messages) == 1 and "was trained on 'runwayml/stable-diffusion-v1-5'" in messages[0]
+    assert "policy.pretrained = 'tiny:sd'" in messages[0]
