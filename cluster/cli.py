@@ -1,4 +1,5 @@
-"""``gard`` command line: ``gard train CONFIG [--output-dir DIR] [key=value ...]``.
+"""``gard`` command line: ``gard train CONFIG [--output-dir DIR] [key=value ...]``, ``gard eval``, ``gard
+dpo``, ``gard serve``, ``gard fuse-lora`` and ``gard testbed``.
 
 The same entry point runs locally (a local Ray bound to 127.0.0.1) and on a cluster as
 ``ray job submit --working-dir . -- python -m cluster train CONFIG`` (it connects to the job's Ray).
@@ -27,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
               gard train configs/demo.yaml
               gard train configs/demo.yaml epochs=2 seed=3 --output-dir runs/try
               gard train configs/demo.yaml epochs=60 --output-dir runs/try --resume auto
+              gard eval runs/try --config configs/demo.yaml
+              gard eval --config configs/demo.yaml evaluation.images_per_prompt=8
               ray job submit --working-dir . -- python -m cluster train configs/sd15_aesthetic.yaml
               gard fuse-lora --out runs/fused runs/aesthetic/lora:0.7 runs/texforce/lora:0.3
               gard testbed build --out build/shapes --eval
@@ -44,6 +47,20 @@ def _parser() -> argparse.ArgumentParser:
                             "when it has none); never: start over (an earlier run's checkpoints there are "
                             "removed); PATH: continue from that checkpoint or run directory. Without the flag, "
                             "a run directory that already has checkpoints is refused")
+    evaluate = sub.add_parser(
+        "eval", help="evaluate an adapter (or the base model) as a run's evaluation would",
+        usage="gard eval [ADAPTER] --config CONFIG [--output-dir DIR] [--overwrite] [key=value ...]",
+        description="Sample CONFIG's evaluation set (its prompt sets, images_per_prompt and fixed seeds) with "
+                    "the adapter on the run's samplers and score it with the run's training and gold rewards: "
+                    "the final adapter of a run, with that run's config, gives the run's last eval/ metrics. "
+                    "Writes eval_metrics.json, eval.png and eval.json to --output-dir and prints each metric.")
+    evaluate.add_argument("items", nargs="*", metavar="ADAPTER, key=value",
+                          help="ADAPTER: a run directory (its lora/, or its newest checkpoint's), a checkpoint "
+                               "directory or a LoRA directory; omitted: the base model. Then config overrides")
+    evaluate.add_argument("--config", required=True, help="YAML config file (the run's config.yaml or a preset)")
+    evaluate.add_argument("--output-dir", default=None, metavar="DIR",
+                          help="where to write (default: RUN/eval for a run directory, else runs/eval-NAME-TIME)")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an earlier eval_metrics.json there")
     serve_cmd = sub.add_parser(
         "serve", help="serve a config's rewards as Ray Serve applications until interrupted",
         description="Start one Serve application per reward of CONFIG (HTTP: POST /<reward>) on local Ray "
@@ -127,11 +144,21 @@ def main(argv: list[str] | None = None) -> int:
         from testbed.build.cli import main as build_main
 
         return build_main(list(args.args) + extra)
+    from cluster.config import ConfigError, load_config
+
+    if args.command == "eval":  # [ADAPTER] and overrides, before or after the options
+        from cluster.eval_adapter import split_items
+
+        stray = [item for item in extra if item.startswith("-")]
+        try:
+            args.adapter, args.overrides = split_items([*args.items, *(e for e in extra if e not in stray)])
+        except ConfigError as err:
+            parser.error(str(err))
+        extra = stray
     stray = [item for item in extra if item.startswith("-") or "=" not in item]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     args.overrides = list(getattr(args, "overrides", [])) + extra
-    from cluster.config import ConfigError, load_config
 
     try:
         config = load_config(args.config, args.overrides)
@@ -154,6 +181,12 @@ def main(argv: list[str] | None = None) -> int:
             from cluster.offline_dpo import run_offline_dpo
 
             run_dir = run_offline_dpo(config, output_dir=args.output_dir)
+        elif args.command == "eval":
+            from cluster.eval_adapter import evaluate_adapter
+
+            out = evaluate_adapter(config, adapter=args.adapter, output_dir=args.output_dir, overwrite=args.overwrite)
+            print(f"gard: evaluation written to {out}")
+            return 0
         else:
             run_dir = train(config, output_dir=args.output_dir, resume=args.resume)
     except RunInterrupted as err:

@@ -93,12 +93,13 @@ def eval_result(config: Config, jobs: list[BatchJob], scores: list, image_batche
 EVAL_IMAGES = "eval/samples"  # the image tag of the evaluation grids (TensorBoard, W&B)
 
 
-def save_eval(result: EvalResult, *, run_dir: Path, updates: int, writer: MetricsWriter | None = None) -> Path:
+def save_eval(result: EvalResult, *, run_dir: Path, updates: int, writer: MetricsWriter | None = None,
+              stem: Path | None = None) -> Path:
     """``samples/eval_epochNNNN.png`` (the labelled grid; NNNN = ``updates``, the updates applied before
     the evaluation, 0 = the base model) and ``.json`` (set, prompt, reward, gold rewards and caption of
-    every image); the grid also goes to ``writer``'s sinks as ``eval/samples`` at step ``updates``.
-    Returns the PNG's path."""
-    stem = run_dir / "samples" / f"eval_epoch{updates:04d}"
+    every image), or ``stem`` + ``.png``/``.json`` when given; the grid also goes to ``writer``'s sinks as
+    ``eval/samples`` at step ``updates``. Returns the PNG's path."""
+    stem = stem or run_dir / "samples" / f"eval_epoch{updates:04d}"
     grid = save_grid(result.images, stem.with_suffix(".png"), labels=result.prompts, scores=result.scores)
     finite = lambda v: float(v) if np.isfinite(v) else None  # noqa: E731 - JSON has no NaN
     items = [{"prompt": p, "reward": finite(r)} for p, r in zip(result.prompts, result.scores, strict=True)]

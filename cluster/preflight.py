@@ -8,6 +8,7 @@ is one paragraph naming the field (exit code 2) and the run directory is not wri
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -96,7 +97,7 @@ def _check_targets(layers: dict[str, tuple[int, int]], *, targets, rank: int, fi
 def check_policy(config: Config, *, pretrained: str) -> None:
     """The adapters and the image size against a local pipeline's configs, built on the meta device (no
     weights are read): every LoRA target matches a layer, ranks fit the layers, the resolution fits the
-    VAE and the UNet's downsampling, and ``policy.init_adapter`` has the configured ranks."""
+    VAE and the UNet's downsampling. (``policy.init_adapter``'s ranks: ``check_init_adapter``.)"""
     path = Path(pretrained)
     if not (path / "unet" / "config.json").is_file():
         return  # a hub id: the actors check it when they load it
@@ -123,13 +124,12 @@ def check_policy(config: Config, *, pretrained: str) -> None:
         _check_targets(_adaptable_layers(networks["text_encoder"]), targets=pol.text_encoder_lora_targets,
                        rank=pol.text_encoder_lora_rank, field="policy.text_encoder_lora_targets",
                        network="text encoder")
-    if pol.init_adapter:
-        check_init_adapter(config)
 
 
 def check_init_adapter(config: Config) -> None:
     """The ranks of ``policy.init_adapter``'s LoRA tensors equal the configured ones (read from the
-    safetensors header, not the tensors)."""
+    safetensors header, not the tensors), and so do the alphas its diffusers metadata records (LoRA
+    scales its update by alpha / rank: the same tensors under another alpha are another adapter)."""
     from safetensors import safe_open
 
     pol = config.policy
@@ -138,6 +138,7 @@ def check_init_adapter(config: Config) -> None:
     try:
         with safe_open(str(file), framework="pt") as f:
             shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
+            metadata = f.metadata() or {}
     except Exception as err:  # noqa: BLE001 - any unreadable header is the same user error
         raise ConfigError(f"policy.init_adapter = {pol.init_adapter!r}: {file.name} is not a readable "
                           f"safetensors file ({err})") from None
@@ -147,6 +148,19 @@ def check_init_adapter(config: Config) -> None:
             field = "policy.lora_rank" if component == "unet" else "policy.text_encoder_lora_rank"
             raise ConfigError(f"policy.init_adapter = {pol.init_adapter!r} has rank {shape[0]} ({key}), but "
                               f"{field} = {expected[component]}; set {field}={shape[0]} or use another adapter")
+    try:  # diffusers' save_lora_weights packs each network's LoraConfig as "<network>.<key>"
+        saved = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+    except ValueError:
+        saved = {}
+    present = {key.split(".", 1)[0] for key in shapes}
+    for component, alpha in (("unet", pol.lora_alpha), ("text_encoder", pol.text_encoder_lora_alpha)):
+        recorded = saved.get(f"{component}.lora_alpha") if isinstance(saved, dict) else None
+        if component in present and isinstance(recorded, (int, float)) and float(recorded) != float(alpha):
+            field = "policy.lora_alpha" if component == "unet" else "policy.text_encoder_lora_alpha"
+            raise ConfigError(f"policy.init_adapter = {pol.init_adapter!r} was saved with lora_alpha {recorded:g} "
+                              f"for the {component}, but {field} = {alpha:g}; LoRA scales its update by alpha / "
+                              f"rank, so it would act {alpha / recorded:g} times as strong as saved; set "
+                              f"{field}={recorded:g} or use another adapter")
 
 
 def check_logging(config: Config) -> None:
@@ -168,3 +182,16 @@ def check_reward_models(config: Config) -> None:
             resolve_reward_specs(rewards, cache_dir=config.cache_dir)
         except (OSError, RuntimeError, ValueError) as err:
             raise ConfigError(f"{section}: {err}") from None
+
+
+def check_models(config: Config) -> str:
+    """What ``gard train`` and ``gard eval`` check before Ray starts: the reward models, the base model,
+    its DDIM schedule, the adapters against it and ``policy.init_adapter``'s ranks (that one also for a
+    hub id, from the adapter file alone). Returns the resolved ``policy.pretrained``."""
+    check_reward_models(config)
+    pretrained = check_pretrained(config, cache_dir=config.cache_dir)
+    check_scheduler(config, pretrained=pretrained)
+    check_policy(config, pretrained=pretrained)
+    if config.policy.init_adapter:
+        check_init_adapter(config)
+    return pretrained

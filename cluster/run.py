@@ -164,20 +164,11 @@ def train(config: Config, *, output_dir: str | None = None, resume: str | None =
         log(f"gard: {checkpoint.path} already has {checkpoint.epoch} epochs >= epochs={config.epochs}; "
             f"nothing to train (pass epochs=N with N > {checkpoint.epoch} to continue)")
         return run_dir
-    from cluster.preflight import (
-        check_logging,
-        check_policy,
-        check_pretrained,
-        check_reward_models,
-        check_scheduler,
-    )
+    from cluster.preflight import check_logging, check_models
 
     # Everything that can be checked without Ray, before the run directory is written.
     check_logging(config)
-    check_reward_models(config)
-    pretrained = check_pretrained(config, cache_dir=config.cache_dir)
-    check_scheduler(config, pretrained=pretrained)
-    check_policy(config, pretrained=pretrained)
+    check_models(config)
     stop = stop or StopRequest()
     with ray_session(config) as address, stop_on_signals(stop, log=log):
         from cluster.placement import check_placement

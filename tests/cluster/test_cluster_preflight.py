@@ -3,6 +3,7 @@ traceback, and writes nothing (no run directory)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -28,10 +29,16 @@ def files(tmp_path_factory, tiny_sd):
     save_file({"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(8, 64),
                "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.zeros(64, 8)},
               str(adapter / "pytorch_lora_weights.safetensors"))
+    alpha8 = root / "alpha8"  # rank 4 as configured, saved with lora_alpha 8 (the demo's is 4)
+    alpha8.mkdir()
+    save_file({"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 64),
+               "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.zeros(64, 4)},
+              str(alpha8 / "pytorch_lora_weights.safetensors"),
+              metadata={"lora_adapter_metadata": json.dumps({"unet.r": 4, "unet.lora_alpha": 8})})
     garbage = root / "garbage"
     garbage.mkdir()
     (garbage / "pytorch_lora_weights.safetensors").write_bytes(b"not a safetensors file at all")
-    return {"tiny": tiny_sd, "broken": str(broken), "rank8": str(adapter), "garbage": str(garbage)}
+    return {"tiny": tiny_sd, "broken": str(broken), "rank8": str(adapter), "alpha8": str(alpha8), "garbage": str(garbage)}
 
 
 CASES = [
@@ -53,6 +60,9 @@ CASES = [
                                       r"multiple of 8, at most 4096"),
     (["policy.pretrained={tiny}", "policy.init_adapter={rank8}"],
      r"policy.init_adapter = '.*rank8' has rank 8 .* but policy.lora_rank = 4"),
+    (["policy.pretrained={tiny}", "policy.init_adapter={alpha8}"],
+     r"policy.init_adapter = '.*alpha8' was saved with lora_alpha 8 for the unet, but policy.lora_alpha = 4; .* "
+     r"act 0.5 times as strong"),
     (["policy.pretrained={tiny}", "policy.init_adapter={garbage}"],
      r"policy.init_adapter = '.*garbage': pytorch_lora_weights.safetensors is not a readable safetensors file"),
     (["rewards={{jpeg_compressibility: {{quality: 500}}}}"], r"quality must be an int in \[1, 100\]"),
