@@ -124,7 +124,7 @@ def preprocess_images(
     if resize_mode not in _RESIZE_MODES:
         raise ValueError(f"resize_mode={resize_mode!r} is not supported; expected one of {_RESIZE_MODES}")
     target_h, target_w = _target_size(size)
-    x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+    x = torch.from_numpy(np.array(images, copy=True)).to(device)  # a copy: Ray hands out read-only arrays
     x = x.permute(0, 3, 1, 2).to(torch.float32) / 255.0  # [B, 3, H, W] in [0, 1]
     height, width = x.shape[-2:]
     if resize_mode == "squash":
