@@ -1,7 +1,7 @@
 """Every method against the shapes world's ground truth, on equal budgets of reward queries.
 
 Each row trains the shipped shapes pipeline (``tiny:shapes``) from the same base config
-(``configs/demo.yaml``: DDPO-IS on the shapes reward CLIP) with one method's overrides, for as many
+(``configs/shapes_ddpo.yaml``: DDPO-IS on the shapes reward CLIP) with one method's overrides, for as many
 epochs as the reward-query budget allows (B² rollouts query n_branch leaves per prompt, so they get
 fewer epochs), and reads the run's last evaluation: the judge's accuracy on the seen and held-out
 prompt sets (and per caption family), the CLIP score, diversity and CLIP Recall@1. The base model's
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-BASE_CONFIG = REPO / "configs" / "demo.yaml"
+BASE_CONFIG = REPO / "configs" / "shapes_ddpo.yaml"
 
 # method -> (overrides of the base config, seeds it gets: "many" = --seeds, 1 = one)
 METHODS: dict[str, tuple[list[str], str | int]] = {
