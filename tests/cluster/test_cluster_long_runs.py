@@ -18,7 +18,7 @@ from cluster.run import prepare_run_dir, train
 from cluster.stop import RunInterrupted, StopRequest
 
 REPO = Path(__file__).resolve().parents[2]
-EVAL_KEYS = ("eval/reward_mean", "eval/jpeg_compressibility")
+EVAL_KEYS = ("eval/",)  # every metric of an evaluation (training reward per set, gold, diversity...)
 COUNTER_KEYS = ("sampler/restarts", "sampler/resampled_batches", "sampler/restarts_total")
 
 
@@ -40,8 +40,9 @@ def _rows(run_dir: Path) -> list[dict]:
 
 
 def _training(row: dict, *, drop: tuple[str, ...] = ()) -> dict:
-    """A row without timings (they differ between two runs of the same computation)."""
-    return {k: v for k, v in row.items() if not k.endswith("_s") and k not in drop}
+    """A row without timings (they differ between two runs of the same computation) and without the keys
+    starting with a prefix in ``drop``."""
+    return {k: v for k, v in row.items() if not k.endswith("_s") and not k.startswith(drop)}
 
 
 def _lora(run_dir: Path) -> dict[str, bytes]:
