@@ -10,7 +10,7 @@ DOCKER ?= docker
 IMAGE ?= gard
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 
-.PHONY: setup demo test lint bench clean docker-cpu docker-gpu docker-available
+.PHONY: setup demo test test-slow lint bench clean docker-cpu docker-gpu docker-available
 
 setup: $(VENV)/.gard-setup-done
 
@@ -23,6 +23,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q -x --durations=30
+
+# The long robustness runs kept out of `make test`'s 30-minute budget (actor kills, a joined head,
+# the services end to end); with `make test` that is every CPU test.
+test-slow: setup
+	$(PY) -m pytest -q -x -m "slow and not gpu" --durations=30
 
 lint: setup
 	$(VENV)/bin/ruff check .

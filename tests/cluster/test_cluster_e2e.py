@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from cluster.config import load_config
 from cluster.run import train
@@ -144,6 +145,7 @@ def test_online_dpo_run_on_branch_pairs(ray_local, tmp_path):
     assert all(r["dpo/loss"] < np.log(2) - 1e-2 for r in rows) and rows[-1]["dpo/acc"] > 0.5
 
 
+@pytest.mark.slow  # outside the default suite's time budget: make test-slow
 def test_texforce_run_trains_and_exports_the_text_encoder_adapter(ray_local, tmp_path):
     from safetensors.torch import load_file
 
@@ -194,6 +196,7 @@ def test_a_run_whose_samplers_overflow_stops_after_max_skipped_steps_with_a_chec
     assert not (tmp_path / "run" / "lora").exists()
 
 
+@pytest.mark.slow  # outside the default suite's time budget: make test-slow
 def test_an_adapter_target_that_binds_to_nothing_stops_the_run_at_start(ray_local, tmp_path):
     import pytest
 

@@ -16,6 +16,7 @@ from cluster.run import train
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # outside the default suite's time budget: make test-slow
 def test_llava_bertscore_and_clip_with_volume_through_reward_services(ray_local, tmp_path, free_port):
     from ray import serve
 

@@ -99,6 +99,7 @@ def test_stopped_resumed_and_extended_run_equals_the_uninterrupted_one(reference
     assert any("nothing to train" in line for line in lines)
 
 
+@pytest.mark.slow  # outside the default suite's time budget: make test-slow
 def test_sampler_killed_mid_epoch_is_restarted_and_the_run_is_unchanged(reference, cache_dir, tmp_path):
     import ray
 
@@ -154,6 +155,7 @@ def _run_with(config, run_dir: Path, on_epoch_end) -> tuple[list[dict], list[str
     return rows, lines, driver
 
 
+@pytest.mark.slow  # outside the default suite's time budget: make test-slow
 def test_learner_killed_between_and_during_updates_is_restored_and_the_run_is_unchanged(reference, cache_dir,
                                                                                         tmp_path):
     config = _config(cache_dir, "epochs=4")
@@ -177,6 +179,7 @@ def test_learner_killed_between_and_during_updates_is_restored_and_the_run_is_un
     assert _lora(tmp_path / "run") == _lora(reference)
 
 
+@pytest.mark.slow  # outside the default suite's time budget: make test-slow
 def test_reward_stage_killed_mid_epoch_is_restarted_and_the_run_is_unchanged(reference, cache_dir, tmp_path):
     config = _config(cache_dir, "epochs=4")
     pids = []
@@ -195,6 +198,7 @@ def test_reward_stage_killed_mid_epoch_is_restarted_and_the_run_is_unchanged(ref
     assert _lora(tmp_path / "run") == _lora(reference)
 
 
+@pytest.mark.slow  # outside the default suite's time budget: make test-slow
 def test_a_learner_that_keeps_dying_stops_the_run_with_a_checkpoint(cache_dir, ray_local, tmp_path):
     from cluster.learner_handle import LearnerFailedError
 

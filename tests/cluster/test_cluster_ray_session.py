@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).parent / "ray")
 
@@ -22,6 +24,7 @@ with ray_session(config) as address:
 """
 
 
+@pytest.mark.slow  # outside the default suite's time budget: make test-slow
 def test_a_plain_run_does_not_join_another_head_on_the_machine(free_port):
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)

@@ -98,6 +98,7 @@ def test_sigterm_to_gard_train_leaves_a_checkpoint_and_no_serve_apps(ray_cluster
     assert _reward_apps() == []  # removed before exiting
 
 
+@pytest.mark.slow  # outside the default suite's time budget: make test-slow
 def test_a_reward_that_stays_down_stops_the_run_after_a_checkpoint(ray_cluster, tmp_path, free_port):
     from ray import serve
 
