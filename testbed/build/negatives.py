@@ -63,3 +63,31 @@ def hard_negatives(caption: str, rng: np.random.Generator, *, allow_held_out: bo
         if negative is not None and negative != caption:
             out[kind] = negative
     return out
+
+
+def candidate_texts(captions: list[str], rng: np.random.Generator, *, allow_held_out: bool
+                    ) -> tuple[list[str], list[int]]:
+    """The distinct texts of a contrastive batch (its captions and their hard negatives, in first-seen
+    order) and, per caption, the index of its own text: (texts [T], targets [B])."""
+    texts: dict[str, int] = {}
+    for caption in captions:
+        texts.setdefault(caption, len(texts))
+        for negative in hard_negatives(caption, rng, allow_held_out=allow_held_out).values():
+            texts.setdefault(negative, len(texts))
+    return list(texts), [texts[c] for c in captions]
+
+
+def pairwise_wins(image_emb, captions: list[str], encode_texts, rng: np.random.Generator
+                  ) -> tuple[dict[str, float], dict[str, int]]:
+    """(accuracy, count) per swap type: how often an image's embedding is closer to its true caption than
+    to that caption with one attribute swapped. image_emb: unit-norm [N, D] (torch); encode_texts: a
+    function from texts to unit-norm embeddings [T, D]."""
+    wins: dict[str, list[bool]] = {k: [] for k in SWAPS}
+    for i, caption in enumerate(captions):
+        negatives = hard_negatives(caption, rng, allow_held_out=True)
+        if not negatives:
+            continue
+        sims = image_emb[i] @ encode_texts([caption, *negatives.values()]).T
+        for j, kind in enumerate(negatives, start=1):
+            wins[kind].append(bool(sims[0] > sims[j]))
+    return {k: float(np.mean(v)) for k, v in wins.items() if v}, {k: len(v) for k, v in wins.items() if v}

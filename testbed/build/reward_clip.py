@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from testbed.build.common import codec_scene_batch, cosine_lr, eval_scenes, train_loop
-from testbed.build.negatives import SWAPS, hard_negatives
+from testbed.build.negatives import candidate_texts, pairwise_wins
 from testbed.world import render
 
 MODEL_NAME = "shapes-clip"  # open_clip names a registered config by its file stem
@@ -84,18 +84,10 @@ def _pixels(images: np.ndarray) -> torch.Tensor:
     return preprocess_images(images, size=32, mean=MEAN, std=STD)
 
 
-def _candidates(captions: list[str], rng: np.random.Generator) -> tuple[list[str], torch.Tensor]:
-    texts: dict[str, int] = {}
-    for caption in captions:
-        texts.setdefault(caption, len(texts))
-        for negative in hard_negatives(caption, rng, allow_held_out=True).values():
-            texts.setdefault(negative, len(texts))
-    return list(texts), torch.tensor([texts[c] for c in captions])
-
-
 def symmetric_loss(model, images: np.ndarray, captions: list[str], tokenizer, rng: np.random.Generator):
     """The loss of the module docstring for uint8 images [B, 32, 32, 3] and their B captions."""
-    texts, targets = _candidates(captions, rng)
+    texts, target_list = candidate_texts(captions, rng, allow_held_out=True)
+    targets = torch.tensor(target_list)
     image_emb = nn.functional.normalize(model.encode_image(_pixels(images)), dim=-1)  # [B, D]
     text_emb = nn.functional.normalize(model.encode_text(tokenizer(texts)), dim=-1)  # [T, D]
     logits = model.logit_scale.clamp(max=float(np.log(100.0))).exp() * image_emb @ text_emb.T  # [B, T]
@@ -163,14 +155,7 @@ def pairwise_accuracy(model, tokenizer, *, n: int = 400) -> RewardClipReport:
         scenes = eval_scenes(n, held_out=held_out, offset=70_000)
         rng = np.random.default_rng(54321)
         image_emb = nn.functional.normalize(model.encode_image(_pixels(np.stack([render(s) for s in scenes]))), dim=-1)
-        wins: dict[str, list[bool]] = {k: [] for k in SWAPS}
-        for i, scene in enumerate(scenes):
-            negatives = hard_negatives(scene.caption, rng, allow_held_out=True)
-            if not negatives:
-                continue
-            texts = [scene.caption, *negatives.values()]
-            sims = image_emb[i] @ nn.functional.normalize(model.encode_text(tokenizer(texts)), dim=-1).T
-            for j, kind in enumerate(negatives, start=1):
-                wins[kind].append(bool(sims[0] > sims[j]))
-        result[held_out] = {k: round(float(np.mean(v)), 3) for k, v in wins.items() if v}
+        accuracy, _ = pairwise_wins(image_emb, [s.caption for s in scenes], lambda texts: nn.functional.normalize(
+            model.encode_text(tokenizer(texts)), dim=-1), rng)
+        result[held_out] = {k: round(v, 3) for k, v in accuracy.items()}
     return RewardClipReport(seen=result[False], held_out=result[True], n=n)

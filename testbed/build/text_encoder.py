@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from testbed.build.common import cosine_lr, eval_scenes, render_batch, scene_batch, train_loop
-from testbed.build.negatives import SWAPS, hard_negatives
+from testbed.build.negatives import candidate_texts, pairwise_wins
 
 HIDDEN = 64
 PROJ_DIM = 128
@@ -96,15 +96,6 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, targets: t
     return loss, {"acc": float((logits.argmax(-1) == targets).float().mean())}
 
 
-def _candidates(captions: list[str], rng: np.random.Generator) -> tuple[list[str], torch.Tensor]:
-    texts: dict[str, int] = {}
-    for caption in captions:
-        texts.setdefault(caption, len(texts))
-        for negative in hard_negatives(caption, rng).values():
-            texts.setdefault(negative, len(texts))
-    return list(texts), torch.tensor([texts[c] for c in captions])
-
-
 def train_text_encoder(out_dir: Path, *, steps: int, seed: int, batch_size: int = BATCH_SIZE,
                        save_every: int = 200, stop_after: int | None = None):
     """Trains (or resumes) the text encoder to ``steps``; saves out_dir/text_encoder and out_dir/tokenizer.
@@ -118,7 +109,9 @@ def train_text_encoder(out_dir: Path, *, steps: int, seed: int, batch_size: int 
     def loss_fn(step: int):
         # Scenes come from a stream distinct from the VAE's (offset seed), negatives from the step's rng.
         scenes = scene_batch(seed + 1, step, batch_size)
-        texts, targets = _candidates([s.caption for s in scenes], np.random.default_rng([seed, step]))
+        texts, target_list = candidate_texts([s.caption for s in scenes], np.random.default_rng([seed, step]),
+                                             allow_held_out=False)
+        targets = torch.tensor(target_list)
         image_emb = nn.functional.normalize(tower(render_batch(scenes)), dim=-1)
         return contrastive_loss(image_emb, encode_text(text_encoder, heads, tokenizer, texts), targets, heads.log_scale)
 
@@ -144,14 +137,6 @@ def pairwise_accuracy(text_encoder, tokenizer, tower, heads, *, held_out: bool, 
     scenes = eval_scenes(n, held_out=held_out, offset=50_000)
     rng = np.random.default_rng(12345)
     image_emb = nn.functional.normalize(tower(render_batch(scenes)), dim=-1)
-    wins: dict[str, list[bool]] = {k: [] for k in SWAPS}
-    for i, scene in enumerate(scenes):
-        negatives = hard_negatives(scene.caption, rng, allow_held_out=True)
-        if not negatives:
-            continue
-        texts = [scene.caption, *negatives.values()]
-        sims = image_emb[i] @ encode_text(text_encoder, heads, tokenizer, texts).T
-        for j, kind in enumerate(negatives, start=1):
-            wins[kind].append(bool(sims[0] > sims[j]))
-    return PairwiseReport(accuracy={k: float(np.mean(v)) for k, v in wins.items() if v},
-                          n={k: len(v) for k, v in wins.items() if v})
+    accuracy, counts = pairwise_wins(image_emb, [s.caption for s in scenes],
+                                     lambda texts: encode_text(text_encoder, heads, tokenizer, texts), rng)
+    return PairwiseReport(accuracy=accuracy, n=counts)

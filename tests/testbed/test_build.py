@@ -10,7 +10,7 @@ import torch
 
 from testbed.build.cli import build
 from testbed.build.manifest import ManifestError, check_manifest, write_manifest
-from testbed.build.negatives import hard_negatives
+from testbed.build.negatives import candidate_texts, hard_negatives, pairwise_wins
 from testbed.judge import parse_caption
 
 torch.set_num_threads(1)
@@ -48,6 +48,30 @@ def test_hard_negatives_change_one_attribute_and_stay_in_the_grammar():
     assert hard_negatives("two red circles", rng)["count"] in ("a red circle", "three red circles")
     for negative in negatives.values():
         parse_caption(negative)  # a ValueError if it left the grammar
+
+
+def test_candidate_texts_index_each_caption_once_with_its_negatives():
+    rng = __import__("numpy").random.default_rng(0)
+    texts, targets = candidate_texts(["a red circle", "a red circle", "two blue squares"], rng, allow_held_out=False)
+    assert len(texts) == len(set(texts))
+    assert [texts[t] for t in targets] == ["a red circle", "a red circle", "two blue squares"]
+    assert targets[0] == targets[1] == 0
+
+
+def test_pairwise_wins_count_the_true_caption_beating_each_swap():
+    """A text embedding that knows colours but not shapes: colour swaps are always won, shape swaps never
+    (the true caption and its shape swap embed the same, and a tie is not a win)."""
+    colours = ["red", "green", "blue", "yellow"]
+
+    def encode(texts):
+        return torch.stack([torch.eye(4)[[c in t for c in colours].index(True)] for t in texts])
+
+    rng = __import__("numpy").random.default_rng(0)
+    captions = ["a red circle", "a blue square", "a yellow triangle"]
+    image_emb = encode(captions)
+    accuracy, counts = pairwise_wins(image_emb, captions, encode, rng)
+    assert accuracy["colour"] == 1.0 and accuracy["shape"] == 0.0
+    assert counts["colour"] == counts["shape"] == 3
 
 
 def test_same_seed_gives_the_same_weights(tmp_path, tiny_build):
