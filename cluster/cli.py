@@ -32,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
               gard eval --config configs/demo.yaml evaluation.images_per_prompt=8
               ray job submit --working-dir . -- python -m cluster train configs/sd15_aesthetic.yaml
               gard fuse-lora --out runs/fused runs/aesthetic/lora:0.7 runs/texforce/lora:0.3
+              gard plan configs/sd15_aesthetic.yaml --gpus 8 --costs benchmarks/costs/sd15_h100.json
               gard testbed build --out build/shapes --eval
             """
         ),
@@ -86,6 +87,16 @@ def _parser() -> argparse.ArgumentParser:
     fuse.add_argument("--rank", type=int, default=None,
                       help="compress every layer to this rank (truncated SVD)")
     fuse.add_argument("--overwrite", action="store_true", help="replace an existing adapter in --out")
+    plan_cmd = sub.add_parser(
+        "plan", help="predict the epoch time of every sampler/learner split of G devices for a config",
+        description="Predict, from per-device unit costs (--costs JSON), the epoch time and utilisation of "
+                    "every colocated and disaggregated layout of --gpus devices for CONFIG's epoch, and "
+                    "recommend the fastest (cluster/cost_model.py).")
+    plan_cmd.add_argument("config", help="YAML config file")
+    plan_cmd.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    plan_cmd.add_argument("--gpus", type=int, required=True, help="devices to split")
+    plan_cmd.add_argument("--costs", required=True, help="JSON unit costs (e.g. benchmarks/costs/sd15_h100.json)")
+    plan_cmd.add_argument("--reward-gpus", type=int, default=0, help="devices of the reward models (default 0)")
     testbed = sub.add_parser(
         "testbed", help="the shapes world: `gard testbed build --out DIR` trains its pretrained models",
         description="`gard testbed build ARGS` is `python -m testbed.build ARGS` (see its --help).")
@@ -165,6 +176,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"gard: config error: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    if args.command == "plan":
+        from cluster.plan import run_plan
+
+        try:
+            print(run_plan(config, devices=args.gpus, costs_path=args.costs, reward_devices=args.reward_gpus))
+        except ConfigError as err:
+            print(f"gard: error: {err}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
+        return 0
     if args.command == "serve":
         if args.port is not None:
             config.reward_service.http_port = args.port
