@@ -96,9 +96,13 @@ class TrainConfig:
 @dataclass
 class DpoConfig:
     """Diffusion-DPO (Wallace et al., CVPR 2024): offline from a preference JSONL (``gard dpo``), or online
-    from branch pairs with ``train.algorithm: dpo`` (the trajectory form, ``learner/algorithms/online_dpo.py``)."""
+    on the epoch's samples: ``train.algorithm: dpo`` (the trajectory form, ``learner/algorithms/online_dpo.py``)
+    or ``train.algorithm: diffusion_dpo`` (the denoising form, ``learner/algorithms/denoising_dpo.py``)."""
 
-    beta: float = field(default=2000.0, metadata=POSITIVE)
+    beta: float = field(default=2000.0, metadata={
+        **POSITIVE, "doc": "β of the denoising form (offline and diffusion_dpo), on per-sample mean squared errors"})
+    noise_draws: int = field(default=4, metadata={
+        **POSITIVE, "doc": "diffusion_dpo: (t, ε) draws per preference pair in each optimizer step"})
     online_beta: float = field(default=1.0, metadata=POSITIVE)
     dataset: str | None = field(default=None, metadata={"doc": "JSONL: {prompt, chosen, rejected} image paths"})
     steps: int = field(default=100, metadata=POSITIVE)

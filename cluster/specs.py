@@ -105,7 +105,8 @@ def learner_spec(config: Config) -> LearnerSpec:
     train = _section_fields(LearnerSpec, config.train)
     return LearnerSpec(**train, max_staleness=config.cluster.max_staleness, seed=config.seed,
                        bpt=bpt_schedule(config), b2_threshold=config.b2.threshold,
-                       b2_history_stages=config.b2.history_stages, dpo_beta=config.dpo.online_beta)
+                       b2_history_stages=config.b2.history_stages, dpo_beta=config.dpo.online_beta,
+                       dpo_denoise_beta=config.dpo.beta, dpo_noise_draws=config.dpo.noise_draws)
 
 
 def default_policy_spec(*, pretrained: str, **overrides) -> PolicySpec:

@@ -203,3 +203,23 @@ def preference_pairs(group_ids, rewards, *, min_margin: float = 0.0) -> tuple[np
             winners.append(best)
             losers.append(worst)
     return np.asarray(winners, dtype=np.int64), np.asarray(losers, dtype=np.int64)
+
+
+def ranked_pairs(group_ids, rewards) -> tuple[np.ndarray, np.ndarray]:
+    """(winner, loser) pairs that use every sample of a group once: sorted by reward, the k-th best is
+    paired with the k-th worst for k < n/2 (the middle sample of an odd group is left out), and pairs
+    of equal reward are dropped. Non-finite rewards are ignored. Returns two int64 arrays [P]."""
+    group_ids = _as_1d("group_ids", group_ids, np.int64)
+    rewards = _as_1d("rewards", rewards, np.float64)
+    if group_ids.shape != rewards.shape:
+        raise ValueError(f"group_ids has shape {group_ids.shape} but rewards has {rewards.shape}")
+    winners, losers = [], []
+    for members in _groups(group_ids):
+        members = members[np.isfinite(rewards[members])]
+        ranked = members[np.argsort(-rewards[members], kind="stable")]  # best first
+        for k in range(ranked.size // 2):
+            best, worst = ranked[k], ranked[ranked.size - 1 - k]
+            if rewards[best] > rewards[worst]:
+                winners.append(best)
+                losers.append(worst)
+    return np.asarray(winners, dtype=np.int64), np.asarray(losers, dtype=np.int64)

@@ -40,4 +40,6 @@ class LearnerSpec:
     b2_threshold: float
     b2_history_stages: int
     dpo_beta: float  # online trajectory DPO
+    dpo_denoise_beta: float  # online Diffusion-DPO, denoising form
+    dpo_noise_draws: int  # its (t, ε) draws per pair
     mixed_precision: str  # the learner's own precision: no | bf16 | fp16 (learner/precision.py)

@@ -54,7 +54,7 @@ class TransitionBatch:
                    timesteps=torch.from_numpy(trajectory.timesteps.copy()), embeds=embeds, prompts=prompts)
 
 
-def _embeds(policy: Policy, batch: TransitionBatch, i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def embeds_for(policy: Policy, batch: TransitionBatch, i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(prompt embeds [m, 77, D], negative embeds or None) for samples i.
 
     With a trained text encoder (TexForce, Chen et al., ECCV 2024) the prompt and negative-prompt embeddings
@@ -76,7 +76,7 @@ def transition_log_prob(policy: Policy, batch: TransitionBatch, i: torch.Tensor,
     x_t = batch.latents[i, j].to(device)
     x_next = batch.latents[i, j + 1].to(device)
     t = batch.timesteps[j].to(device)
-    model_output = policy.guided_output(x_t, t, *_embeds(policy, batch, i))
+    model_output = policy.guided_output(x_t, t, *embeds_for(policy, batch, i))
     mean, std = ddim_mean_std(policy.scheduler, model_output, t, x_t, eta=policy.spec.eta)
     return gaussian_log_prob(x_next, mean, std), mean, std, (x_t, t)
 
@@ -84,7 +84,7 @@ def transition_log_prob(policy: Policy, batch: TransitionBatch, i: torch.Tensor,
 def reference_mean(policy: Policy, batch: TransitionBatch, i: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
     """μ_pre [m, C, h, w] of the pretrained model (adapters disabled, no graph) at the same transitions."""
     with torch.no_grad(), policy.reference():
-        output = policy.guided_output(x_t, t, *_embeds(policy, batch, i))
+        output = policy.guided_output(x_t, t, *embeds_for(policy, batch, i))
     return ddim_mean_std(policy.scheduler, output, t, x_t, eta=policy.spec.eta)[0]
 
 

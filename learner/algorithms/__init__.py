@@ -7,6 +7,7 @@ Adding an algorithm: one module here with a function ``(TrainState, UpdateInputs
 from __future__ import annotations
 
 from learner.algorithms.base import PairBatch, TrainState, UpdateInputs, UpdateResult, UpdateRule
+from learner.algorithms.denoising_dpo import denoising_dpo
 from learner.algorithms.online_dpo import online_dpo
 from learner.algorithms.policy_gradient import pg, ppo
 
@@ -14,6 +15,7 @@ ALGORITHMS: dict[str, UpdateRule] = {
     "ppo": ppo,  # DDPO-IS: PPO-clip on the importance ratio (+ β·KL, DPOK)
     "pg": pg,  # DDPO-SF: REINFORCE (+ β·KL)
     "dpo": online_dpo,  # Diffusion-DPO in trajectory form on best/worst or explicit pairs
+    "diffusion_dpo": denoising_dpo,  # Diffusion-DPO's denoising loss on ranked pairs of the epoch's samples
 }
 
 
