@@ -14,9 +14,8 @@ Why a second online form: the trajectory form (``online_dpo``) and DDPO weight t
 sampled transition, ∇ log p(x_{t−1} | x_t) ∝ ε_t / σ_t · ∂μ/∂θ, by the sample's advantage; the injected
 noise ε_t of all T steps enters the estimate, and most of it is unrelated to the reward. This form
 never differentiates a sampled transition: it asks the model to denoise the preferred image better than
-the other one, a regression target, so its gradient is far less noisy per sample. On the shapes world
-the cosine between the gradients of two independent batches of 32 samples was 0.06 ± 0.03 for this form
-against 0.00 ± 0.03 for DDPO's (BENCHMARKS.md).
+the other one, a regression target, so the sampling noise does not enter its gradient.
+``benchmarks/gradient_noise.py`` measures both estimators' gradient noise (BENCHMARKS.md).
 """
 
 from __future__ import annotations
