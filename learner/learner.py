@@ -11,6 +11,11 @@ references it is sent). One ``update`` per epoch:
    B²-DiffuRL stage's interval of denoising steps when that schedule is on; every optimizer step goes
    through ``learner.precision.GuardedStep`` (bf16, or fp16 with loss scaling; non-finite steps skipped);
 4. bump the policy version when the rule applied at least one step; ``publish`` packs the adapter.
+
+Data-parallel ranks (``cluster.num_learners``): after ``join_group`` each rank runs the same ``update`` on
+the whole epoch, trains its share of every optimizer step and sums gradients with the others in the
+guarded step (``learner/distributed.py``), so every rank holds the same adapter and optimizer state;
+``check_replicas`` verifies it.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from actors.weights import WeightsPacket, check_adapter_layout, pack_adapter
 from learner.advantages import PerPromptStatTracker
 from learner.algorithms import PairBatch, TrainState, UpdateInputs, get_algorithm
 from learner.algorithms.policy_gradient import micro_batch_loss
+from learner.distributed import RankGroup, state_digest
 from learner.precision import GuardedStep, training_dtype
 from learner.selection import ZScoreHistory
 from learner.spec import ADVANTAGE_MODES, LearnerSpec
@@ -77,6 +83,27 @@ class Learner:
         # The adapter of the previous version (pipelined runs sample one version behind): the
         # first-step ratio check evaluates those samples under the weights that drew them.
         self._previous: tuple[int, list[torch.Tensor]] | None = None
+
+    # ----- data-parallel ranks --------------------------------------------------------------
+    @property
+    def group(self) -> RankGroup:
+        return self.state.group
+
+    def join_group(self, group: RankGroup) -> None:
+        """Trains as one rank of ``group`` from now on (every rank must hold the same state)."""
+        self.state.group = group
+        self.stepper.group = group
+
+    def state_digest(self) -> str:
+        """SHA-256 of the adapter and the optimizer state (equal across ranks that train in lockstep)."""
+        return state_digest(self._named_params, self.optimizer)
+
+    def check_replicas(self, *, epoch: int) -> str:
+        """Compares this rank's state digest with every other rank's (a collective: every rank calls it);
+        LearnerDivergedError naming the differing ranks and ``epoch`` on a mismatch. Returns the digest."""
+        digest = self.state_digest()
+        self.group.check_same(digest, epoch=epoch)
+        return digest
 
     # ----- publishing ----------------------------------------------------------------------
     def publish(self) -> WeightsPacket:
@@ -201,7 +228,7 @@ class Learner:
             stats["train/nonfinite_trajectories"] += nonfinite
             if pair_batch is None:  # every explicit pair stale or non-finite: nothing to train
                 stats.update({"train/n_pairs": 0, "dpo/n_pairs": 0})
-        skipped_before = self.stepper.skipped_total
+        skipped_before, comm_before = self.stepper.skipped_total, self.group.comm_s
         result = None
         if pairs is None or spec.algorithm != "dpo" or pair_batch is not None:
             rng = learner_epoch_rng(spec.seed, epoch=epoch)
@@ -218,6 +245,8 @@ class Learner:
                       "train/skipped_steps_in_row": self.stepper.skipped_in_row,
                       "train/loss_scale": self.stepper.loss_scale,
                       "train/pairs_per_s": stats.get("train/n_pairs", 0) / train_s if train_s > 0 else math.nan})
+        if self.group.active:
+            stats["time/allreduce_s"] = self.group.comm_s - comm_before
         return stats
 
     def _no_update_stats(self) -> dict[str, float]:

@@ -17,7 +17,9 @@ adapter parameters in float32 whatever the base dtype).
 ``GuardedStep`` is the one optimizer step of both trainers: scale the loss (fp16), unscale before
 clipping, clip the gradient norm, and skip the step when the loss or the gradient norm is not finite
 (the adapter is left untouched; the caller then does not bump the policy version). Skipped steps are
-counted, in total and in a row, and the counters are part of the checkpointed state.
+counted, in total and in a row, and the counters are part of the checkpointed state. With several
+learner ranks (``learner.distributed.RankGroup``) the step is where their gradients are summed and their
+skip decisions agreed, before unscaling and clipping: the one place every update rule goes through.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from learner.distributed import RankGroup
 
 MIXED_PRECISION = {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -68,6 +72,7 @@ class GuardedStep:
         self.steps_taken = 0
         self.skipped_total = 0
         self.skipped_in_row = 0
+        self.group = RankGroup()  # the single learner; Learner.join_group sets the ranks' group
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -88,7 +93,9 @@ class GuardedStep:
 
     def step(self, *, loss_finite: bool = True) -> StepResult:
         """Unscales, clips and applies the accumulated gradient, or skips the step when the loss or the
-        gradient norm is not finite (the parameters and the optimizer state are left untouched)."""
+        gradient norm is not finite (the parameters and the optimizer state are left untouched). With several
+        ranks the gradients are first summed over them and the loss flags agreed (``RankGroup.reduce_gradients``)."""
+        loss_finite = self.group.reduce_gradients(self.params, loss_finite=bool(loss_finite))
         self.scaler.unscale_(self.optimizer)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
         finite = bool(loss_finite) and math.isfinite(grad_norm)

@@ -18,6 +18,7 @@ import torch
 from actors.ddim import ddim_mean_std, gaussian_log_prob
 from actors.policy import Policy
 from actors.trajectory import Trajectory
+from learner.distributed import RankGroup
 
 
 @dataclass
@@ -91,15 +92,26 @@ def reference_mean(policy: Policy, batch: TransitionBatch, i: torch.Tensor, x_t:
 def sum_log_probs(policy: Policy, batch: TransitionBatch, samples: np.ndarray, steps: np.ndarray, *,
                   micro_batch_size: int, reference: bool = False,
                   backward: Callable[[torch.Tensor], None] | None = None,
-                  weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Σ over ``steps`` of log p(transition) for each of ``samples`` -> float32 [P] (policy or reference).
+                  weights: torch.Tensor | None = None, group: RankGroup | None = None) -> torch.Tensor:
+    """Σ over ``steps`` of log p(transition) for each of ``samples`` -> float64 [P] (policy or reference).
+
+    Summed in float64: DPO's margin is a small difference of two such sums (policy minus reference), so
+    float32 sums would make it depend on the summation order; in float64 the sum of the float32 terms
+    is exact, whichever order (or learner rank) adds them.
 
     With ``backward`` and ``weights`` [P], also backpropagates Σ_p w_p Σ_t log p micro-batch by
     micro-batch (``backward`` receives each micro-batch's scalar), instead of one graph for all
     P x |steps| transitions.
+
+    With a ``group`` of several learner ranks, each rank computes its share of the P x |steps|
+    transitions: the sums (without ``backward``) are then summed over the ranks, so every rank returns
+    all of them; with ``backward`` each rank backpropagates its share only (the step sums the gradients)
+    and returns its partial sums.
     """
     items = np.stack(np.meshgrid(np.arange(len(samples)), np.arange(len(steps)), indexing="ij"), -1).reshape(-1, 2)
-    totals = torch.zeros(len(samples))
+    if group is not None:
+        items = group.shard(items)
+    totals = torch.zeros(len(samples), dtype=torch.float64)
     grad = backward is not None
     for start in range(0, len(items), micro_batch_size):
         micro = items[start : start + micro_batch_size]
@@ -110,7 +122,9 @@ def sum_log_probs(policy: Policy, batch: TransitionBatch, samples: np.ndarray, s
             log_prob = transition_log_prob(policy, batch, i, j)[0]
         if grad:
             backward((weights[torch.from_numpy(micro[:, 0])].to(log_prob.device) * log_prob).sum())
-        totals.index_add_(0, torch.from_numpy(micro[:, 0]), log_prob.detach().float().cpu())
+        totals.index_add_(0, torch.from_numpy(micro[:, 0]), log_prob.detach().double().cpu())
+    if group is not None and group.active and not grad:
+        totals = group.all_reduce_sum_(totals.to(policy.device)).cpu()
     return totals
 
 

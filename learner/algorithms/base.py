@@ -3,6 +3,10 @@
 A rule is a function ``rule(state: TrainState, inputs: UpdateInputs) -> UpdateResult``: it trains the
 policy's adapter through ``state.stepper`` (the guarded optimizer step) and reports how many optimizer
 steps it applied; the Learner bumps the policy version when that number is positive.
+
+With several learner ranks every rank runs the rule on the same inputs: it trains only its share of each
+optimizer step's (sample, timestep) pairs (``state.group.shard``) and merges its statistics over the
+ranks (``state.group.merge_means``); ``state.stepper`` sums the gradients (``learner/distributed.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import numpy as np
 from actors.policy import Policy
 from learner.advantages import PerPromptStatTracker
 from learner.bpt import BptSchedule
+from learner.distributed import RankGroup
 from learner.precision import GuardedStep
 from learner.selection import ZScoreHistory
 from learner.spec import LearnerSpec
@@ -31,6 +36,7 @@ class TrainState:
     stat_tracker: PerPromptStatTracker  # per-prompt reward statistics (DDPO advantages)
     zscores: ZScoreHistory  # B²-DiffuRL's per-prompt z-score history
     schedule: BptSchedule | None  # B²-DiffuRL's backward progressive stages, None when off
+    group: RankGroup = field(default_factory=RankGroup)  # this learner's rank (the single learner by default)
 
 
 @dataclass

@@ -33,7 +33,10 @@ def online_dpo(state: TrainState, inputs: UpdateInputs) -> UpdateResult:
         winners, losers = preference_pairs(inputs.groups, inputs.rewards)
     if winners.size == 0:
         return UpdateResult(stats={"train/n_pairs": 0, "dpo/n_pairs": 0})
-    sums_of = dict(policy=state.policy, batch=batch, steps=steps, micro_batch_size=spec.micro_batch_size)
+    # Several ranks: each computes its share of every pair's transitions (the sums are exchanged, so every
+    # rank computes the same loss and weights) and backpropagates that share; the step sums the gradients.
+    sums_of = dict(policy=state.policy, batch=batch, steps=steps, micro_batch_size=spec.micro_batch_size,
+                   group=state.group)
     totals = {"dpo/loss": 0.0, "dpo/acc": 0.0, "dpo/margin": 0.0, "train/grad_norm": 0.0}
     applied, n_transitions = 0, 0
     for _ in range(spec.inner_epochs):

@@ -9,6 +9,10 @@ with B²-DiffuRL (Hu et al., CVPR 2025, eq. 5) the z-scores of the contrastively
 only those leaves are trained. Every sample keeps a random ``timestep_fraction`` of ``inputs.steps``;
 the shuffled pairs form ``updates_per_epoch`` optimizer steps, each in micro-batches of
 ``micro_batch_size`` pairs, the loss of a step being the mean over its pairs.
+
+Several learner ranks split each step's pairs (``learner/distributed.py``); the step's gradient and the
+logged means are those of all its pairs. One exception: without a KL term (β = 0) ``train/kl`` is a
+monitor measured on the first micro-batch of each step, i.e. of each rank's share with several ranks.
 """
 
 from __future__ import annotations
@@ -97,8 +101,9 @@ def _update(state: TrainState, inputs: UpdateInputs, *, clipped: bool) -> Update
         for chunk in np.array_split(pairs, min(spec.updates_per_epoch, len(pairs))):
             state.stepper.zero_grad()
             step_stats: list[tuple[dict[str, float], int]] = []
-            for start in range(0, len(chunk), spec.micro_batch_size):
-                micro = chunk[start : start + spec.micro_batch_size]
+            mine = state.group.shard(chunk)  # this rank's pairs; the weights below stay those of the whole step
+            for start in range(0, len(mine), spec.micro_batch_size):
+                micro = mine[start : start + spec.micro_batch_size]
                 measure_kl = beta > 0 or start == 0  # monitor KL cheaply when it is not trained
                 loss, micro_stats = micro_batch_loss(state, batch, micro, adv, clipped=clipped, beta=beta,
                                                      measure_kl=measure_kl)
@@ -114,7 +119,10 @@ def _update(state: TrainState, inputs: UpdateInputs, *, clipped: bool) -> Update
             n_pairs += len(chunk)
             applied += 1
     state.stepper.zero_grad()
-    stats.update({name: sums[name] / counts[name] for name in sums})
+    if state.group.active:  # pair-weighted means over every rank's micro-batches (grad_norm: the same on all)
+        stats.update(state.group.merge_means(sums, counts))
+    else:
+        stats.update({name: sums[name] / counts[name] for name in sums})
     stats["train/n_pairs"] = n_pairs
     return UpdateResult(stats=stats, optimizer_steps=applied)
 
