@@ -136,11 +136,13 @@ def _user_error(err: BaseException) -> BaseException | None:
     from cluster.learner_handle import LearnerFailedError
     from cluster.metrics import MetricsWriteError
     from cluster.samplers import SamplerFailedError
+    from learner.distributed import LearnerDivergedError
     from learner.precision import TrainingStalledError
 
     user_types = (ConfigError, AdapterMismatchError, ChecksumError, FileNotFoundError, RewardDownError,
                   SamplerFailedError, TrainingStalledError, AdapterBindingError, NonFiniteWeightsError,
-                  MetricsWriteError, LearnerFailedError, RewardStageFailedError, RewardHackingError)
+                  MetricsWriteError, LearnerFailedError, RewardStageFailedError, RewardHackingError,
+                  LearnerDivergedError)
     return next((e for e in cause_chain(err) if isinstance(e, user_types)), None)
 
 

@@ -207,6 +207,15 @@ class ClusterConfig:
     max_actor_failures: int = field(default=3, metadata={
         **POSITIVE, **RESUMABLE, "doc": "the learner and the reward stage are restarted when they die; this many "
                                         "deaths in a row (on one call) stop the run with a checkpoint"})
+    num_learners: int = field(default=1, metadata={
+        **POSITIVE, **RESUMABLE, "doc": "data-parallel learner ranks (a torch.distributed group: gloo on CPU, NCCL on "
+                                        "GPU), each asking for learner_num_cpus / learner_num_gpus; they split every "
+                                        "optimizer step and average gradients, rank 0 publishes and is checkpointed. "
+                                        "May change on resume (the update is the same up to float summation order)"})
+    learner_check_every: int = field(default=10, metadata={
+        **NON_NEGATIVE, **RESUMABLE, "doc": "with several learner ranks, compare their adapter and optimizer state "
+                                            "every this many epochs (0: never); a mismatch stops the run with rank "
+                                            "0's checkpoint"})
     max_sampler_failures: int = field(default=3, metadata={
         **POSITIVE, **RESUMABLE, "doc": "a sampler that dies is restarted; the death that makes this many in a "
                                         "row (deaths while restarting included) stops the run: 1 stops at the first"})
@@ -364,6 +373,11 @@ def validate(config: Config) -> None:
         config.reward_service.http_limits()
     except ValueError as err:
         raise ConfigError(f"reward_service: {err}") from None
+    c = config.cluster
+    if c.num_learners > 1 and 0 < c.learner_num_gpus < 1:
+        raise ConfigError(f"cluster.num_learners = {c.num_learners} with cluster.learner_num_gpus = "
+                          f"{c.learner_num_gpus}: learner ranks on GPUs form an NCCL group, which needs one whole GPU "
+                          f"per rank; set cluster.learner_num_gpus=1 (or 0 for CPU ranks), or cluster.num_learners=1")
     if config.train.stat_min_count > config.train.stat_buffer_size:
         raise ConfigError(f"train.stat_min_count = {config.train.stat_min_count} exceeds train.stat_buffer_size = "
                           f"{config.train.stat_buffer_size}; per-prompt statistics would never be used")

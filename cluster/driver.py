@@ -38,24 +38,24 @@ from cluster.errors import (
     RewardDownError,
     RewardHackingError,
     RewardStageFailedError,
-    actor_start_error,
     reward_failure,
 )
 from cluster.eval_run import Evaluator
 from cluster.evaluation import save_eval
-from cluster.learner_handle import LearnerFailedError, LearnerHandle
+from cluster.learner_group import connect_learners, start_learner_actors
+from cluster.learner_handle import LearnerFailedError
 from cluster.metrics import MetricsWriteError, MetricsWriter, open_writer
 from cluster.samplers import BatchJob, EpochBatch, SamplerFailedError, SamplerPool, StepAbandoned
 from cluster.specs import (
     bpt_schedule,
     evaluation_specs,
-    learner_spec,
     policy_spec,
     resolve_reward_specs,
     reward_stage_resources,
     start_reward_services,
 )
 from cluster.stop import EXIT_CODES, RunInterrupted, StopRequest
+from learner.distributed import LearnerDivergedError
 from learner.precision import TrainingStalledError, ratio_check, stalled_error
 from learner.schedules import linear_ramp
 
@@ -74,7 +74,7 @@ class Driver:
         pretrained = self.pretrained = resolve_pretrained(config.policy.pretrained, cache_dir=config.cache_dir)
         specs, weights = resolve_reward_specs(config.rewards, cache_dir=config.cache_dir)
         env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(c.torch_threads)}}
-        from cluster.remote import RemoteLearner, RemoteSampler
+        from cluster.remote import RemoteSampler
         from rewards.stage import RewardStage
 
         # Unlimited restarts, no transparent task retries: the driver re-sends the adapter to a
@@ -90,15 +90,8 @@ class Driver:
             )
             for i in range(c.num_samplers)
         ]
-        # Restarted by Ray when it dies; the handle puts it back at the state after the last update.
-        learner = ray.remote(num_cpus=c.learner_num_cpus, num_gpus=c.learner_num_gpus, runtime_env=env,
-                             max_restarts=-1, max_task_retries=0)(RemoteLearner).remote(
-            policy_spec=policy_spec(config, pretrained=pretrained, num_gpus=c.learner_num_gpus),
-            spec=learner_spec(config),
-            torch_threads=c.torch_threads,
-            init_adapter=config.policy.init_adapter,
-            call_timeout_s=self.timeout,
-        )
+        # Restarted by Ray when they die; the handle puts them back at the state after the last update.
+        learners = start_learner_actors(config, pretrained=pretrained, env=env)
         stage_cpus, stage_gpus = reward_stage_resources(config)
         eval_specs, recall = evaluation_specs(config, specs)
 
@@ -115,11 +108,9 @@ class Driver:
         # The local stage loads its reward models while the learner loads the policy; the Serve apps are
         # deployed only once the learner has started (nothing to remove if it refuses its adapter).
         self.reward_stage = None if serve else start_reward_stage(None)
-        try:  # the learner refuses adapters that bind to nothing: say so before anything else runs
-            ray.get(learner.__ray_ready__.remote(), timeout=self.timeout)
-        except ray.exceptions.RayActorError as err:
-            raise actor_start_error(err, "learner") from err
-        self.learner = LearnerHandle(learner, timeout_s=self.timeout, max_failures=c.max_actor_failures)
+        # The learner refuses adapters that bind to nothing: say so before anything else runs. Several
+        # ranks form their process group here (cluster/learner_group.py).
+        self.learner = connect_learners(learners, config=config, pretrained=pretrained)
         self.schedule = bpt_schedule(config)
         self.started_apps: list[str] = []
         if serve:  # deploys the reward apps not running yet
@@ -300,7 +291,7 @@ class Driver:
             try:
                 self._epochs(first, writer=writer, progress=progress, log=log, stop=stop, on_epoch_end=on_epoch_end)
             except (RewardDownError, SamplerFailedError, TrainingStalledError, LearnerFailedError,
-                    RewardStageFailedError, MetricsWriteError, RewardHackingError) as err:
+                    RewardStageFailedError, MetricsWriteError, RewardHackingError, LearnerDivergedError) as err:
                 self.learner.max_failures += 1  # one more restore, to take the final checkpoint
                 where = self._checkpoint_before_stopping(log)
                 raise type(err)(f"{err}. The run stopped after {where}; fix the cause and continue with "

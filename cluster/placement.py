@@ -21,7 +21,10 @@ def resource_demands(config: Config, *, running_apps: set[str] = frozenset()) ->
     c = config.cluster
     serve = config.reward_service.backend == "serve"
     demands = [(f"sampler {i}", c.sampler_num_cpus, c.sampler_num_gpus) for i in range(c.num_samplers)]
-    demands.append(("learner", c.learner_num_cpus, c.learner_num_gpus))
+    if c.num_learners == 1:
+        demands.append(("learner", c.learner_num_cpus, c.learner_num_gpus))
+    else:
+        demands.extend((f"learner rank {i}", c.learner_num_cpus, c.learner_num_gpus) for i in range(c.num_learners))
     # With Serve the stage mostly waits on handles (0.1 CPU; a GPU only for evaluation models on CUDA).
     demands.append(("reward stage", *reward_stage_resources(config)))
     if serve:
@@ -49,13 +52,31 @@ def placement_problem(demands: list[tuple[str, float, float]], available: dict[s
             listed = ", ".join(f"{what} {amount:g}" for what, amount in parts)
             return (f"the run asks for {asked:g} {resource} ({listed}) but the Ray cluster has {free:g} free; "
                     f"lower cluster.*_num_{resource.lower()}s or rewards.<name>.serve.num_{resource.lower()}s, use "
-                    f"fewer samplers, or give Ray more (cluster.local_num_cpus, a larger cluster)")
+                    f"fewer samplers or learner ranks (cluster.num_samplers, cluster.num_learners), or give Ray "
+                    f"more (cluster.local_num_cpus, a larger cluster)")
+    return None
+
+
+def learner_problem(config: Config, available: dict[str, float]) -> str | None:
+    """With several learner ranks: the paragraph saying the ranks alone do not fit what is free (None if
+    they do), naming ``cluster.num_learners``, the resources they require and those available."""
+    c = config.cluster
+    if c.num_learners == 1:
+        return None
+    for resource, each, field in (("CPU", c.learner_num_cpus, "learner_num_cpus"),
+                                  ("GPU", c.learner_num_gpus, "learner_num_gpus")):
+        required, free = c.num_learners * each, float(available.get(resource, 0.0))
+        if required > free + 1e-9:
+            return (f"cluster.num_learners = {c.num_learners}: {c.num_learners} learner ranks x {each:g} {resource} "
+                    f"(cluster.{field}) = {required:g} {resource} required, but the Ray cluster has {free:g} "
+                    f"{resource} available; lower cluster.num_learners (at most {int(free // each + 1e-9)} fit) or "
+                    f"cluster.{field}, or give Ray more (cluster.local_num_cpus, a larger cluster)")
     return None
 
 
 def check_placement(config: Config, *, strict: bool, log=print) -> None:
     """Compares the run's demands with ``ray.available_resources()``: ConfigError when ``strict`` (a
-    cluster this process started), else a warning."""
+    cluster this process started), else a warning. Learner ranks that alone cannot fit are named first."""
     import ray
 
     running: set[str] = set()
@@ -63,7 +84,9 @@ def check_placement(config: Config, *, strict: bool, log=print) -> None:
         from rewards.serve import running_apps
 
         running = set(running_apps())
-    problem = placement_problem(resource_demands(config, running_apps=running), ray.available_resources())
+    available = ray.available_resources()
+    problem = learner_problem(config, available) or placement_problem(
+        resource_demands(config, running_apps=running), available)
     if problem is None:
         return
     if strict:

@@ -89,6 +89,34 @@ class RemoteLearner(Learner):
         self._expect(instance)
         return self.load_state_dict(state=state)
 
+    # ----- data-parallel ranks (cluster/learner_group.py) --------------------------------------
+    def node(self) -> tuple[str, str]:
+        """(Ray node id, node IP) of this learner: ranks on one node meet on 127.0.0.1, else on rank 0's IP."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+
+    def group_port(self, *, instance: str, host: str) -> int:
+        """A free port on ``host`` for the group's rendezvous (called on rank 0, which listens there)."""
+        from learner.distributed import free_port
+
+        self._expect(instance)
+        return free_port(host)
+
+    def join_ranks(self, *, instance: str, host: str, port: int, rank: int, world_size: int, backend: str) -> int:
+        """Joins the learners' process group (every rank at once; the run's call timeout bounds the rendezvous
+        and every collective). Returns the rank."""
+        from learner.distributed import RankGroup
+
+        self._expect(instance)
+        self.join_group(RankGroup.join(host=host, port=port, rank=rank, world_size=world_size, backend=backend,
+                                       timeout_s=self.call_timeout_s, device=self.policy.device))
+        return rank
+
+    def checked_check_replicas(self, *, instance: str, epoch: int) -> str:
+        self._expect(instance)
+        return self.check_replicas(epoch=epoch)
+
 
 class RemoteSampler(Sampler):
     """``Sampler`` whose ``dfusion`` accepts references to the source trajectory batches."""

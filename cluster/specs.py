@@ -145,6 +145,21 @@ def _eval_line(evaluation) -> str:
     return line
 
 
+def _learners_line(config: Config) -> str:
+    """'2 ranks x (0.5 CPU, 0 GPU), gloo, ~N pairs per rank per step; states compared every 10 epochs'."""
+    c, t = config.cluster, config.train
+    line = f"{c.num_learners} {'rank' if c.num_learners == 1 else 'ranks'} x ({c.learner_num_cpus:g} CPU, " \
+           f"{c.learner_num_gpus:g} GPU)"
+    if c.num_learners == 1:
+        return line
+    pairs = config.samples_per_epoch * config.train_steps_per_sample * t.inner_epochs
+    per_rank = pairs // max(t.inner_epochs * t.updates_per_epoch, 1) // c.num_learners
+    backend = "nccl" if c.learner_num_gpus > 0 and config.policy.device != "cpu" else "gloo"
+    check = f"every {c.learner_check_every} epochs" if c.learner_check_every else "never"
+    return (f"{line}, torch.distributed {backend}, ~{per_rank} pairs per rank per step, gradients averaged; "
+            f"states compared {check}")
+
+
 def banner(config: Config, run_dir: Path, ray_address: str) -> str:
     c, s, t = config.cluster, config.sampling, config.train
     branching = config.b2.enabled and config.b2.branching
@@ -166,6 +181,7 @@ def banner(config: Config, run_dir: Path, ray_address: str) -> str:
         f" {t.inner_epochs} inner epoch(s), precision {t.mixed_precision} (samplers {config.policy.dtype})",
         f"  (sample, t) pairs   : {pairs} / epoch in {steps} optimizer steps of ~{pairs // max(steps, 1)}"
         f" (micro-batches of {t.micro_batch_size})",
+        f"  learners            : {_learners_line(config)}",
         f"  eval                : {_eval_line(config.evaluation)}",
         *([f"  B²-DiffuRL          : tau {config.b2.tau_start}->{config.b2.tau_end} over {config.b2.num_stages} stages"
            f" x {config.b2.epochs_per_stage} epoch(s)"

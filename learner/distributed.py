@@ -169,7 +169,7 @@ class RankGroup:
 
     def check_same(self, digest: str, *, epoch: int, what: str = "adapter and optimizer state") -> None:
         """Raises LearnerDivergedError on every rank when the ranks' digests differ, naming the ranks whose
-        digest differs from rank 0's and the epoch."""
+        digest differs from rank 0's and ``epoch`` (the epochs trained so far)."""
         digests = self.all_gather_object(digest)
         check_digests(digests, epoch=epoch, what=what)
 
@@ -180,7 +180,7 @@ def check_digests(digests: list[str], *, epoch: int, what: str = "adapter and op
     if differing:
         listed = ", ".join(f"rank {r} ({digests[r][:12]})" for r in differing)
         raise LearnerDivergedError(
-            f"the learner ranks disagree after epoch {epoch}: the {what} of {listed} differs from rank 0's "
+            f"the learner ranks disagree after {epoch} epoch(s): the {what} of {listed} differs from rank 0's "
             f"({digests[0][:12]}); the ranks must stay identical (same gradients, same steps). The run stops "
             f"with rank 0's state; check for non-deterministic kernels or a rank that skipped a step, then "
             f"resume (every rank loads the same checkpoint)")

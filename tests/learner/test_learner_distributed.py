@@ -150,12 +150,12 @@ def test_a_perturbed_rank_is_caught_naming_the_ranks_and_the_epoch(runs):
     messages = [rank.get("diverged") for rank in runs["ranks"]]
     assert all(messages), messages  # every rank raises, so no rank trains on
     assert messages[0] == messages[1]
-    assert "disagree after epoch 7" in messages[0] and "of rank 1 (" in messages[0] and "rank 0's" in messages[0]
+    assert "disagree after 7 epoch(s)" in messages[0] and "of rank 1 (" in messages[0] and "rank 0's" in messages[0]
 
 
 def test_digest_comparison_and_the_work_split():
     check_digests(["ab", "ab", "ab"], epoch=3)
-    with pytest.raises(LearnerDivergedError, match=r"after epoch 3: .* of rank 1 \(cd\), rank 2 \(ef\) differs"):
+    with pytest.raises(LearnerDivergedError, match=r"after 3 epoch\(s\): .* of rank 1 \(cd\), rank 2 \(ef\) differs"):
         check_digests(["ab", "cd", "ef"], epoch=3)
     items = np.arange(7)
     shares = [RankGroup(rank=r, world_size=3).shard(items) for r in range(3)]
