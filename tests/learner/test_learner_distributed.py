@@ -17,6 +17,7 @@ import torch
 
 from actors.sampler import Sampler
 from cluster.specs import default_learner_spec, default_policy_spec
+from learner.bpt import BptSchedule
 from learner.distributed import LearnerDivergedError, RankGroup, check_digests, free_port
 from learner.learner import Learner
 
@@ -39,19 +40,32 @@ SPECS = {
     "dpo": dict(algorithm="dpo", learning_rate=1e-2, updates_per_epoch=2, micro_batch_size=2, dpo_beta=20.0),
     "ppo_uneven": dict(algorithm="ppo", kl_beta=0.5, clip_range=0.5, learning_rate=1e-2, advantage="batch",
                        updates_per_epoch=2, micro_batch_size=3),
+    # TexForce: REINFORCE + KL on UNet and text-encoder adapters (prompts re-encoded with gradients).
+    "texforce_pg": dict(algorithm="pg", kl_beta=0.5, learning_rate=1e-2, advantage="batch", updates_per_epoch=2,
+                        micro_batch_size=4),
+    # B²-DiffuRL: stage 0 trains steps [2, 4) of the selected best/worst sample of each prompt (8 pairs).
+    "b2_ppo": dict(algorithm="ppo", clip_range=0.5, learning_rate=1e-2, updates_per_epoch=2, micro_batch_size=2,
+                   bpt=BptSchedule(num_steps=4, tau_start=2, tau_end=4, num_stages=3, epochs_per_stage=1),
+                   b2_threshold=0.5),
 }
-ADAPTER_ATOL = {"ppo_kl": 1e-6, "dpo": 2e-5, "ppo_uneven": 1e-4}
+POLICY = {"texforce_pg": dict(train_targets=("unet", "text_encoder"))}
+ADAPTER_ATOL = {"ppo_kl": 1e-6, "dpo": 2e-5, "ppo_uneven": 1e-4, "texforce_pg": 1e-6, "b2_ppo": 1e-6}
 # The logged means, (rel, abs): DPO's margin after the first step is a small difference (~1e-2) that
 # follows the adapter's last digits; with uneven micro-batches the PPO loss (~5e-4, a mean of terms ~1
 # whose advantages sum to zero) follows the kernels' batch-shape differences.
-STATS_TOL = {"ppo_kl": (1e-4, 1e-9), "dpo": (1e-3, 1e-9), "ppo_uneven": (1e-4, 1e-6)}
+STATS_TOL = {"ppo_kl": (1e-4, 1e-9), "dpo": (1e-3, 1e-9), "ppo_uneven": (1e-4, 1e-6), "texforce_pg": (1e-4, 1e-9),
+             "b2_ppo": (1e-4, 1e-9)}
 PPO_STATS = ("train/loss", "train/pg_loss", "train/kl", "train/approx_kl", "train/clipfrac", "train/ratio",
              "train/grad_norm", "train/advantage_abs_mean")
-STAT_KEYS = {"ppo_kl": PPO_STATS, "ppo_uneven": PPO_STATS, "dpo": ("dpo/loss", "dpo/acc", "dpo/margin", "train/grad_norm")}
+STAT_KEYS = {"ppo_kl": PPO_STATS, "ppo_uneven": PPO_STATS, "texforce_pg": PPO_STATS,
+             # No KL term: train/kl only monitors the first micro-batch of each step (of each rank's share).
+             "b2_ppo": tuple(k for k in PPO_STATS if k != "train/kl") + ("b2/n_selected",),
+             "dpo": ("dpo/loss", "dpo/acc", "dpo/margin", "train/grad_norm")}
 
 
 def _learner(pretrained: str, name: str) -> Learner:
-    policy = default_policy_spec(pretrained=pretrained, num_steps=4, resolution=64, guidance_scale=3.0)
+    policy = default_policy_spec(pretrained=pretrained, num_steps=4, resolution=64, guidance_scale=3.0,
+                                 **POLICY.get(name, {}))
     return Learner(policy_spec=policy, spec=default_learner_spec(**SPECS[name]))
 
 
@@ -61,16 +75,17 @@ def _result(learner: Learner, stats: dict) -> dict:
             "version": learner.version, "digest": learner.state_digest()}
 
 
-def _rank_main(rank: int, world_size: int, port: int, pretrained: str, data: str, out: str) -> None:
-    """One rank: each scenario trains one epoch in the group; then the state comparison, with rank 1's
-    weights perturbed. Results (or the error) are written to ``out/rank{rank}.pt``."""
+def _rank_main(rank: int, world_size: int, port: int, pretrained: str, data: str, out: str,
+               names: list[str]) -> None:
+    """One rank: each scenario of ``names`` trains one epoch in the group; then the state comparison, with
+    rank 1's weights perturbed. Results (or the error) are written to ``out/rank{rank}.pt``."""
     torch.set_num_threads(1)
     result: dict = {}
     try:
         trajectory, rewards = pickle.loads(Path(data).read_bytes())
         group = RankGroup.join(host="127.0.0.1", port=port, rank=rank, world_size=world_size, backend="gloo",
                                timeout_s=120)
-        for name in SPECS:
+        for name in names:
             learner = _learner(pretrained, name)
             learner.join_group(group)
             stats = learner.update(trajectories=[trajectory], rewards=[rewards], epoch=0)
@@ -89,11 +104,9 @@ def _rank_main(rank: int, world_size: int, port: int, pretrained: str, data: str
     torch.save(result, Path(out) / f"rank{rank}.pt")
 
 
-@pytest.fixture(scope="module")
-def runs(tiny_sd, tmp_path_factory) -> dict:
-    """The single learner's result per scenario (in this process) and both ranks' (two spawned processes)."""
-    out = tmp_path_factory.mktemp("ranks")
-    policy = default_policy_spec(pretrained=tiny_sd, num_steps=4, resolution=64, guidance_scale=3.0)
+def _train_scenarios(names: list[str], *, pretrained: str, out: Path) -> dict:
+    """The single learner's result per scenario (in this process) and both ranks' (two processes)."""
+    policy = default_policy_spec(pretrained=pretrained, num_steps=4, resolution=64, guidance_scale=3.0)
     trajectory, _ = Sampler(spec=policy).sample(prompts=PROMPTS, seed=0)
     rewards = np.array([1.0, 0.0, 0.3, 0.9], dtype=np.float32)
     data = out / "batch.pkl"
@@ -103,13 +116,13 @@ def runs(tiny_sd, tmp_path_factory) -> dict:
     context = torch.multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["torch", "diffusers", "peft", "learner.learner"])
     port = free_port()
-    procs = [context.Process(target=_rank_main, args=(rank, 2, port, tiny_sd, str(data), str(out)))
+    procs = [context.Process(target=_rank_main, args=(rank, 2, port, pretrained, str(data), str(out), names))
              for rank in range(2)]
     for proc in procs:
         proc.start()
     single = {}
-    for name in SPECS:  # while the ranks train
-        learner = _learner(tiny_sd, name)
+    for name in names:  # while the ranks train
+        learner = _learner(pretrained, name)
         single[name] = _result(learner, learner.update(trajectories=[trajectory], rewards=[rewards], epoch=0))
     for proc in procs:
         proc.join(timeout=300)
@@ -120,8 +133,24 @@ def runs(tiny_sd, tmp_path_factory) -> dict:
     return {"single": single, "ranks": ranks}
 
 
-@pytest.mark.parametrize("name", list(SPECS))
-def test_two_ranks_equal_one_learner_on_the_same_pairs(runs, name):
+FAST = ["ppo_kl", "dpo"]  # the default suite; the other scenarios run with make test-slow
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_sd, tmp_path_factory) -> dict:
+    return _train_scenarios(FAST, pretrained=tiny_sd, out=tmp_path_factory.mktemp("ranks"))
+
+
+@pytest.fixture(scope="module")
+def slow_runs(tiny_sd, tmp_path_factory) -> dict:
+    return _train_scenarios([n for n in SPECS if n not in FAST], pretrained=tiny_sd,
+                            out=tmp_path_factory.mktemp("ranks-slow"))
+
+
+@pytest.mark.parametrize("name", [
+    *FAST, *(pytest.param(n, marks=pytest.mark.slow) for n in SPECS if n not in FAST)])
+def test_two_ranks_equal_one_learner_on_the_same_pairs(request, name):
+    runs = request.getfixturevalue("runs" if name in FAST else "slow_runs")
     single, ranks = runs["single"][name], [r[name] for r in runs["ranks"]]
     # The two ranks are bit-identical (one all-reduce gives both the same gradient bits).
     assert ranks[0]["digest"] == ranks[1]["digest"]
