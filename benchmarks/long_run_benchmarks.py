@@ -126,7 +126,7 @@ def soak_and_restart(epochs: int, out: Path) -> dict:
     run_dir = prepare_run_dir(config, str(out / "soak-run"))
     driver = Driver(config, run_dir=run_dir)
     actors = {f"sampler{i}": s for i, s in enumerate(driver.samplers)}
-    actors.update(learner=driver.learner, reward_stage=driver.reward_stage)
+    actors.update(learner=driver.learner.actor, reward_stage=driver.reward_stage)
 
     def pids() -> dict[str, int]:
         return {name: ray.get(a.__ray_call__.remote(lambda self: os.getpid()), timeout=120) for name, a in actors.items()}

@@ -176,6 +176,7 @@ def evaluate_adapter(config: Config, *, adapter: str | None, output_dir: str | N
         log(f"gard: evaluating the base model; policy.init_adapter = {config.policy.init_adapter} is not loaded "
             f"(pass it as ADAPTER to evaluate it)")
     config.policy.init_adapter = None if source.lora is None else str(source.lora)
+    config.cluster.num_learners = 1  # nothing is trained: one learner loads and publishes the adapter
     out = Path(output_dir) if output_dir else (
         source.default_output or Path(f"runs/eval-{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"))
     check_output_dir(out, overwrite=overwrite)
