@@ -167,6 +167,16 @@ class RankGroup:
                 total_counts[name] = total_counts.get(name, 0) + rank_counts[name]
         return {name: total_sums[name] / total_counts[name] for name in sorted(total_sums)}
 
+    def sum_values(self, values: dict[str, float]) -> dict[str, float]:
+        """``values`` summed over the ranks, name by name (in rank order)."""
+        if not self.active:
+            return dict(values)
+        total: dict[str, float] = {}
+        for rank_values in self.all_gather_object(values):
+            for name, value in rank_values.items():
+                total[name] = total.get(name, 0.0) + value
+        return total
+
     def check_same(self, digest: str, *, epoch: int, what: str = "adapter and optimizer state") -> None:
         """Raises LearnerDivergedError on every rank when the ranks' digests differ, naming the ranks whose
         digest differs from rank 0's and ``epoch`` (the epochs trained so far)."""

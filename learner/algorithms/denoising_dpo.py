@@ -16,6 +16,9 @@ noise ε_t of all T steps enters the estimate, and most of it is unrelated to th
 never differentiates a sampled transition: it asks the model to denoise the preferred image better than
 the other one, a regression target, so the sampling noise does not enter its gradient.
 ``benchmarks/gradient_noise.py`` measures both estimators' gradient noise (BENCHMARKS.md).
+
+Several learner ranks draw the same (t, ε) (one seeded generator) and split each step's (pair, draw)
+items; each backpropagates its share with the whole step's weights and the step sums the gradients.
 """
 
 from __future__ import annotations
@@ -65,10 +68,11 @@ def denoising_dpo(state: TrainState, inputs: UpdateInputs) -> UpdateResult:
             eps = torch.randn((pairs.size, *x0.shape[1:]), generator=generator).to(device)
             state.stepper.zero_grad()
             step_loss, step_acc, step_margin = 0.0, 0.0, 0.0
-            for start in range(0, pairs.size, spec.micro_batch_size):
-                part = slice(start, start + spec.micro_batch_size)
-                w = torch.from_numpy(winners[pairs[part]])
-                lo = torch.from_numpy(losers[pairs[part]])
+            mine = state.group.shard(np.arange(pairs.size))  # this rank's items (all of them on one learner)
+            for start in range(0, mine.size, spec.micro_batch_size):
+                part = torch.from_numpy(mine[start : start + spec.micro_batch_size])
+                w = torch.from_numpy(winners[pairs[part.numpy()]])
+                lo = torch.from_numpy(losers[pairs[part.numpy()]])
                 errors = [_errors(state, batch, x0, idx, t[part], eps[part], reference=ref)
                           for ref in (False, True) for idx in (w, lo)]
                 loss, stats = diffusion_dpo_loss(*errors, beta=spec.dpo_denoise_beta)
@@ -77,7 +81,7 @@ def denoising_dpo(state: TrainState, inputs: UpdateInputs) -> UpdateResult:
                 step_loss += float(loss.detach()) * share
                 step_acc += float(stats["implicit_acc"]) * share
                 step_margin += float(stats["reward_margin"]) * share
-            result = state.stepper.step(loss_finite=math.isfinite(step_loss))
+            result = state.stepper.step(loss_finite=math.isfinite(step_loss))  # agreed over the ranks
             if result.skipped:
                 continue
             totals["train/grad_norm"] += result.grad_norm
@@ -89,6 +93,8 @@ def denoising_dpo(state: TrainState, inputs: UpdateInputs) -> UpdateResult:
     state.stepper.zero_grad()
     if not applied:
         return UpdateResult(stats={"train/n_pairs": 0, "dpo/n_pairs": int(winners.size)})
+    if state.group.active:  # each rank holds its share of the steps' means; the grad norm is the same on all
+        totals.update(state.group.sum_values({k: v for k, v in totals.items() if k.startswith("dpo/")}))
     stats = {k: v / applied for k, v in totals.items()}
     # train/n_pairs counts trained (pair, noise draw) items, dpo/n_pairs preference pairs.
     stats.update({"train/loss": stats["dpo/loss"], "train/n_pairs": n_pairs, "dpo/n_pairs": int(winners.size)})

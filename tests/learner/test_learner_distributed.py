@@ -25,7 +25,7 @@ PROMPTS = ["a cat", "a cat", "a dog", "a dog"]
 # Float summation order matters through AdamW: its first step is lr·g/(|g| + eps), so an entry whose
 # gradient cancels to ~eps moves by up to lr·δg/eps for a rounding difference δg. Two sources of δg here:
 # CPU kernels' results depend on the batch shape (~1e-8), and the ranks may add the same terms in another
-# order. "ppo_kl", "texforce_pg" and "b2_ppo" use micro-batches that are the same on one learner and on
+# order. "ppo_kl", "texforce_pg", "b2_ppo" and "denoising_dpo" use micro-batches that are the same on one learner and on
 # two ranks, added in the same order: they match to 1e-6. In "dpo" each rank adds its winner and loser
 # shares before the ranks are summed (one learner: all winner terms first): an entry of ~6e-8 then
 # differs by ~5e-10 and its first step by ~1e-5 (measured), hence 2e-3·lr. "ppo_uneven" splits
@@ -47,20 +47,25 @@ SPECS = {
     "b2_ppo": dict(algorithm="ppo", clip_range=0.5, learning_rate=1e-2, updates_per_epoch=2, micro_batch_size=2,
                    bpt=BptSchedule(num_steps=4, tau_start=2, tau_end=4, num_stages=3, epochs_per_stage=1),
                    b2_threshold=0.5),
+    # Diffusion-DPO in its denoising form: 2 ranked pairs x 2 (t, ε) draws, one pair per step, a draw per rank.
+    "denoising_dpo": dict(algorithm="diffusion_dpo", learning_rate=1e-2, updates_per_epoch=2, micro_batch_size=1,
+                          dpo_noise_draws=2, dpo_denoise_beta=500.0),
 }
 POLICY = {"texforce_pg": dict(train_targets=("unet", "text_encoder"))}
-ADAPTER_ATOL = {"ppo_kl": 1e-6, "dpo": 2e-5, "ppo_uneven": 1e-4, "texforce_pg": 1e-6, "b2_ppo": 1e-6}
+ADAPTER_ATOL = {"ppo_kl": 1e-6, "dpo": 2e-5, "ppo_uneven": 1e-4, "texforce_pg": 1e-6, "b2_ppo": 1e-6,
+                "denoising_dpo": 1e-6}
 # The logged means, (rel, abs): DPO's margin after the first step is a small difference (~1e-2) that
 # follows the adapter's last digits; with uneven micro-batches the PPO loss (~5e-4, a mean of terms ~1
 # whose advantages sum to zero) follows the kernels' batch-shape differences.
 STATS_TOL = {"ppo_kl": (1e-4, 1e-9), "dpo": (1e-3, 1e-9), "ppo_uneven": (1e-4, 1e-6), "texforce_pg": (1e-4, 1e-9),
-             "b2_ppo": (1e-4, 1e-9)}
+             "b2_ppo": (1e-4, 1e-9), "denoising_dpo": (1e-4, 1e-9)}
 PPO_STATS = ("train/loss", "train/pg_loss", "train/kl", "train/approx_kl", "train/clipfrac", "train/ratio",
              "train/grad_norm", "train/advantage_abs_mean")
 STAT_KEYS = {"ppo_kl": PPO_STATS, "ppo_uneven": PPO_STATS, "texforce_pg": PPO_STATS,
              # No KL term: train/kl only monitors the first micro-batch of each step (of each rank's share).
              "b2_ppo": tuple(k for k in PPO_STATS if k != "train/kl") + ("b2/n_selected",),
-             "dpo": ("dpo/loss", "dpo/acc", "dpo/margin", "train/grad_norm")}
+             "dpo": ("dpo/loss", "dpo/acc", "dpo/margin", "train/grad_norm"),
+             "denoising_dpo": ("dpo/loss", "dpo/acc", "dpo/margin", "train/grad_norm")}
 
 
 def _learner(pretrained: str, name: str) -> Learner:
