@@ -131,6 +131,8 @@ def test_b2_run_with_branch_rollouts_and_progressive_intervals(ray_local, tmp_pa
     assert all(r["train/n_pairs"] == r["b2/n_selected"] * (10 - r["b2/train_interval"][0]) for r in rows)
 
 
+# slow: online DPO end to end is also covered by the D-Fusion run of test_cluster_dfusion.py (default suite)
+@pytest.mark.slow
 def test_online_dpo_run_on_branch_pairs(ray_local, tmp_path):
     config = load_config(REPO / "configs" / "b2_demo.yaml", [
         f"cache_dir={tmp_path / 'cache'}", "logging.progress=false", "epochs=2", "train.algorithm=dpo",
@@ -163,6 +165,8 @@ def test_texforce_run_trains_and_exports_the_text_encoder_adapter(ray_local, tmp
     assert max(float(v.abs().max()) for v in unet_b) > 0
 
 
+# slow: a fault-path run of about a minute; tests/learner/test_learner_guarded_step.py covers the skip logic
+@pytest.mark.slow
 def test_a_run_whose_samplers_overflow_stops_after_max_skipped_steps_with_a_checkpoint(ray_local, tmp_path):
     """float16 samplers on a model whose first convolution overflows fp16 (the float32 learner is fine):
     every trajectory is NaN, nothing is trained or published, and after train.max_skipped_steps epochs

@@ -21,6 +21,8 @@ def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+# slow: two runs' worth of evaluation (about 110 s); the eval CLI's refusals stay in the default suite
+@pytest.mark.slow
 def test_eval_reproduces_the_runs_final_and_initial_evaluations(ray_local, tmp_path, capsys):
     run = tmp_path / "run"
     # Small and fast (2 samplers x 1 batch of 4, 5 DDIM steps), with the demo's high learning rate so that
