@@ -8,7 +8,12 @@ cost model (`cluster/cost_model.py`) then predicts every other layout; on 2 core
 busy actors than cores cannot beat the work-conserving limit (all the device-seconds / 2), so the
 prediction is the larger of the two.
 
-Usage: python benchmarks/scaling.py [--epochs 8] [--cores 2]   (prints a markdown table)
+A second table (``--sweep-samplers 2 4 8``) holds the work per epoch small and fixed (16 images of 5
+steps) while the number of tiny samplers grows, and reports what should stay flat: the weight broadcast
+(publish on the learner + the slowest sampler's verify-and-copy) and the driver's own time per epoch
+(the epoch minus the time it waited for the samplers, rewards and learner).
+
+Usage: python benchmarks/scaling.py [--epochs 8] [--cores 2] [--sweep-samplers 2 4 8]   (markdown tables)
 """
 
 from __future__ import annotations
@@ -53,6 +58,24 @@ def run(samplers: int, learners: int, staleness: int, *, epochs: int, out: Path)
             for k in ("epoch_s", "sample_s", "reward_s", "train_s", "broadcast_s")}
 
 
+def sweep(samplers: int, *, epochs: int, out: Path) -> dict:
+    """Broadcast and driver time per epoch with ``samplers`` tiny samplers and a fixed 16-image epoch."""
+    from cluster.config import load_config
+    from cluster.run import train
+
+    overrides = [f"epochs={epochs}", "cluster.max_staleness=0", f"cluster.num_samplers={samplers}",
+                 "sampling.num_steps=5", f"sampling.batch_size={16 // samplers}", "sampling.batches_per_sampler=1",
+                 "cluster.sampler_num_cpus=0.1", "cluster.learner_num_cpus=0.1", "cluster.reward_num_cpus=0.1",
+                 "cluster.local_num_cpus=4", "logging.progress=false", "logging.tensorboard=false",
+                 "checkpoint.every_epochs=0", "train.updates_per_epoch=1"]
+    config = load_config(REPO / "configs" / "demo.yaml", overrides)
+    run_dir = train(config, output_dir=str(out), resume="never", log=lambda *_: None)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][2:-1]
+    return {"broadcast_s": statistics.median(r["time/broadcast_s"] for r in rows),
+            "driver_s": statistics.median(r["time/epoch_s"] - r["time/driver_wait_s"] for r in rows),
+            "epoch_s": statistics.median(r["time/epoch_s"] for r in rows)}
+
+
 def unit_costs(calibration: dict):
     """Per-core unit costs from the synchronous 1 + 1 run (its epoch is the serial chain plus the driver)."""
     from cluster.cost_model import UnitCosts
@@ -81,7 +104,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--sweep-samplers", type=int, nargs="*", default=None,
+                        help="only the broadcast/driver sweep over these sampler counts")
     args = parser.parse_args()
+    if args.sweep_samplers:
+        with tempfile.TemporaryDirectory() as tmp:
+            results = {n: sweep(n, epochs=args.epochs, out=Path(tmp) / f"s{n}") for n in args.sweep_samplers}
+        print("| samplers | broadcast ms per epoch | driver ms per epoch | epoch s |")
+        print("|---|---|---|---|")
+        for n, r in results.items():
+            print(f"| {n} | {1e3 * r['broadcast_s']:.1f} | {1e3 * r['driver_s']:.1f} | {r['epoch_s']:.2f} |")
+        return
     measured = {}
     with tempfile.TemporaryDirectory() as tmp:
         for i, (s, n, staleness, _) in enumerate(LAYOUTS):
