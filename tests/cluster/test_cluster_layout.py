@@ -84,7 +84,7 @@ def test_colocated_gpu_shares_share_one_gpu_and_allow_fractional_learner_ranks()
     both = ["cluster.layout=colocated", "cluster.num_learners=2"]
     ok = _cluster(*both, "cluster.sampler_num_gpus=0.5", "cluster.learner_num_gpus=0.5")
     assert ok.learner_num_gpus == 0.5 and ok.num_learners == 2  # NCCL: still one rank per GPU bundle
-    with pytest.raises(ConfigError, match=r"0.25 \+ 0.25 = 0.5, expected more than 0.5 and at most 1: .* NCCL needs one "
+    with pytest.raises(ConfigError, match=r"0.25 \+ 0.25 = 0.5, expected more than 0.5 and at most 1: .*NCCL needs one "
                                           r"learner rank per GPU"):
         _cluster(*both, "cluster.sampler_num_gpus=0.25", "cluster.learner_num_gpus=0.25")
     with pytest.raises(ConfigError, match=r"= 1 \+ 1 = 2, expected more than 0.5 and at most 1"):
