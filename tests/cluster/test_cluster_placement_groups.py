@@ -134,7 +134,7 @@ def test_a_group_that_cannot_be_placed_is_refused_quickly_with_its_bundles_named
     assert _wait_free(6.0) == pytest.approx(6.0)
 
 
-@pytest.mark.slow  # 80-110 s on 2 busy cores (five actors load the tiny pipeline): make test-slow
+@pytest.mark.slow  # 46 s on 2 idle cores, 80-110 s on busy ones (five actors load the tiny pipeline)
 def test_a_colocated_run_places_each_sampler_with_its_learner_rank(two_nodes, tmp_path):
     """Two (sampler + rank) bundles of 2 CPUs cannot share a 3-CPU node: PACK puts one on each node, and
     sampler i and learner rank i sit in bundle i. The run trains across the nodes (gloo) and ends with
