@@ -202,6 +202,13 @@ class ClusterConfig:
     reward_num_cpus: float = field(default=0.5, metadata={**NON_NEGATIVE, **RESUMABLE})
     reward_num_gpus: float = field(default=0.0, metadata={**NON_NEGATIVE, **RESUMABLE})
     max_staleness: int = field(default=0, metadata=_rule(lambda v: v in (0, 1), "0 (synchronous) or 1 (pipelined)"))
+    layout: str = field(default="disaggregated", metadata={
+        **choice("disaggregated", "colocated"), **RESUMABLE,
+        "doc": "disaggregated: samplers and learner ranks apart (ranks packed, samplers spread); colocated: sampler "
+               "i and rank i share one bundle, e.g. 0.45 + 0.45 of a GPU (cluster/layout.py)"})
+    placement_timeout_s: float = field(default=300.0, metadata={
+        **POSITIVE, **RESUMABLE, "doc": "how long to wait for Ray to reserve the placement groups (an autoscaling "
+                                        "cluster may need to add nodes) before stopping with the bundles named"})
     call_timeout_s: float = field(default=600.0, metadata={**POSITIVE, **RESUMABLE})
     torch_threads: int = field(default=1, metadata={**POSITIVE, **RESUMABLE})
     max_actor_failures: int = field(default=3, metadata={
@@ -373,11 +380,9 @@ def validate(config: Config) -> None:
         config.reward_service.http_limits()
     except ValueError as err:
         raise ConfigError(f"reward_service: {err}") from None
-    c = config.cluster
-    if c.num_learners > 1 and 0 < c.learner_num_gpus < 1:
-        raise ConfigError(f"cluster.num_learners = {c.num_learners} with cluster.learner_num_gpus = "
-                          f"{c.learner_num_gpus}: learner ranks on GPUs form an NCCL group, which needs one whole GPU "
-                          f"per rank; set cluster.learner_num_gpus=1 (or 0 for CPU ranks), or cluster.num_learners=1")
+    from cluster.layout import validate_layout
+
+    validate_layout(config.cluster)
     if config.train.stat_min_count > config.train.stat_buffer_size:
         raise ConfigError(f"train.stat_min_count = {config.train.stat_min_count} exceeds train.stat_buffer_size = "
                           f"{config.train.stat_buffer_size}; per-prompt statistics would never be used")

@@ -45,11 +45,18 @@ from cluster.evaluation import save_eval
 from cluster.learner_group import connect_learners, start_learner_actors
 from cluster.learner_handle import LearnerFailedError
 from cluster.metrics import MetricsWriteError, MetricsWriter, open_writer
-from cluster.samplers import BatchJob, EpochBatch, SamplerFailedError, SamplerPool, StepAbandoned
+from cluster.placement_groups import create_placement, locate, placement_report
+from cluster.samplers import (
+    BatchJob,
+    EpochBatch,
+    SamplerFailedError,
+    SamplerPool,
+    StepAbandoned,
+    start_sampler_actors,
+)
 from cluster.specs import (
     bpt_schedule,
     evaluation_specs,
-    policy_spec,
     resolve_reward_specs,
     reward_stage_resources,
     start_reward_services,
@@ -70,28 +77,26 @@ class Driver:
         self.config = config
         self.run_dir = run_dir
         self.timeout = config.cluster.call_timeout_s
-        c = config.cluster
+        self.started_apps: list[str] = []
+        # The layout's placement groups, reserved before any actor starts (cluster/placement_groups.py);
+        # removed by shutdown(), also when starting the actors fails.
+        self.placement = create_placement(config)
+        try:
+            self._start(config)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start(self, config: Config) -> None:
+        ray, c = self.ray, config.cluster
         pretrained = self.pretrained = resolve_pretrained(config.policy.pretrained, cache_dir=config.cache_dir)
         specs, weights = resolve_reward_specs(config.rewards, cache_dir=config.cache_dir)
         env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(c.torch_threads)}}
-        from cluster.remote import RemoteSampler
         from rewards.stage import RewardStage
 
-        # Unlimited restarts, no transparent task retries: the driver re-sends the adapter to a
-        # restarted sampler before it samples again (cluster/samplers.py).
-        sampler_cls = ray.remote(num_cpus=c.sampler_num_cpus, num_gpus=c.sampler_num_gpus, runtime_env=env,
-                                 max_restarts=-1, max_task_retries=0)(RemoteSampler)
-        self.samplers = [
-            sampler_cls.remote(
-                spec=policy_spec(config, pretrained=pretrained, num_gpus=c.sampler_num_gpus),
-                worker_index=i,
-                torch_threads=c.torch_threads,
-                call_timeout_s=self.timeout,
-            )
-            for i in range(c.num_samplers)
-        ]
+        self.samplers = start_sampler_actors(config, pretrained=pretrained, env=env, placement=self.placement)
         # Restarted by Ray when they die; the handle puts them back at the state after the last update.
-        learners = start_learner_actors(config, pretrained=pretrained, env=env)
+        learners = start_learner_actors(config, pretrained=pretrained, env=env, placement=self.placement)
         stage_cpus, stage_gpus = reward_stage_resources(config)
         eval_specs, recall = evaluation_specs(config, specs)
 
@@ -112,7 +117,6 @@ class Driver:
         # ranks form their process group here (cluster/learner_group.py).
         self.learner = connect_learners(learners, config=config, pretrained=pretrained)
         self.schedule = bpt_schedule(config)
-        self.started_apps: list[str] = []
         if serve:  # deploys the reward apps not running yet
             service, self.started_apps = start_reward_services(config, specs)
             self.reward_stage = start_reward_stage(service)
@@ -127,12 +131,21 @@ class Driver:
         self.last_checkpoint: Path | None = None
 
     def shutdown(self) -> None:
-        """Removes the reward applications this run started (unless reward_service.keep_running)."""
+        """Removes the reward applications this run started (unless reward_service.keep_running), then the
+        placement groups (and the samplers and learner ranks in them)."""
         if self.started_apps and not self.config.reward_service.keep_running:
             from rewards.serve import remove_rewards
 
             remove_rewards(self.started_apps)
             self.started_apps = []
+        self.placement.remove()
+
+    def placement_report(self) -> str:
+        """Where every sampler, learner rank and the reward stage runs (node, GPUs), for the banner."""
+        actors = {f"sampler {i}": s for i, s in enumerate(self.samplers)}
+        actors.update({f"learner rank {r}": a for r, a in enumerate(self.learner.actors)})
+        return placement_report(self.placement.plan, locate(actors, reward_stage=self.reward_stage,
+                                                            timeout_s=self.timeout))
 
     # ----- helpers ------------------------------------------------------------------------
     def _get(self, refs):

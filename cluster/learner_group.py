@@ -34,13 +34,15 @@ from collections.abc import Callable
 from cluster.config import Config
 from cluster.errors import actor_start_error
 from cluster.learner_handle import LearnerFailedError, LearnerHandle, first_line
+from cluster.placement_groups import Placement
 from cluster.specs import learner_spec, policy_spec
 from learner.distributed import CollectiveError, LearnerDivergedError, backend_for
 
 
-def start_learner_actors(config: Config, *, pretrained: str, env: dict) -> list:
-    """Starts ``cluster.num_learners`` learner actors (not waited for: they load while the rest starts).
-    Ray restarts one that dies; the handle puts it back where it was."""
+def start_learner_actors(config: Config, *, pretrained: str, env: dict, placement: Placement) -> list:
+    """Starts ``cluster.num_learners`` learner actors, rank i in its bundle of ``placement`` (not waited for:
+    they load while the rest starts). Ray restarts one that dies, into the same bundle; the handle puts it
+    back at the state where it was."""
     import ray
 
     from cluster.remote import RemoteLearner
@@ -48,10 +50,11 @@ def start_learner_actors(config: Config, *, pretrained: str, env: dict) -> list:
     c = config.cluster
     cls = ray.remote(num_cpus=c.learner_num_cpus, num_gpus=c.learner_num_gpus, runtime_env=env, max_restarts=-1,
                      max_task_retries=0)(RemoteLearner)
-    return [cls.remote(policy_spec=policy_spec(config, pretrained=pretrained, num_gpus=c.learner_num_gpus),
-                       spec=learner_spec(config), torch_threads=c.torch_threads,
-                       init_adapter=config.policy.init_adapter, call_timeout_s=c.call_timeout_s)
-            for _ in range(c.num_learners)]
+    return [cls.options(**placement.learner_options(rank=rank)).remote(
+                policy_spec=policy_spec(config, pretrained=pretrained, num_gpus=c.learner_num_gpus),
+                spec=learner_spec(config), torch_threads=c.torch_threads, init_adapter=config.policy.init_adapter,
+                call_timeout_s=c.call_timeout_s)
+            for rank in range(c.num_learners)]
 
 
 def connect_learners(actors: list, *, config: Config, pretrained: str) -> LearnerHandle | LearnerGroup:

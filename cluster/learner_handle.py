@@ -39,6 +39,11 @@ class LearnerHandle:
         self.snapshot: dict | None = None  # the state after the last applied update (None: the constructor's)
         self.restarts = 0  # deaths survived over the run
 
+    @property
+    def actors(self) -> list:
+        """The one learner actor, as a list (as ``LearnerGroup.actors``)."""
+        return [self.actor]
+
     def _call(self, submit: Callable, what: str):
         """``ray.get(submit(actor, instance))``; on the actor's death, restore it and submit again. A call
         that reached a restarted actor before the death was seen is refused by it (LearnerRestarted):

@@ -61,6 +61,15 @@ def learner_problem(config: Config, available: dict[str, float]) -> str | None:
     """With several learner ranks: the paragraph saying the ranks alone do not fit what is free (None if
     they do), naming ``cluster.num_learners``, the resources they require and those available."""
     c = config.cluster
+    if c.layout == "colocated" and c.learner_num_gpus > 0:
+        # Each (sampler, rank) bundle takes more than half of one GPU: n bundles need n whole GPUs.
+        free = int(float(available.get("GPU", 0.0)) + 1e-9)
+        if c.num_learners > free:
+            return (f"cluster.layout = 'colocated' with cluster.num_learners = {c.num_learners}: every learner rank "
+                    f"and its sampler take one GPU (cluster.sampler_num_gpus + cluster.learner_num_gpus = "
+                    f"{c.sampler_num_gpus + c.learner_num_gpus:g} of it), so {c.num_learners} GPUs are required, but "
+                    f"the Ray cluster has {free} GPU(s) available; lower cluster.num_samplers and "
+                    f"cluster.num_learners to at most {free}, or give Ray more GPUs")
     if c.num_learners == 1:
         return None
     for resource, each, field in (("CPU", c.learner_num_cpus, "learner_num_cpus"),

@@ -47,7 +47,9 @@ def format_plan(predictions: list[Prediction], *, devices: int) -> str:
                      f"{p.epoch_s:>9.3f} {p.utilisation:>6.1%}")
     best = predictions[0]
     staleness = best.layout.max_staleness
-    lines.append(f"recommended on {devices} devices: {best.layout.describe()} (cluster.max_staleness: {staleness}), "
+    lay = best.layout
+    lines.append(f"recommended on {devices} devices: {lay.describe()} (cluster.layout: {lay.kind}, cluster.num_samplers: "
+                 f"{lay.samplers}, cluster.num_learners: {lay.learners}, cluster.max_staleness: {staleness}), "
                  f"{best.epoch_s:.3f} s per epoch, {best.utilisation:.0%} of the devices busy")
     return "\n".join(lines)
 

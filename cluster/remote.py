@@ -37,11 +37,20 @@ def _reward_totals(scored: list) -> list[np.ndarray]:
     return [s.total if isinstance(s, ScoredBatch) else np.asarray(s, dtype=np.float32) for s in scored]
 
 
+class Locatable:
+    """``where()``: the node and GPUs of the actor (the banner's placement block, cluster/placement_groups.py)."""
+
+    def where(self) -> dict:
+        from cluster.placement_groups import where
+
+        return where()
+
+
 class LearnerRestarted(RuntimeError):
     """A call meant for a learner instance that is gone: Ray restarted the actor (fresh state) since."""
 
 
-class RemoteLearner(Learner):
+class RemoteLearner(Locatable, Learner):
     """``Learner`` whose ``update`` accepts lists of references (trajectories, scores, pairs), and whose
     stateful calls name the instance they expect: a call queued to an actor that Ray restarted in
     between is refused (``LearnerRestarted``) instead of running on the constructor's state."""
@@ -118,7 +127,7 @@ class RemoteLearner(Learner):
         return self.check_replicas(epoch=epoch)
 
 
-class RemoteSampler(Sampler):
+class RemoteSampler(Locatable, Sampler):
     """``Sampler`` whose ``dfusion`` accepts references to the source trajectory batches."""
 
     def __init__(self, *, call_timeout_s: float, **kwargs):

@@ -179,6 +179,7 @@ def train(config: Config, *, output_dir: str | None = None, resume: str | None =
         log(banner(config, run_dir, address))
         driver = Driver(config, run_dir=run_dir)
         try:
+            log(driver.placement_report())  # which actor runs on which node and GPU
             driver.run(log=log, resume=checkpoint, stop=stop)
         finally:
             driver.shutdown()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from actors.policy import PolicySpec
 from cluster.config import Config
+from cluster.layout import describe_layout
 from cluster.reward_config import RewardConfig
 from learner.bpt import BptSchedule
 from learner.spec import LearnerSpec
@@ -182,6 +183,7 @@ def banner(config: Config, run_dir: Path, ray_address: str) -> str:
         f"  (sample, t) pairs   : {pairs} / epoch in {steps} optimizer steps of ~{pairs // max(steps, 1)}"
         f" (micro-batches of {t.micro_batch_size})",
         f"  learners            : {_learners_line(config)}",
+        f"  layout              : {describe_layout(c)}",
         f"  eval                : {_eval_line(config.evaluation)}",
         *([f"  B²-DiffuRL          : tau {config.b2.tau_start}->{config.b2.tau_end} over {config.b2.num_stages} stages"
            f" x {config.b2.epochs_per_stage} epoch(s)"
