@@ -48,7 +48,7 @@ def test_every_preset_is_valid():
         (BASE, ["sampling.num_steps=-5"], r"sampling.num_steps = -5 is out of range: expected > 0"),
         (BASE, ["sampling.eta=0"], r"sampling.eta = 0.0 is out of range: expected > 0 \(training needs stochastic"),
         (BASE, ["train.clip_range=0"], r"train.clip_range = 0.0 is out of range: expected > 0"),
-        (BASE, ["train.algorithm=trpo"], r"train.algorithm = 'trpo' is out of range: expected one of \['ppo', 'pg', 'dpo'\]"),
+        (BASE, ["train.algorithm=trpo"], r"train.algorithm = 'trpo' is out of range: expected one of \['ppo', 'pg', 'dpo', 'diffusion_dpo'\]"),
         (BASE, ["sampling.resolution=60"], r"sampling.resolution = 60 .* multiple of 8"),
         (BASE, ["cluster.max_staleness=3"], r"cluster.max_staleness = 3 .*0 \(synchronous\) or 1"),
         (BASE, ["checkpoint.keep_last=0"], r"checkpoint.keep_last = 0 is out of range: expected > 0"),
@@ -224,15 +224,18 @@ def test_actor_specs_are_built_from_the_config_sections_field_by_field():
 
     from_sections = {f.name for c in (PolicyConfig, SamplingConfig) for f in dataclasses.fields(c)}
     assert {f.name for f in dataclasses.fields(PolicySpec)} <= from_sections  # pretrained: resolved (tiny:sd -> dir)
-    explicit = {"max_staleness", "seed", "bpt", "b2_threshold", "b2_history_stages", "dpo_beta"}
+    explicit = {"max_staleness", "seed", "bpt", "b2_threshold", "b2_history_stages", "dpo_beta", "dpo_denoise_beta",
+                "dpo_noise_draws"}
     assert {f.name for f in dataclasses.fields(LearnerSpec)} - {f.name for f in dataclasses.fields(TrainConfig)} \
         == explicit
 
     config = load_config(None, ["prompts.train=[a cat]", "policy.lora_rank=7", "sampling.timestep_spacing=trailing",
-                                "train.learning_rate=0.5", "train.mixed_precision=bf16", "cluster.max_staleness=1"])
+                                "train.learning_rate=0.5", "train.mixed_precision=bf16", "cluster.max_staleness=1",
+                                "dpo.beta=7.0", "dpo.noise_draws=3"])
     policy = policy_spec(config, pretrained="/models/x", num_gpus=1)
     assert (policy.lora_rank, policy.timestep_spacing, policy.device, policy.pretrained) == (7, "trailing", "cuda",
                                                                                             "/models/x")
     assert isinstance(policy.lora_targets, tuple)
     learner = learner_spec(config)
     assert (learner.learning_rate, learner.mixed_precision, learner.max_staleness) == (0.5, "bf16", 1)
+    assert (learner.dpo_denoise_beta, learner.dpo_noise_draws) == (7.0, 3)
