@@ -101,12 +101,11 @@ def test_stopped_resumed_and_extended_run_equals_the_uninterrupted_one(reference
 
 @pytest.mark.slow  # outside the default suite's time budget: make test-slow
 def test_sampler_killed_mid_epoch_is_restarted_and_the_run_is_unchanged(reference, cache_dir, tmp_path):
-    import ray
 
     config = _config(cache_dir, "epochs=4")
     run_dir = prepare_run_dir(config, str(tmp_path / "run"))
     driver = Driver(config, run_dir=run_dir)
-    pid = ray.get(driver.samplers[0].__ray_call__.remote(lambda self: os.getpid()), timeout=120)
+    pid = _pid(driver.samplers[0])
     lines: list[str] = []
 
     def kill_during_epoch_1(epoch: int, row: dict) -> None:
@@ -119,7 +118,7 @@ def test_sampler_killed_mid_epoch_is_restarted_and_the_run_is_unchanged(referenc
         driver.shutdown()
     assert sum(r["sampler/restarts"] for r in rows) == 1 and rows[-1]["sampler/restarts_total"] == 1
     assert any(line.startswith("sampler 0 died") for line in lines)
-    new_pid = ray.get(driver.samplers[0].__ray_call__.remote(lambda self: os.getpid()), timeout=120)
+    new_pid = _pid(driver.samplers[0])
     assert new_pid != pid
     # Complete batches (never partial, never duplicated): every number equals the run without the kill.
     for got, want in zip(rows, _rows(reference), strict=True):
@@ -140,9 +139,20 @@ def test_cli_refuses_a_checkpoint_of_an_incompatible_config(reference, cache_dir
 
 
 def _pid(actor) -> int:
+    """The actor's process id; a call that reaches an actor while Ray restarts it (ActorUnavailableError,
+    "the actor was restarted") is asked again, for up to 120 s."""
+    import time
+
     import ray
 
-    return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=120)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=120)
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
 
 
 def _run_with(config, run_dir: Path, on_epoch_end) -> tuple[list[dict], list[str], Driver]:
