@@ -92,3 +92,20 @@ def pytest_sessionfinish(session, exitstatus):
     import logging
 
     logging.getLogger("ray.serve").setLevel(logging.CRITICAL)
+
+
+def actor_pid(actor) -> int:
+    """The actor's process id; a call that reaches an actor while Ray restarts it (ActorUnavailableError,
+    "the actor was restarted") is asked again, for up to 120 s."""
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=120)
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)

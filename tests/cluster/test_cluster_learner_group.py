@@ -19,6 +19,7 @@ from cluster.placement import learner_problem, placement_problem, resource_deman
 from cluster.run import prepare_run_dir, train
 from cluster.specs import banner
 from cluster.stop import RunInterrupted, StopRequest
+from tests.conftest import actor_pid as _pid
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -46,23 +47,6 @@ def _lora(run_dir: Path) -> dict[str, bytes]:
 
     tensors = load_file(run_dir / "lora" / "pytorch_lora_weights.safetensors")
     return {name: tensor.numpy().tobytes() for name, tensor in tensors.items()}
-
-
-def _pid(actor) -> int:
-    """The actor's process id; a call that reaches an actor while Ray restarts it (ActorUnavailableError,
-    "the actor was restarted") is asked again, for up to 120 s."""
-    import time
-
-    import ray
-
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=120)
-        except ray.exceptions.ActorUnavailableError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1)
 
 
 # ----- without Ray ------------------------------------------------------------------------------

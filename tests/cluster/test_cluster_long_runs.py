@@ -16,6 +16,7 @@ from cluster.config import load_config
 from cluster.driver import Driver
 from cluster.run import prepare_run_dir, train
 from cluster.stop import RunInterrupted, StopRequest
+from tests.conftest import actor_pid as _pid
 
 REPO = Path(__file__).resolve().parents[2]
 EVAL_KEYS = ("eval/",)  # every metric of an evaluation (training reward per set, gold, diversity...)
@@ -136,23 +137,6 @@ def test_cli_refuses_a_checkpoint_of_an_incompatible_config(reference, cache_dir
     err = capsys.readouterr().err
     assert code == 2, err
     assert "was written with a different config" in err and "train.learning_rate: 0.02 -> 0.5" in err
-
-
-def _pid(actor) -> int:
-    """The actor's process id; a call that reaches an actor while Ray restarts it (ActorUnavailableError,
-    "the actor was restarted") is asked again, for up to 120 s."""
-    import time
-
-    import ray
-
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=120)
-        except ray.exceptions.ActorUnavailableError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1)
 
 
 def _run_with(config, run_dir: Path, on_epoch_end) -> tuple[list[dict], list[str], Driver]:
