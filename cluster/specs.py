@@ -107,7 +107,9 @@ def learner_spec(config: Config) -> LearnerSpec:
     return LearnerSpec(**train, max_staleness=config.cluster.max_staleness, seed=config.seed,
                        bpt=bpt_schedule(config), b2_threshold=config.b2.threshold,
                        b2_history_stages=config.b2.history_stages, dpo_beta=config.dpo.online_beta,
-                       dpo_denoise_beta=config.dpo.beta, dpo_noise_draws=config.dpo.noise_draws)
+                       dpo_denoise_beta=config.dpo.beta, dpo_noise_draws=config.dpo.noise_draws,
+                       rwr_weighting=config.rwr.weighting, rwr_temperature=config.rwr.temperature,
+                       rwr_noise_draws=config.rwr.noise_draws)
 
 
 def default_policy_spec(*, pretrained: str, **overrides) -> PolicySpec:
@@ -161,6 +163,19 @@ def _learners_line(config: Config) -> str:
             f"states compared {check}")
 
 
+def _items_line(config: Config, pairs: int, steps: int) -> str:
+    """What an epoch trains: (sample, t) pairs of the sampled trajectories, or for the rules that noise the
+    final latents afresh, at most this many (sample or pair, noise draw) items (only the weighted ones train)."""
+    t, samples = config.train, config.samples_per_epoch
+    micro = f" in {steps} optimizer steps (micro-batches of {t.micro_batch_size})"
+    if t.algorithm == "rwr":
+        return f"  (sample, draw) items: <= {samples * config.rwr.noise_draws * t.inner_epochs} / epoch{micro}"
+    if t.algorithm == "diffusion_dpo":
+        return f"  (pair, draw) items  : <= {samples // 2 * config.dpo.noise_draws * t.inner_epochs} / epoch{micro}"
+    return (f"  (sample, t) pairs   : {pairs} / epoch in {steps} optimizer steps of ~{pairs // max(steps, 1)}"
+            f" (micro-batches of {t.micro_batch_size})")
+
+
 def banner(config: Config, run_dir: Path, ray_address: str) -> str:
     c, s, t = config.cluster, config.sampling, config.train
     branching = config.b2.enabled and config.b2.branching
@@ -180,8 +195,7 @@ def banner(config: Config, run_dir: Path, ray_address: str) -> str:
         f"  DDIM                : {s.num_steps} steps, eta {s.eta}, guidance {s.guidance_scale}, {s.resolution}px",
         f"  training            : {t.algorithm}, {config.train_steps_per_sample}/{s.num_steps} timesteps per sample,"
         f" {t.inner_epochs} inner epoch(s), precision {t.mixed_precision} (samplers {config.policy.dtype})",
-        f"  (sample, t) pairs   : {pairs} / epoch in {steps} optimizer steps of ~{pairs // max(steps, 1)}"
-        f" (micro-batches of {t.micro_batch_size})",
+        _items_line(config, pairs, steps),
         f"  learners            : {_learners_line(config)}",
         f"  layout              : {describe_layout(c)}",
         f"  eval                : {_eval_line(config.evaluation)}",

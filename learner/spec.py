@@ -42,4 +42,7 @@ class LearnerSpec:
     dpo_beta: float  # online trajectory DPO
     dpo_denoise_beta: float  # online Diffusion-DPO, denoising form
     dpo_noise_draws: int  # its (t, ε) draws per pair
+    rwr_weighting: str  # reward-weighted regression: sparse | exponential
+    rwr_temperature: float  # its exponential weighting's temperature
+    rwr_noise_draws: int  # its (t, ε) draws per weighted sample
     mixed_precision: str  # the learner's own precision: no | bf16 | fp16 (learner/precision.py)

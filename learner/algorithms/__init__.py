@@ -10,12 +10,14 @@ from learner.algorithms.base import PairBatch, TrainState, UpdateInputs, UpdateR
 from learner.algorithms.denoising_dpo import denoising_dpo
 from learner.algorithms.online_dpo import online_dpo
 from learner.algorithms.policy_gradient import pg, ppo
+from learner.algorithms.rwr import rwr
 
 ALGORITHMS: dict[str, UpdateRule] = {
     "ppo": ppo,  # DDPO-IS: PPO-clip on the importance ratio (+ β·KL, DPOK)
     "pg": pg,  # DDPO-SF: REINFORCE (+ β·KL)
     "dpo": online_dpo,  # Diffusion-DPO in trajectory form on best/worst or explicit pairs
-    "diffusion_dpo": denoising_dpo,  # Diffusion-DPO's denoising loss on ranked pairs of the epoch's samples
+    "diffusion_dpo": denoising_dpo,
+    "rwr": rwr,  # reward-weighted regression: the denoising loss on the epoch's samples, weighted by reward  # Diffusion-DPO's denoising loss on ranked pairs of the epoch's samples
 }
 
 

@@ -225,13 +225,14 @@ def test_actor_specs_are_built_from_the_config_sections_field_by_field():
     from_sections = {f.name for c in (PolicyConfig, SamplingConfig) for f in dataclasses.fields(c)}
     assert {f.name for f in dataclasses.fields(PolicySpec)} <= from_sections  # pretrained: resolved (tiny:sd -> dir)
     explicit = {"max_staleness", "seed", "bpt", "b2_threshold", "b2_history_stages", "dpo_beta", "dpo_denoise_beta",
-                "dpo_noise_draws"}
+                "dpo_noise_draws", "rwr_weighting", "rwr_temperature", "rwr_noise_draws"}
     assert {f.name for f in dataclasses.fields(LearnerSpec)} - {f.name for f in dataclasses.fields(TrainConfig)} \
         == explicit
 
     config = load_config(None, ["prompts.train=[a cat]", "policy.lora_rank=7", "sampling.timestep_spacing=trailing",
                                 "train.learning_rate=0.5", "train.mixed_precision=bf16", "cluster.max_staleness=1",
-                                "dpo.beta=7.0", "dpo.noise_draws=3"])
+                                "dpo.beta=7.0", "dpo.noise_draws=3", "rwr.weighting=exponential",
+                                "rwr.temperature=0.25"])
     policy = policy_spec(config, pretrained="/models/x", num_gpus=1)
     assert (policy.lora_rank, policy.timestep_spacing, policy.device, policy.pretrained) == (7, "trailing", "cuda",
                                                                                             "/models/x")
@@ -239,3 +240,4 @@ def test_actor_specs_are_built_from_the_config_sections_field_by_field():
     learner = learner_spec(config)
     assert (learner.learning_rate, learner.mixed_precision, learner.max_staleness) == (0.5, "bf16", 1)
     assert (learner.dpo_denoise_beta, learner.dpo_noise_draws) == (7.0, 3)
+    assert (learner.rwr_weighting, learner.rwr_temperature, learner.rwr_noise_draws) == ("exponential", 0.25, 2)

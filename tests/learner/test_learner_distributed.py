@@ -50,22 +50,26 @@ SPECS = {
     # Diffusion-DPO in its denoising form: 2 ranked pairs x 2 (t, ε) draws, one pair per step, a draw per rank.
     "denoising_dpo": dict(algorithm="diffusion_dpo", learning_rate=1e-2, updates_per_epoch=2, micro_batch_size=1,
                           dpo_noise_draws=2, dpo_denoise_beta=500.0),
+    # Reward-weighted regression: the 8 samples' exponential weights x 2 draws, split over the ranks.
+    "rwr": dict(algorithm="rwr", rwr_weighting="exponential", learning_rate=1e-2, updates_per_epoch=2,
+                micro_batch_size=3, rwr_noise_draws=2),
 }
 POLICY = {"texforce_pg": dict(train_targets=("unet", "text_encoder"))}
 ADAPTER_ATOL = {"ppo_kl": 1e-6, "dpo": 2e-5, "ppo_uneven": 1e-4, "texforce_pg": 1e-6, "b2_ppo": 1e-6,
-                "denoising_dpo": 1e-6}
+                "denoising_dpo": 1e-6, "rwr": 1e-4}
 # The logged means, (rel, abs): DPO's margin after the first step is a small difference (~1e-2) that
 # follows the adapter's last digits; with uneven micro-batches the PPO loss (~5e-4, a mean of terms ~1
 # whose advantages sum to zero) follows the kernels' batch-shape differences.
 STATS_TOL = {"ppo_kl": (1e-4, 1e-9), "dpo": (1e-3, 1e-9), "ppo_uneven": (1e-4, 1e-6), "texforce_pg": (1e-4, 1e-9),
-             "b2_ppo": (1e-4, 1e-9), "denoising_dpo": (1e-4, 1e-9)}
+             "b2_ppo": (1e-4, 1e-9), "denoising_dpo": (1e-4, 1e-9), "rwr": (1e-4, 1e-9)}
 PPO_STATS = ("train/loss", "train/pg_loss", "train/kl", "train/approx_kl", "train/clipfrac", "train/ratio",
              "train/grad_norm", "train/advantage_abs_mean")
 STAT_KEYS = {"ppo_kl": PPO_STATS, "ppo_uneven": PPO_STATS, "texforce_pg": PPO_STATS,
              # No KL term: train/kl only monitors the first micro-batch of each step (of each rank's share).
              "b2_ppo": tuple(k for k in PPO_STATS if k != "train/kl") + ("b2/n_selected",),
              "dpo": ("dpo/loss", "dpo/acc", "dpo/margin", "train/grad_norm"),
-             "denoising_dpo": ("dpo/loss", "dpo/acc", "dpo/margin", "train/grad_norm")}
+             "denoising_dpo": ("dpo/loss", "dpo/acc", "dpo/margin", "train/grad_norm"),
+             "rwr": ("rwr/loss", "train/grad_norm", "rwr/n_weighted")}
 
 
 def _learner(pretrained: str, name: str) -> Learner:
