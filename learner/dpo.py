@@ -56,6 +56,19 @@ def _stats(margin: torch.Tensor) -> dict[str, torch.Tensor]:
         }
 
 
+def denoising_target(scheduler, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the network regresses on x_t = √ᾱ_t x0 + √(1 − ᾱ_t) ε: ε for an ε-prediction model, the
+    velocity v = √ᾱ_t ε − √(1 − ᾱ_t) x0 for a v-prediction one (Salimans & Ho, 2022). x0, ε [B, C, h, w],
+    t [B] -> [B, C, h, w]. Other prediction types raise a ValueError naming the scheduler's setting."""
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(x0, eps, t)
+    raise ValueError(f"scheduler prediction_type={prediction_type!r} is not supported by the denoising losses: "
+                     "expected 'epsilon' or 'v_prediction'")
+
+
 def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """‖prediction - target‖² averaged over the non-batch dims -> [B] (float32)."""
     err = (prediction.float() - target.float()) ** 2

@@ -40,7 +40,7 @@ import torch
 
 from actors.policy import Policy
 from actors.seeding import dpo_step_generator
-from learner.dpo import diffusion_dpo_loss, per_sample_mse
+from learner.dpo import denoising_target, diffusion_dpo_loss, per_sample_mse
 from learner.precision import GuardedStep, training_dtype
 
 PREFERENCE_KEYS = ("prompt", "chosen", "rejected")
@@ -319,7 +319,7 @@ class OfflineDpoTrainer:
         eps = torch.cat([noise, noise])                     # the same ε for w and l (Wallace et al.)
         t = torch.cat([timesteps, timesteps])
         noisy = scheduler.add_noise(x0, eps, t)
-        target = eps if self.prediction_type == "epsilon" else scheduler.get_velocity(x0, eps, t)
+        target = denoising_target(scheduler, x0, eps, t)
         prompts = [self.pairs[i].prompt for i in indices]
         embeds = self._embeds(prompts).to(device)
         embeds = torch.cat([embeds, embeds])                # [2B, 77, D]

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from learner.algorithms.base import TrainState, UpdateInputs, UpdateResult
-from learner.dpo import diffusion_dpo_loss, per_sample_mse
+from learner.dpo import denoising_target, diffusion_dpo_loss, per_sample_mse
 from learner.selection import ranked_pairs
 from learner.transitions import TransitionBatch, embeds_for
 
@@ -45,7 +45,8 @@ def _errors(state: TrainState, batch: TransitionBatch, x0: torch.Tensor, i: torc
     context = policy.reference() if reference else contextlib.nullcontext()
     with context, torch.set_grad_enabled(not reference):
         embeds = embeds_for(policy, batch, i)[0]
-        return per_sample_mse(policy.unet(noisy, t, embeds).sample, eps)
+        target = denoising_target(policy.scheduler, x0[i], eps, t)  # ε, or v for a v-prediction model
+        return per_sample_mse(policy.unet(noisy, t, embeds).sample, target)
 
 
 def denoising_dpo(state: TrainState, inputs: UpdateInputs) -> UpdateResult:

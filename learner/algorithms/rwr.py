@@ -4,10 +4,17 @@
 The objective is the reward-weighted likelihood of the samples, max E[w(r) log p_θ(x0 | c)], whose usual
 bound for a diffusion model is the denoising loss, so each optimizer step minimizes
 
-    L = Σ_i w_i ‖ε − ε_θ(√ᾱ_t x0_i + √(1 − ᾱ_t) ε, t, c_i)‖² / Σ_i w_i
+    L = Σ_i w_i ‖ε − ε̃_θ(√ᾱ_t x0_i + √(1 − ᾱ_t) ε, t, c_i)‖² / Σ_i w_i
 
-over the step's samples i with t ~ U{0, …, T_train − 1}, ε ~ N(0, I) (``noise_draws`` draws per sample;
-the conditional prediction, no guidance). The weights come from the sample's reward within its group
+over the step's samples i with t ~ U{0, …, T_train − 1}, ε ~ N(0, I) (``noise_draws`` draws per sample),
+where ε̃_θ = ε_θ(·, ∅) + w (ε_θ(·, c) − ε_θ(·, ∅)) is the classifier-free-guided prediction the samplers
+use (v in place of ε for a v-prediction model). Why the guided one: the policy being trained is the
+guided sampler, and its samples are (up to the DDIM discretization) its own fixed point, so the loss's
+gradient on all of them is about zero and only the weighting moves the model. Regressing the
+conditional prediction alone on guided samples instead pulls ε_θ(·, c) towards the guided output every
+epoch while ε_θ(·, ∅) stays, so the effective guidance compounds: measured on the shapes world (CLIP
+reward, 4 square prompts, lr 1e-3), the CLIP score fell from 0.94 to 0.60 and the judge's accuracy
+from 0.31 to 0.02 within 14 epochs that way. The weights come from the sample's reward within its group
 (its prompt, or a B² branch group), so a prompt that is easy does not dominate one that is hard:
 
 - ``sparse`` (DDPO's RWR-sparse, w = 1[r above the group's mean]): a filtered fine-tune on the better half;
@@ -27,7 +34,7 @@ import numpy as np
 import torch
 
 from learner.algorithms.base import TrainState, UpdateInputs, UpdateResult
-from learner.dpo import per_sample_mse
+from learner.dpo import denoising_target, per_sample_mse
 from learner.transitions import embeds_for
 
 
@@ -76,8 +83,11 @@ def rwr(state: TrainState, inputs: UpdateInputs) -> UpdateResult:
                 part = torch.from_numpy(mine[start : start + spec.micro_batch_size])
                 idx = torch.from_numpy(items[part.numpy()])
                 noisy = policy.scheduler.add_noise(x0[idx], eps[part], t[part]).to(policy.dtype)
-                embeds = embeds_for(policy, batch, idx)[0]  # re-encoded when the text encoder trains
-                errors = per_sample_mse(policy.unet(noisy, t[part], embeds).sample, eps[part])  # [m]
+                # the guided prediction: the policy is the guided sampler (see the module docstring);
+                # the embeddings are re-encoded when the text encoder trains
+                prediction = policy.guided_output(noisy, t[part], *embeds_for(policy, batch, idx))
+                target = denoising_target(policy.scheduler, x0[idx], eps[part], t[part])  # ε, or v
+                errors = per_sample_mse(prediction, target)  # [m]
                 loss = (w[part] * errors).sum()  # this part's share of the step's weighted mean
                 state.stepper.backward(loss)
                 step_loss += float(loss.detach())

@@ -134,3 +134,21 @@ def test_invalid_inputs_are_refused(fn):
     cube = torch.zeros(2, 2, 2)
     with pytest.raises(ValueError, match="got shape"):
         fn(cube, cube, cube, cube, beta=1.0)
+
+
+def test_the_denoising_target_is_eps_or_the_velocity_by_prediction_type():
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler
+
+    from learner.dpo import denoising_target
+
+    x0, eps, t = torch.full((2, 1, 1, 1), 2.0), torch.full((2, 1, 1, 1), -1.0), torch.tensor([0, 999])
+    eps_scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type="epsilon")
+    assert torch.equal(denoising_target(eps_scheduler, x0, eps, t), eps)
+    v_scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
+    abar = v_scheduler.alphas_cumprod[t].reshape(2, 1, 1, 1)
+    expected = abar.sqrt() * -1.0 - (1 - abar).sqrt() * 2.0  # v = √ᾱ ε − √(1 − ᾱ) x0
+    assert torch.allclose(denoising_target(v_scheduler, x0, eps, t), expected)
+    with pytest.raises(ValueError, match="prediction_type='sample'.*'epsilon' or 'v_prediction'"):
+        denoising_target(SimpleNamespace(config=SimpleNamespace(prediction_type="sample")), x0, eps, t)
