@@ -48,7 +48,7 @@ def test_every_preset_is_valid():
         (BASE, ["sampling.num_steps=-5"], r"sampling.num_steps = -5 is out of range: expected > 0"),
         (BASE, ["sampling.eta=0"], r"sampling.eta = 0.0 is out of range: expected > 0 \(training needs stochastic"),
         (BASE, ["train.clip_range=0"], r"train.clip_range = 0.0 is out of range: expected > 0"),
-        (BASE, ["train.algorithm=trpo"], r"train.algorithm = 'trpo' is out of range: expected one of \['ppo', 'pg', 'dpo', 'diffusion_dpo'\]"),
+        (BASE, ["train.algorithm=trpo"], r"train.algorithm = 'trpo' is out of range: expected one of \['ppo', 'pg', 'dpo', 'diffusion_dpo', 'rwr'\]"),
         (BASE, ["sampling.resolution=60"], r"sampling.resolution = 60 .* multiple of 8"),
         (BASE, ["cluster.max_staleness=3"], r"cluster.max_staleness = 3 .*0 \(synchronous\) or 1"),
         (BASE, ["checkpoint.keep_last=0"], r"checkpoint.keep_last = 0 is out of range: expected > 0"),
