@@ -1,15 +1,17 @@
 """The optional Weights & Biases sink (``logging.wandb: true``): every metrics row at step = its epoch
 (``step`` for ``gard dpo``), and each evaluation grid as a ``wandb.Image`` with a caption.
 
-wandb is not a dependency of gard: it is imported only when the option is on, and a missing or broken
-installation is a ConfigError naming ``logging.wandb`` and how to install it, raised before the run
-starts (``require_wandb`` in the pre-flight checks).
+wandb is not a runtime dependency of gard (the dev extras install it for the tests): it is imported
+only when the option is on, and a missing or broken installation is a ConfigError naming
+``logging.wandb`` and how to install it, raised before the run starts (``require_wandb`` in the
+pre-flight checks).
 
-``logging.wandb_mode``: ``offline`` (the default) writes the W&B run under ``<run_dir>/wandb``, to
-upload later with ``wandb sync``; ``online`` streams it (``wandb login`` first); ``disabled`` starts no
-W&B run. A resumed gard run continues the same W&B run: its id is kept in ``<run_dir>/wandb_run_id``.
-W&B ignores values logged at a step lower than the last one it has seen, so after a resume from a
-checkpoint older than the last logged epoch the re-run epochs are in metrics.jsonl and TensorBoard, not in W&B.
+``logging.wandb_mode``: ``offline`` (the default) writes the W&B run under ``<run_dir>/wandb`` (one
+``offline-run-<time>-<id>`` directory per start), to upload later with ``wandb sync``; ``online``
+streams it (``wandb login`` first); ``disabled`` starts no W&B run. A resumed gard run continues the
+same W&B run: its id is kept in ``<run_dir>/wandb_run_id``. W&B ignores values logged at a step lower
+than the last one it has seen, so after a resume from a checkpoint older than the last logged epoch
+the re-run epochs are in metrics.jsonl and TensorBoard, not in W&B.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """Where metric rows and evaluation grids go besides metrics.jsonl (cluster/metrics.py, cluster/wandb_logger.py):
 TensorBoard scalars keep their namespaces and the grids are one image tag at step = updates applied,
 read back from the event file; any sink receives each row's scalars at step = epoch and the grids with
-captions; the W&B logger maps onto wandb's calls, keeps one W&B run across resumes and, when wandb
-cannot be imported, stops the run with a ConfigError naming logging.wandb before anything is written."""
+captions; the W&B logger maps onto wandb's calls (a stand-in module), keeps one W&B run across resumes
+and, when wandb cannot be imported, stops the run with a ConfigError naming logging.wandb before anything
+is written; with the real wandb offline, the run's transaction log, read back, holds the rows, the grid
+and the stored run id."""
 
 from __future__ import annotations
 
@@ -180,57 +182,96 @@ def test_without_wandb_installed_the_run_stops_with_a_config_error_before_writin
     assert not (tmp_path / "run").exists()  # stopped before the run directory (and Ray)
 
 
-def test_real_wandb_offline_run_holds_the_rows_and_the_grid(tmp_path, monkeypatch):
-    """With wandb installed: an offline W&B run under <run_dir>/wandb whose history has the rows at
-    their epochs and the evaluation grid (skipped where wandb is not installed)."""
-    pytest.importorskip("wandb")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    config = load_config(None, [*BASE, "logging.wandb=true", "logging.tensorboard=false"])
-    writer = open_writer(config, run_dir=tmp_path, resuming=False)
-    save_eval(_result(0), run_dir=tmp_path, updates=0, writer=writer)
-    for epoch in range(3):
-        writer.write(_row(epoch))
-    writer.close()
-
-    run_id = (tmp_path / "wandb_run_id").read_text().strip()
-    (run_dir,) = (tmp_path / "wandb").glob(f"offline-run-*-{run_id}")
-    by_step = {row["_step"]: row for row in _offline_history(run_dir / f"run-{run_id}.wandb")}
-    assert sorted(by_step) == [0, 1, 2]
-    assert [by_step[s]["reward/mean"] for s in range(3)] == [0.5, 1.5, 2.5]
-    assert by_step[1]["eval/reward_mean"] == 0.7 and "eval/reward_mean" not in by_step[0]  # NaN not logged
-    assert by_step[0]["eval/samples/_type"] == "images/separated" and by_step[0]["eval/samples/count"] == 1
-    assert by_step[0]["eval/samples/captions"] == [
-        "after 0 updates: eval reward 0 over 4 samples of 2 prompts (a cat; a dog)"]
-    (media,) = by_step[0]["eval/samples/filenames"]
-    with Image.open(run_dir / "files" / media) as logged, Image.open(tmp_path / "samples" / "eval_epoch0000.png") as png:
-        assert np.array_equal(np.asarray(logged.convert("RGB")), np.asarray(png))
+# The real wandb (a dev extra) in offline mode, with everything that could reach a network turned off: no
+# login, no git or code capture, no system metrics, metadata or cloud-machine probes, no error reports,
+# no console capture (pytest's own); its settings, cache and data directories are under tmp_path.
+OFFLINE_WANDB_ENV = {
+    "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off", "WANDB_DISABLE_GIT": "true",
+    "WANDB_DISABLE_CODE": "true", "WANDB_ERROR_REPORTING": "false", "WANDB__DISABLE_STATS": "true",
+    "WANDB__DISABLE_META": "true", "WANDB__DISABLE_MACHINE_INFO": "true", "WANDB__SAVE_REQUIREMENTS": "false",
+}
 
 
-def _offline_history(path) -> list[dict]:
-    """The history rows ({key: value}, nested keys joined with "/") of an offline W&B run file.
+def test_real_wandb_offline_run_holds_the_rows_and_the_grid_and_a_resume_continues_it(tmp_path, monkeypatch):
+    """wandb 0.31 offline: the service (wandb-core) writes <run_dir>/wandb/offline-run-<time>-<id>/ with the
+    transaction log run-<id>.wandb (what `wandb sync` uploads) and files/media/ with the images; read back,
+    it holds the rows at step = epoch, the grid under eval/samples and the id from <run_dir>/wandb_run_id,
+    and a resumed gard run writes a second offline run directory under the same id."""
+    wandb = pytest.importorskip("wandb")
+    for name, value in OFFLINE_WANDB_ENV.items():
+        monkeypatch.setenv(name, value)
+    for name in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    config = load_config(None, [*BASE, "name=shapes", "logging.wandb=true", "logging.wandb_project=gard-tests",
+                                "logging.tensorboard=false"])
+    try:
+        writer = open_writer(config, run_dir=tmp_path, resuming=False)
+        writer.write(_row(0))
+        writer.write(_row(1))
+        save_eval(_result(2), run_dir=tmp_path, updates=2, writer=writer)  # after epoch 1's update
+        writer.close()
+        run_id = (tmp_path / "wandb_run_id").read_text().strip()
+        (first,) = (tmp_path / "wandb").glob(f"offline-run-*-{run_id}")
+        records = _offline_records(first / f"run-{run_id}.wandb")
 
-    The file is a LevelDB-style log (wandb's own format): a 7-byte header (":W&B", magic, version),
-    then 32 KiB blocks of records, each a 7-byte header (CRC, length: 2 bytes little-endian, type:
-    1 full, 2 first, 3 middle, 4 last) and a serialized ``wandb_internal_pb2.Record``; a block's tail
-    shorter than a record header is padding."""
+        (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+        assert (run.run_id, run.project, run.display_name) == (run_id, "gard-tests", "shapes")
+        assert json.loads(next(u.value_json for u in run.config.update if u.key == "name")) == "shapes"
+        history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+                   for r in records if r.WhichOneof("record_type") == "history"]
+        by_step = {row["_step"]: row for row in history}
+        assert len(history) == 3 and sorted(by_step) == [0, 1, 2]  # step = epoch; the grid at updates applied
+        assert [by_step[s]["reward/mean"] for s in (0, 1)] == [0.5, 1.5]
+        assert [by_step[s]["train/loss"] for s in (0, 1)] == [1.0, 0.5]
+        assert by_step[1]["eval/reward_mean"] == 0.7 and "eval/reward_mean" not in by_step[0]  # NaN not logged
+        assert not {"epoch", "note", "b2/train_interval"} & set(by_step[0])
+        grid = {key.removeprefix("eval/samples/"): value for key, value in by_step[2].items()
+                if key.startswith("eval/samples/")}
+        assert grid["_type"] == "images/separated" and grid["count"] == 1
+        assert grid["captions"] == ["after 2 updates: eval reward 0.2 over 4 samples of 2 prompts (a cat; a dog)"]
+        (media,) = grid["filenames"]
+        png_path = tmp_path / "samples" / "eval_epoch0002.png"
+        with Image.open(first / "files" / media) as logged, Image.open(png_path) as png:
+            assert np.array_equal(np.asarray(logged.convert("RGB")), np.asarray(png))
+
+        open_writer(config, run_dir=tmp_path, resuming=True).close()  # a resumed gard run: the same W&B run
+        assert (tmp_path / "wandb_run_id").read_text().strip() == run_id
+        *_, latest = sorted((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
+        resumed = [r.run for r in _offline_records(latest / f"run-{run_id}.wandb")
+                   if r.WhichOneof("record_type") == "run"][-1]
+        assert resumed.run_id == run_id and resumed.resume
+        assert resumed.start_time.ToNanoseconds() > run.start_time.ToNanoseconds()
+    finally:
+        wandb.teardown()  # stops the wandb-core service process now, not at the end of the session
+
+
+def _offline_records(path) -> list:
+    """The records (``wandb.proto.wandb_internal_pb2.Record``) of an offline W&B transaction log.
+
+    wandb 0.31 has no Python reader for it (wandb-core writes and syncs it): a LevelDB-style log, a 7-byte
+    header (":W&B", magic 0xBEE1, version 0), then 32 KiB blocks of chunks, each a 7-byte header (CRC-32 of
+    type byte + data, length: 2 bytes little-endian, type: 1 full, 2 first, 3 middle, 4 last) and its data;
+    a block's tail shorter than a chunk header is padding. A full or first-to-last run of chunks is one
+    serialized Record."""
+    import zlib
+
     from wandb.proto import wandb_internal_pb2
 
     data = path.read_bytes()
-    assert data[:4] == b":W&B"
-    pos, block, pending, rows = 7, 32768, b"", []
+    assert data[:4] == b":W&B" and data[6] == 0, f"not a version-0 W&B transaction log: {data[:7]!r}"
+    pos, block, pending, records = 7, 32768, b"", []
     while pos + 7 <= len(data):
         if block - pos % block < 7:
             pos += block - pos % block
             continue
-        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
-        payload, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
-        pending = payload if kind in (1, 2) else pending + payload
-        if kind not in (1, 4):
-            continue
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(pending)
-        if record.WhichOneof("record_type") == "history":
-            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                         for item in record.history.item})
-    return rows
+        crc, length = int.from_bytes(data[pos : pos + 4], "little"), int.from_bytes(data[pos + 4 : pos + 6], "little")
+        kind = data[pos + 6]
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        assert zlib.crc32(bytes([kind]) + chunk) == crc, f"{path.name}: bad chunk checksum before byte {pos}"
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+    return records
