@@ -41,8 +41,8 @@ from learner.distributed import CollectiveError, LearnerDivergedError, backend_f
 
 def start_learner_actors(config: Config, *, pretrained: str, env: dict, placement: Placement) -> list:
     """Starts ``cluster.num_learners`` learner actors, rank i in its bundle of ``placement`` (not waited for:
-    they load while the rest starts). Ray restarts one that dies, into the same bundle; the handle puts it
-    back at the state where it was."""
+    they load while the rest starts; ``placement.remove()`` ends them). Ray restarts one that dies, into the
+    same bundle; the handle puts it back at the state where it was."""
     import ray
 
     from cluster.remote import RemoteLearner
@@ -50,11 +50,10 @@ def start_learner_actors(config: Config, *, pretrained: str, env: dict, placemen
     c = config.cluster
     cls = ray.remote(num_cpus=c.learner_num_cpus, num_gpus=c.learner_num_gpus, runtime_env=env, max_restarts=-1,
                      max_task_retries=0)(RemoteLearner)
-    return [cls.options(**placement.learner_options(rank=rank)).remote(
-                policy_spec=policy_spec(config, pretrained=pretrained, num_gpus=c.learner_num_gpus),
-                spec=learner_spec(config), torch_threads=c.torch_threads, init_adapter=config.policy.init_adapter,
-                call_timeout_s=c.call_timeout_s)
-            for rank in range(c.num_learners)]
+    return placement.started([cls.options(**placement.learner_options(rank=rank)).remote(
+        policy_spec=policy_spec(config, pretrained=pretrained, num_gpus=c.learner_num_gpus),
+        spec=learner_spec(config), torch_threads=c.torch_threads, init_adapter=config.policy.init_adapter,
+        call_timeout_s=c.call_timeout_s) for rank in range(c.num_learners)])
 
 
 def connect_learners(actors: list, *, config: Config, pretrained: str) -> LearnerHandle | LearnerGroup:

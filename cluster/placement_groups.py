@@ -5,7 +5,11 @@ Samplers and learner ranks are started with ``PlacementGroupSchedulingStrategy(p
 placement_group_bundle_index=i)``. That strategy is part of the actor's creation spec, so when Ray
 restarts an actor (``max_restarts``) it schedules it into the same bundle again: the bundle's resources
 stay reserved for it while it is down, and it comes back on the same node (checked by
-``tests/cluster/test_cluster_placement_groups.py``). Removing a group kills the actors in it.
+``tests/cluster/test_cluster_placement_groups.py``). Removing a group kills the actors in it, and an
+actor with ``max_restarts`` counts that as one more death: it would wait, RESTARTING, for a bundle that no
+longer exists, and every call on its handle would fail with ActorUnavailableError for as long as the
+handle lives. So ``Placement.remove`` first ends the actors started into the groups for good
+(``ray.kill(no_restart=True)``: calls on them then fail at once with ActorDiedError).
 
 After the actors start, ``locate`` asks each where it runs (``where()``: node id, node IP, GPU ids) and
 ``placement_report`` prints it by node, under the start-up banner.
@@ -56,6 +60,7 @@ class Placement:
 
     plan: LayoutPlan
     groups: dict = field(default_factory=dict)  # group name -> ray PlacementGroup
+    actors: list = field(default_factory=list)  # the samplers and learner ranks started with these options
 
     def _options(self, slot: Slot | None) -> dict:
         if slot is None or slot.group not in self.groups:
@@ -72,10 +77,22 @@ class Placement:
     def learner_options(self, *, rank: int) -> dict:
         return self._options(self.plan.learners[rank] if rank < len(self.plan.learners) else None)
 
+    def started(self, actors: list) -> list:
+        """Records ``actors`` (started with this placement's options) for ``remove`` to end; returns them."""
+        self.actors.extend(actors)
+        return actors
+
     def remove(self) -> None:
-        """Removes every group (and so the actors in it); safe to call twice."""
+        """Ends the recorded actors (no restart), then removes every group; safe to call twice."""
+        import ray
         from ray.util import remove_placement_group
 
+        for actor in self.actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - already dead, or Ray already gone
+                pass
+        self.actors.clear()
         for name in list(self.groups):
             try:
                 remove_placement_group(self.groups.pop(name))

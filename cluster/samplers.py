@@ -20,8 +20,9 @@ from cluster.errors import cause_chain
 
 def start_sampler_actors(config, *, pretrained: str, env: dict, placement) -> list:
     """Starts ``cluster.num_samplers`` sampler actors, sampler i in its bundle of ``placement``
-    (``cluster/placement_groups.py``). Unlimited restarts (into the same bundle), no transparent task
-    retries: the pool re-sends the adapter to a restarted sampler before it samples again."""
+    (``cluster/placement_groups.py``; ``placement.remove()`` ends them). Unlimited restarts (into the same
+    bundle), no transparent task retries: the pool re-sends the adapter to a restarted sampler before it
+    samples again."""
     import ray
 
     from cluster.remote import RemoteSampler
@@ -30,10 +31,9 @@ def start_sampler_actors(config, *, pretrained: str, env: dict, placement) -> li
     c = config.cluster
     cls = ray.remote(num_cpus=c.sampler_num_cpus, num_gpus=c.sampler_num_gpus, runtime_env=env, max_restarts=-1,
                      max_task_retries=0)(RemoteSampler)
-    return [cls.options(**placement.sampler_options(index=i)).remote(
-                spec=policy_spec(config, pretrained=pretrained, num_gpus=c.sampler_num_gpus), worker_index=i,
-                torch_threads=c.torch_threads, call_timeout_s=c.call_timeout_s)
-            for i in range(c.num_samplers)]
+    return placement.started([cls.options(**placement.sampler_options(index=i)).remote(
+        spec=policy_spec(config, pretrained=pretrained, num_gpus=c.sampler_num_gpus), worker_index=i,
+        torch_threads=c.torch_threads, call_timeout_s=c.call_timeout_s) for i in range(c.num_samplers)])
 
 
 class SamplerFailedError(RuntimeError):

@@ -115,11 +115,11 @@ def test_sampler_killed_mid_epoch_is_restarted_and_the_run_is_unchanged(referenc
 
     try:
         rows = driver.run(log=lines.append, on_epoch_end=kill_during_epoch_1)
+        new_pid = _pid(driver.samplers[0])  # asked before shutdown() ends the run's samplers
     finally:
         driver.shutdown()
     assert sum(r["sampler/restarts"] for r in rows) == 1 and rows[-1]["sampler/restarts_total"] == 1
     assert any(line.startswith("sampler 0 died") for line in lines)
-    new_pid = _pid(driver.samplers[0])
     assert new_pid != pid
     # Complete batches (never partial, never duplicated): every number equals the run without the kill.
     for got, want in zip(rows, _rows(reference), strict=True):

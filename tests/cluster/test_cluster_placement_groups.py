@@ -1,6 +1,7 @@
 """Placement groups on a simulated two-node Ray cluster (``ray.cluster_utils.Cluster``: a head with the
 custom resource ``node_a`` and a worker with ``node_b``, 3 logical CPUs each on this machine): learner ranks
-packed and samplers spread, a restarted actor back in its bundle, a group that cannot be placed refused
+packed and samplers spread, a restarted actor back in its bundle, the actors ended with their groups, a group
+that cannot be placed refused
 quickly with its bundles named, and a short colocated run whose pairs land on the node of their bundle."""
 
 from __future__ import annotations
@@ -113,6 +114,23 @@ def test_a_restarted_actor_goes_back_into_its_bundle(two_nodes, tmp_path):
         assert _free_cpus() == pytest.approx(6.0 - 1.0 - 0.5)
     finally:
         placement.remove()
+
+
+def test_removing_the_groups_ends_their_actors_for_good(two_nodes, tmp_path):
+    """An actor with restarts counts its group's removal as a death and would wait, RESTARTING, for a bundle
+    that no longer exists (every call: ActorUnavailableError); ``remove`` ends the recorded ones first."""
+    import ray
+
+    placement = create_placement(_config(tmp_path))
+    try:
+        actor = placement.started([_probe(0.5, **placement.sampler_options(index=0))])[0]
+        ray.get(actor.where.remote(), timeout=120)
+    finally:
+        placement.remove()
+    start = time.monotonic()
+    with pytest.raises(ray.exceptions.ActorDiedError, match="killed by `ray.kill`"):
+        ray.get(actor.where.remote(), timeout=60)
+    assert time.monotonic() - start < 30 and placement.actors == []
 
 
 def test_a_group_that_cannot_be_placed_is_refused_quickly_with_its_bundles_named(two_nodes, tmp_path):
