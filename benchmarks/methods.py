@@ -1,11 +1,12 @@
 """Every method against the shapes world's ground truth, on equal budgets of reward queries.
 
 Each row trains the shipped shapes pipeline (``tiny:shapes``) from the same base config
-(``configs/shapes_ddpo.yaml``: DDPO-IS on the shapes reward CLIP) with one method's overrides, for as many
-epochs as the reward-query budget allows (B² rollouts query n_branch leaves per prompt, so they get
-fewer epochs), and reads the run's last evaluation: the judge's accuracy on the seen and held-out
-prompt sets (and per caption family), the CLIP score, diversity and CLIP Recall@1. The base model's
-row is the first evaluation of the DDPO-IS runs (before any update; the same fixed evaluation seeds).
+(``configs/shapes_dpo.yaml``: the 4 prompts of ``configs/prompts/shapes_tune.txt``, the shapes reward
+CLIP, online Diffusion-DPO) with one method's overrides, for as many epochs as the reward-query budget
+allows (B² rollouts query n_branch leaves per prompt, so they get fewer epochs), and reads the run's last
+evaluation: the judge's accuracy on the training prompts, on all seen and on all held-out prompts (and
+per caption family), the CLIP score, diversity and CLIP Recall@1. The base model's row is the first
+evaluation of the first method's runs (before any update; the same fixed evaluation seeds).
 
 Seeds: run ``k`` uses ``seed=k`` and ``evaluation.seed=1234+k`` (fresh sampling noise and fresh
 evaluation images per seed), so a row's spread covers both.
@@ -27,27 +28,31 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-BASE_CONFIG = REPO / "configs" / "shapes_ddpo.yaml"
+BASE_CONFIG = REPO / "configs" / "shapes_dpo.yaml"
 
 # method -> (overrides of the base config, seeds it gets: "many" = --seeds, 1 = one)
+# DDPO's settings: the ones measured on the training prompts (README, "The shapes world")
+DDPO = ["train.algorithm=ppo", "train.learning_rate=3e-3", "train.clip_range=1e-2"]
 METHODS: dict[str, tuple[list[str], str | int]] = {
-    "ddpo_is": ([], "many"),
-    "ddpo_sf": (["train.algorithm=pg"], 1),
-    "dpok": (["train.kl_beta=0.01"], 1),
-    "gard_k2": (["volume.gamma=0.0", "volume.gamma_end=0.1", "volume.ramp_epochs=20"], "many"),
-    "b2": (["b2.enabled=true", "b2.tau_start=14", "b2.tau_end=20", "b2.num_stages=4", "b2.n_branch=4",
+    "diffusion_dpo": ([], "many"),  # the base config's method: the denoising form on ranked pairs
+    "ddpo_is": (DDPO, "many"),
+    "ddpo_sf": ([*DDPO, "train.algorithm=pg"], 1),
+    "dpok": ([*DDPO, "train.kl_beta=0.01"], 1),
+    "gard_k2": ([*DDPO, "volume.gamma=0.0", "volume.gamma_end=0.1", "volume.ramp_epochs=20"], "many"),
+    "b2": ([*DDPO, "b2.enabled=true", "b2.tau_start=7", "b2.tau_end=10", "b2.num_stages=4", "b2.n_branch=4",
             "sampling.batch_size=4"], "many"),
-    "dpo_best_worst": (["train.algorithm=dpo"], 1),
+    "dpo_best_worst": (["train.algorithm=dpo"], 1),  # the trajectory form
     "dpo_dfusion": (["train.algorithm=dpo", "dpo.pair_source=dfusion"], 1),
-    "texforce_te": (["policy.train_targets=[text_encoder]"], 1),
-    "texforce_unet_te": (["policy.train_targets=[unet,text_encoder]"], 1),
+    "rwr": (["train.algorithm=rwr"], 1),
+    "texforce_te": ([*DDPO, "policy.train_targets=[text_encoder]"], 1),
+    "texforce_unet_te": ([*DDPO, "policy.train_targets=[unet,text_encoder]"], 1),
 }
 NOT_YET = {
     "gard_k3": "needs the shapes-world LLaVA captioner, not built yet",
     "ddpo_caption": "needs the shapes-world LLaVA captioner, not built yet",
     "lora_fusion_clip_caption": "needs the caption-trained adapter (the captioner is not built yet)",
 }
-COLUMNS = ["eval/gold_seen", "eval/gold_heldout", "eval/gold_heldout/single", "eval/gold_heldout/count",
+COLUMNS = ["eval/gold_tune", "eval/gold_seen", "eval/gold_heldout", "eval/gold_heldout/single", "eval/gold_heldout/count",
            "eval/gold_heldout/relation", "eval/clip_score", "eval/diversity/heldout", "eval/recall_at_1/heldout"]
 
 
@@ -100,14 +105,15 @@ def _mean_std(values: list[float]) -> str:
 def table(out: Path) -> str:
     """Markdown: one row per method (mean ± std over its seeds), the base row first."""
     runs: dict[str, list[dict]] = {}
-    for run_dir in sorted(out.glob("*-s*")):
+    order = {method: i for i, method in enumerate(METHODS)}
+    for run_dir in sorted(out.glob("*-s*"), key=lambda d: (order.get(d.name.rsplit("-s", 1)[0], 99), d.name)):
         if run_dir.is_dir() and (run_dir / "lora").exists():
             method = run_dir.name.rsplit("-s", 1)[0]
             runs.setdefault(method, []).append(read_run(run_dir))
     header = ["method", "seeds", *(c.removeprefix("eval/") for c in COLUMNS), "reward queries", "wall s"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    if "ddpo_is" in runs:
-        base = runs["ddpo_is"]
+    if runs:
+        base = next(iter(runs.values()))
         lines.append("| base | " + " | ".join([str(len(base)), *(_mean_std([r["base"][c] for r in base]) for c in COLUMNS),
                                                  "0", "–"]) + " |")
     for method, results in runs.items():

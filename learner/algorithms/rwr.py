@@ -9,12 +9,17 @@ bound for a diffusion model is the denoising loss, so each optimizer step minimi
 over the step's samples i with t ~ U{0, …, T_train − 1}, ε ~ N(0, I) (``noise_draws`` draws per sample),
 where ε̃_θ = ε_θ(·, ∅) + w (ε_θ(·, c) − ε_θ(·, ∅)) is the classifier-free-guided prediction the samplers
 use (v in place of ε for a v-prediction model). Why the guided one: the policy being trained is the
-guided sampler, and its samples are (up to the DDIM discretization) its own fixed point, so the loss's
-gradient on all of them is about zero and only the weighting moves the model. Regressing the
-conditional prediction alone on guided samples instead pulls ε_θ(·, c) towards the guided output every
-epoch while ε_θ(·, ∅) stays, so the effective guidance compounds: measured on the shapes world (CLIP
-reward, 4 square prompts, lr 1e-3), the CLIP score fell from 0.94 to 0.60 and the judge's accuracy
-from 0.31 to 0.02 within 14 epochs that way. The weights come from the sample's reward within its group
+guided sampler; regressing the conditional prediction alone on guided samples pulls ε_θ(·, c) towards
+the guided output every epoch while ε_θ(·, ∅) stays, so the effective guidance compounds (measured on
+the shapes world, 4 square prompts, CLIP reward, lr 1e-3: the judge's accuracy 0.31 -> 0.02 in 10
+epochs that way, 0.31 -> 0.17 with the guided prediction).
+
+A caution, measured (README, "The shapes world"): even so, RWR on a small model's own samples drifts.
+It regresses the model on its samples' defects too, and they compound epoch after epoch (on the 4
+prompts of ``configs/prompts/shapes_tune.txt``: the judge's accuracy 0.58 -> 0.08 in 20 epochs while
+online Diffusion-DPO, whose loss is a difference of two samples of one prompt, raised it to 0.75).
+
+The weights come from the sample's reward within its group
 (its prompt, or a B² branch group), so a prompt that is easy does not dominate one that is hard:
 
 - ``sparse`` (DDPO's RWR-sparse, w = 1[r above the group's mean]): a filtered fine-tune on the better half;
