@@ -201,3 +201,23 @@ def test_ranks_that_diverge_stop_the_run_with_rank_0s_checkpoint(ray_local, cach
     finally:
         driver.shutdown()
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["epoch-000001"]
+
+
+@pytest.mark.slow  # outside the default suite's time budget: make test-slow
+def test_two_ranks_with_asynchronous_samplers_train_on_one_epoch_old_samples(ray_local, cache_dir, tmp_path):
+    # max_staleness 1: the samplers draw epoch e + 1 while the ranks train on epoch e, so after the first
+    # epoch every batch comes from the adapter one update behind; the ranks still agree at every epoch
+    # (learner_check_every=1 would stop the run otherwise) and the importance ratio corrects the lag.
+    config = _config(cache_dir, "epochs=4", "cluster.max_staleness=1", "cluster.num_samplers=2",
+                     "cluster.learner_num_cpus=0.25", "checkpoint.every_epochs=0")  # 2 x 0.5 + 2 x 0.25 + 0.5 CPUs
+    run_dir = tmp_path / "run"
+    train(config, output_dir=str(run_dir), log=lambda *_: None)
+    rows = _rows(run_dir)
+    assert [r["train/policy_version"] for r in rows] == [1, 2, 3, 4]
+    lags = [r["train/policy_version"] - 1 - r["sampler/policy_version"] for r in rows]
+    assert lags[0] == 0 and all(lag in (0, 1) for lag in lags) and any(lag == 1 for lag in lags[1:]), lags
+    assert all(r["train/stale_refused"] == 0 and r["train/optimizer_steps"] == 4 for r in rows)
+    assert all(r["train/n_pairs"] == config.samples_per_epoch * config.train_steps_per_sample for r in rows)
+    # samples one update old are off-policy: their first-step ratio differs from 1, unlike epoch 0's
+    assert rows[0]["train/onpolicy_ratio_dev"] < 1e-4
+    assert any(r["train/onpolicy_ratio_dev"] > 1e-4 for r, lag in zip(rows, lags) if lag == 1)
