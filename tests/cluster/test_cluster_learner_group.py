@@ -220,4 +220,4 @@ def test_two_ranks_with_asynchronous_samplers_train_on_one_epoch_old_samples(ray
     assert all(r["train/n_pairs"] == config.samples_per_epoch * config.train_steps_per_sample for r in rows)
     # samples one update old are off-policy: their first-step ratio differs from 1, unlike epoch 0's
     assert rows[0]["train/onpolicy_ratio_dev"] < 1e-4
-    assert any(r["train/onpolicy_ratio_dev"] > 1e-4 for r, lag in zip(rows, lags) if lag == 1)
+    assert any(r["train/onpolicy_ratio_dev"] > 1e-4 for r, lag in zip(rows, lags, strict=True) if lag == 1)
