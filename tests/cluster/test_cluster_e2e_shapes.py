@@ -1,0 +1,53 @@
+"""End to end on a real local Ray: online Diffusion-DPO on the reward CLIP makes the shapes pipeline draw
+what its prompts ask for more often, and the ground-truth judge, which training never sees, says so on
+fixed evaluation seeds, paired against the base model."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from cluster.config import load_config
+from cluster.run import train
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[2]
+EPOCHS = 10
+
+
+def _verdicts(run_dir: Path, epoch: int) -> list[tuple[str, float]]:
+    """(prompt, judge verdict) of each evaluation image after ``epoch`` epochs, in the fixed-seed order."""
+    rows = json.loads((run_dir / "samples" / f"eval_epoch{epoch:04d}.json").read_text())
+    return [(row["prompt"], row["gold"]["shapes_judge"]) for row in rows]
+
+
+def test_online_dpo_raises_the_judges_accuracy_against_the_base_model(ray_local, tmp_path):
+    # The shipped setting (configs/shapes_dpo.yaml), shortened to 10 epochs; the evaluation: its 4
+    # training prompts (kinds the pipeline was trained on), 64 fixed-seed images each.
+    config = load_config(REPO / "configs" / "shapes_dpo.yaml", [
+        f"cache_dir={tmp_path / 'cache'}", "logging.progress=false", "logging.tensorboard=false",
+        f"epochs={EPOCHS}", f"evaluation.every={EPOCHS}", "evaluation.images_per_prompt=64",
+        "evaluation.prompt_files={tune: prompts/shapes_tune.txt}", "evaluation.guard.metric=eval/gold_tune"])
+    run_dir = tmp_path / "run"
+    train(config, output_dir=str(run_dir))
+
+    before, after = _verdicts(run_dir, 0), _verdicts(run_dir, EPOCHS)
+    assert [p for p, _ in before] == [p for p, _ in after] and len(before) == 256  # the same seeds
+    # Paired by evaluation seed: the gain and its standard error over the 256 (base, trained) pairs.
+    gains = [a - b for (_, b), (_, a) in zip(before, after, strict=True)]
+    mean = sum(gains) / len(gains)
+    se = math.sqrt(sum((g - mean) ** 2 for g in gains) / (len(gains) - 1) / len(gains))
+    base = sum(v for _, v in before) / len(before)
+    assert 0.4 < base < 0.75, base  # the base model gets about 60% of these right (measured 0.58)
+    # measured with 32 images per prompt (README): +0.117 ± 0.039 at seed 0, +0.102 and +0.086 at seeds 1, 2
+    assert mean > 3 * se and mean > 0.05, (mean, se)
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == EPOCHS
+    # the run's own metrics agree with the verdicts read back
+    assert rows[0]["eval/gold_tune_initial"] == base
+    assert abs(rows[-1]["eval/gold_tune"] - (base + mean)) < 1e-9
