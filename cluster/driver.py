@@ -131,13 +131,22 @@ class Driver:
         self.last_checkpoint: Path | None = None
 
     def shutdown(self) -> None:
-        """Removes the reward applications this run started (unless reward_service.keep_running), then the
-        placement groups (and the samplers and learner ranks in them)."""
+        """Removes the reward applications this run started (unless reward_service.keep_running), ends the
+        reward stage, then removes the placement groups (and the samplers and learner ranks in them)."""
         if self.started_apps and not self.config.reward_service.keep_running:
             from rewards.serve import remove_rewards
 
             remove_rewards(self.started_apps)
             self.started_apps = []
+        # The stage runs outside the placement groups: end it here so that its CPUs are free for the next
+        # run in this Ray session (a resume in-process, `gard eval` after `gard train`) at once, not when
+        # Python collects its handle.
+        stage, self.reward_stage = getattr(self, "reward_stage", None), None
+        if stage is not None:
+            try:
+                self.ray.kill(stage, no_restart=True)
+            except Exception:  # noqa: BLE001 - already dead, or Ray already gone
+                pass
         self.placement.remove()
 
     def placement_report(self) -> str:

@@ -199,6 +199,7 @@ def evaluate_adapter(config: Config, *, adapter: str | None, output_dir: str | N
             f"x {e.images_per_prompt}, seed {e.seed}), {config.sampling.num_steps} DDIM steps; ray {address}")
         driver = Driver(config, run_dir=out)
         try:
+            log(driver.placement_report())  # which actor runs on which node and GPU, as `gard train` prints
             driver.broadcast()  # the learner's weights (the adapter it loaded) on every sampler
             result = driver.evaluator.evaluate()
         finally:

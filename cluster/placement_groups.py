@@ -119,10 +119,34 @@ def create_placement(config: Config) -> Placement:
                 ray.get(placement.groups[group.name].ready(), timeout=max(0.0, deadline - time.monotonic()))
             except ray.exceptions.GetTimeoutError:
                 raise PlacementError(unplaced_message(config, group=group.describe(), nodes=found)) from None
+        _wait_for_reward_stage_room(config, deadline=time.monotonic() + c.placement_timeout_s)
     except BaseException:
         placement.remove()
         raise
     return placement
+
+
+def _wait_for_reward_stage_room(config: Config, *, deadline: float) -> None:
+    """The reward stage runs outside the groups: once they are reserved, some node must have its CPUs and
+    GPUs free (waited for until ``deadline``, for a cluster that is still adding nodes). Without this a
+    stage that cannot be scheduled would leave the run waiting on its first call until the cluster timeout."""
+    from cluster.specs import reward_stage_resources
+
+    cpus, gpus = reward_stage_resources(config)
+    while True:
+        found = nodes()
+        if any(n.available.get("CPU", 0.0) >= cpus - 1e-9 and n.available.get("GPU", 0.0) >= gpus - 1e-9
+               for n in found):
+            return
+        if time.monotonic() >= deadline:
+            free = "; ".join(f"node {n.label()} {_amounts(n.available)}" for n in found) or "no alive node"
+            raise PlacementError(
+                f"the reward stage asks for {_amounts({'CPU': cpus, 'GPU': gpus})} outside the samplers' and learner "
+                f"ranks' placement groups, but once they were reserved no node had that free within "
+                f"cluster.placement_timeout_s = {config.cluster.placement_timeout_s:g} s: {free}. Lower "
+                f"cluster.reward_num_cpus / cluster.reward_num_gpus or the samplers' and learners' shares "
+                f"(cluster.sampler_num_*, cluster.learner_num_*), or give Ray more or larger nodes")
+        time.sleep(0.5)
 
 
 def unplaced_message(config: Config, *, group: str, nodes: list[Node]) -> str:

@@ -51,6 +51,9 @@ def test_eval_reproduces_the_runs_final_and_initial_evaluations(ray_local, tmp_p
         assert metrics.get(key, value) == pytest.approx(value, abs=1e-5), key
     assert "eval/gold_heldout" in metrics and "eval/diversity/seen" in metrics
     assert "  eval/reward_mean" in out and out.index("eval/diversity/heldout") < out.index("eval/reward_mean")
+    # The placement block, as `gard train` prints it: every actor of the evaluation on this one node.
+    node_line = next(line for line in out.splitlines() if line.startswith("    node 127.0.0.1 ("))
+    assert all(name in node_line for name in ("sampler 0", "sampler 1", "learner rank 0", "reward stage")), out
     assert (run / "eval" / "eval.png").is_file()
     items = json.loads((run / "eval" / "eval.json").read_text())
     assert [item["set"] for item in items] == ["seen"] * 4 + ["heldout"] * 2

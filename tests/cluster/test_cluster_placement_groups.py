@@ -1,7 +1,8 @@
 """Placement groups on a simulated two-node Ray cluster (``ray.cluster_utils.Cluster``: a head with the
 custom resource ``node_a`` and a worker with ``node_b``, 3 logical CPUs each on this machine): learner ranks
 packed and samplers spread, a restarted actor back in its bundle, the actors ended with their groups, a group
-that cannot be placed refused quickly with its bundles named, and a short colocated run whose pairs land on the node of their bundle."""
+that cannot be placed refused quickly with its bundles named, a reward stage that no node can hold
+refused after the groups, and a short colocated run whose pairs land on the node of their bundle."""
 
 from __future__ import annotations
 
@@ -149,6 +150,24 @@ def test_a_group_that_cannot_be_placed_is_refused_quickly_with_its_bundles_named
     # Nothing is left reserved (the samplers' group, created first, was removed too).
     assert all(pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())
     assert _wait_free(6.0) == pytest.approx(6.0)
+
+
+def test_a_reward_stage_no_node_can_hold_is_refused_after_the_groups_with_the_free_resources(two_nodes, tmp_path):
+    import ray
+
+    # The groups fit (2 x 0.5 samplers, 1 x 0.5 learner); the reward stage, outside them, asks for more CPUs
+    # than any node has: refused within the placement timeout instead of hanging on the stage's first call.
+    config = _config(tmp_path, "cluster.reward_num_cpus=4", "cluster.placement_timeout_s=2")
+    start = time.monotonic()
+    with pytest.raises(PlacementError) as err:
+        create_placement(config)
+    assert time.monotonic() - start < 30
+    text = str(err.value)
+    assert text.startswith("the reward stage asks for {CPU: 4, GPU: 0} outside the samplers' and learner ranks' "
+                           "placement groups, but once they were reserved no node had that free within "
+                           "cluster.placement_timeout_s = 2 s: node 127.0.0.1 ("), text
+    assert "Lower cluster.reward_num_cpus" in text
+    assert all(pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())
 
 
 @pytest.mark.slow  # 46 s on 2 idle cores, 80-110 s on busy ones (five actors load the tiny pipeline)
