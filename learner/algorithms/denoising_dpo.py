@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from learner.algorithms.base import TrainState, UpdateInputs, UpdateResult
+from learner.algorithms.denoising_draws import NoiseDraws
 from learner.dpo import denoising_target, diffusion_dpo_loss, per_sample_mse
 from learner.selection import ranked_pairs
 from learner.transitions import TransitionBatch, embeds_for
@@ -54,10 +55,8 @@ def denoising_dpo(state: TrainState, inputs: UpdateInputs) -> UpdateResult:
     winners, losers = ranked_pairs(inputs.groups, inputs.rewards)
     if winners.size == 0:
         return UpdateResult(stats={"train/n_pairs": 0, "dpo/n_pairs": 0})
-    device = policy.device
-    x0 = batch.latents[:, -1].to(device)  # [N, C, h, w]: the sampled final latents
-    n_train = policy.scheduler.config.num_train_timesteps
-    generator = torch.Generator().manual_seed(int(inputs.rng.integers(2**62)))
+    draws = NoiseDraws(policy, batch.latents, inputs.rng)
+    x0 = draws.x0  # [N, C, h, w]: the sampled final latents
     totals = {"dpo/loss": 0.0, "dpo/acc": 0.0, "dpo/margin": 0.0, "train/grad_norm": 0.0}
     applied, n_pairs = 0, 0
     for _ in range(spec.inner_epochs):
@@ -65,8 +64,7 @@ def denoising_dpo(state: TrainState, inputs: UpdateInputs) -> UpdateResult:
         for chunk in np.array_split(order, min(spec.updates_per_epoch, winners.size)):
             # every (pair, draw) of the step; a draw's t and ε are shared by the pair's two images
             pairs = np.repeat(chunk, spec.dpo_noise_draws)
-            t = torch.randint(0, n_train, (pairs.size,), generator=generator).to(device)
-            eps = torch.randn((pairs.size, *x0.shape[1:]), generator=generator).to(device)
+            t, eps = draws.draw(pairs.size)
             state.stepper.zero_grad()
             step_loss, step_acc, step_margin = 0.0, 0.0, 0.0
             mine = state.group.shard(np.arange(pairs.size))  # this rank's items (all of them on one learner)

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from learner.algorithms.base import TrainState, UpdateInputs, UpdateResult
+from learner.algorithms.denoising_draws import NoiseDraws
 from learner.dpo import denoising_target, per_sample_mse
 from learner.transitions import embeds_for
 
@@ -68,18 +69,15 @@ def rwr(state: TrainState, inputs: UpdateInputs) -> UpdateResult:
     chosen = np.flatnonzero(weights > 0)
     if chosen.size == 0:
         return UpdateResult(stats={"train/n_pairs": 0, "rwr/n_weighted": 0})
-    device = policy.device
-    x0 = batch.latents[:, -1].to(device)  # [N, C, h, w]: the sampled final latents
-    n_train = policy.scheduler.config.num_train_timesteps
-    generator = torch.Generator().manual_seed(int(inputs.rng.integers(2**62)))
+    draws = NoiseDraws(policy, batch.latents, inputs.rng)
+    device, x0 = draws.device, draws.x0  # x0: [N, C, h, w], the sampled final latents
     totals = {"rwr/loss": 0.0, "train/grad_norm": 0.0}
     applied, n_items = 0, 0
     for _ in range(spec.inner_epochs):
         order = inputs.rng.permutation(chosen)
         for chunk in np.array_split(order, min(spec.updates_per_epoch, chosen.size)):
             items = np.repeat(chunk, spec.rwr_noise_draws)  # every (sample, draw) of the step
-            t = torch.randint(0, n_train, (items.size,), generator=generator).to(device)
-            eps = torch.randn((items.size, *x0.shape[1:]), generator=generator).to(device)
+            t, eps = draws.draw(items.size)
             w = torch.from_numpy(weights[items] / weights[items].sum()).float().to(device)  # sums to 1
             state.stepper.zero_grad()
             step_loss = 0.0
