@@ -9,25 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from actors.policy import PolicySpec
-from actors.sampler import Sampler
-from cluster.specs import default_learner_spec, default_policy_spec
+from cluster.specs import default_learner_spec
 from learner.algorithms.rwr import rwr_weights
 from learner.dpo import per_sample_mse
 from learner.learner import Learner
 
 torch.set_num_threads(1)
-PROMPTS = ["a cat"] * 4 + ["a dog"] * 4
-
-
-@pytest.fixture(scope="module")
-def policy_spec(tiny_sd) -> PolicySpec:
-    return default_policy_spec(pretrained=tiny_sd, num_steps=4, resolution=64, guidance_scale=3.0)
-
-
-@pytest.fixture(scope="module")
-def trajectory(policy_spec):
-    return Sampler(spec=policy_spec).sample(prompts=PROMPTS, seed=0)[0]
 
 
 def test_sparse_weights_keep_the_samples_above_their_groups_mean():
@@ -74,45 +61,45 @@ def _spec(**overrides):
 REWARDS = np.array([4.0, 3.0, 2.0, 1.0, 1.0, 2.0, 3.0, 4.0], dtype=np.float32)  # kept: 0, 1, 6, 7
 
 
-def test_an_update_trains_only_on_the_weighted_samples(policy_spec, trajectory):
-    learner = Learner(policy_spec=policy_spec, spec=_spec())
-    stats = learner.update(trajectories=[trajectory], rewards=[REWARDS], epoch=0)
+def test_an_update_trains_only_on_the_weighted_samples(cat_dog_policy_spec, cat_dog_trajectory):
+    learner = Learner(policy_spec=cat_dog_policy_spec, spec=_spec())
+    stats = learner.update(trajectories=[cat_dog_trajectory], rewards=[REWARDS], epoch=0)
     assert stats["rwr/n_weighted"] == 4 and stats["train/n_pairs"] == 8  # 4 samples x 2 noise draws
     assert stats["train/optimizer_steps"] == 1 and math.isfinite(stats["rwr/loss"])
     # the samples of weight 0 do not enter the update: replacing their latents changes nothing
-    latents = trajectory.latents.copy()
+    latents = cat_dog_trajectory.latents.copy()
     latents[[2, 3, 4, 5]] = np.random.default_rng(0).standard_normal(latents[[2, 3, 4, 5]].shape)
-    other = Learner(policy_spec=policy_spec, spec=_spec())
-    other.update(trajectories=[dataclasses.replace(trajectory, latents=latents)], rewards=[REWARDS], epoch=0)
+    other = Learner(policy_spec=cat_dog_policy_spec, spec=_spec())
+    other.update(trajectories=[dataclasses.replace(cat_dog_trajectory, latents=latents)], rewards=[REWARDS], epoch=0)
     assert torch.equal(_adapter(learner), _adapter(other)) and _adapter(learner).abs().sum() > 0
 
 
-def test_the_update_does_not_depend_on_the_micro_batch_size(policy_spec, trajectory):
+def test_the_update_does_not_depend_on_the_micro_batch_size(cat_dog_policy_spec, cat_dog_trajectory):
     runs = []
     for micro in (8, 3):  # one pass of 8 (sample, draw) items, or parts of 3, 3 and 2 of the same weighted mean
-        learner = Learner(policy_spec=policy_spec, spec=_spec(micro_batch_size=micro, rwr_weighting="exponential"))
-        runs.append(learner.update(trajectories=[trajectory], rewards=[REWARDS], epoch=0))
+        learner = Learner(policy_spec=cat_dog_policy_spec, spec=_spec(micro_batch_size=micro, rwr_weighting="exponential"))
+        runs.append(learner.update(trajectories=[cat_dog_trajectory], rewards=[REWARDS], epoch=0))
     assert runs[1]["rwr/loss"] == pytest.approx(runs[0]["rwr/loss"], rel=1e-5)
     assert runs[1]["train/grad_norm"] == pytest.approx(runs[0]["train/grad_norm"], rel=1e-4)
 
 
-def test_updates_lower_the_kept_samples_denoising_error_on_fresh_noise(policy_spec, trajectory):
-    learner = Learner(policy_spec=policy_spec, spec=_spec())
+def test_updates_lower_the_kept_samples_denoising_error_on_fresh_noise(cat_dog_policy_spec, cat_dog_trajectory):
+    learner = Learner(policy_spec=cat_dog_policy_spec, spec=_spec())
     kept, dropped = [0, 1, 6, 7], [2, 3, 4, 5]
-    before = {t: (_errors(learner, trajectory, kept, t).mean(), _errors(learner, trajectory, dropped, t).mean())
+    before = {t: (_errors(learner, cat_dog_trajectory, kept, t).mean(), _errors(learner, cat_dog_trajectory, dropped, t).mean())
               for t in (100, 500)}
     for epoch in range(4):
-        learner.update(trajectories=[dataclasses.replace(trajectory, policy_version=learner.version)],
+        learner.update(trajectories=[dataclasses.replace(cat_dog_trajectory, policy_version=learner.version)],
                        rewards=[REWARDS], epoch=epoch)
     for t, (kept_before, dropped_before) in before.items():
-        kept_after, dropped_after = _errors(learner, trajectory, kept, t).mean(), _errors(learner, trajectory,
+        kept_after, dropped_after = _errors(learner, cat_dog_trajectory, kept, t).mean(), _errors(learner, cat_dog_trajectory,
                                                                                           dropped, t).mean()
         assert kept_after < kept_before  # the trained samples are denoised better
         assert kept_after - kept_before < dropped_after - dropped_before  # more so than the others
 
 
-def test_no_preference_means_no_update(policy_spec, trajectory):
-    learner = Learner(policy_spec=policy_spec, spec=_spec())
-    stats = learner.update(trajectories=[trajectory], rewards=[np.ones(8, dtype=np.float32)], epoch=0)
+def test_no_preference_means_no_update(cat_dog_policy_spec, cat_dog_trajectory):
+    learner = Learner(policy_spec=cat_dog_policy_spec, spec=_spec())
+    stats = learner.update(trajectories=[cat_dog_trajectory], rewards=[np.ones(8, dtype=np.float32)], epoch=0)
     assert stats["train/n_pairs"] == 0 and stats["train/optimizer_steps"] == 0
     assert learner.version == 0
