@@ -13,6 +13,7 @@ evaluation images per seed), so a row's spread covers both.
 
 Usage:
     python benchmarks/methods.py [--budget 2560] [--seeds 3] [--methods ddpo_is,gard_k2] [--out runs/methods]
+    python benchmarks/methods.py --methods ddpo_sf --seeds 1 --learning-rates 3e-4,1e-3   # a sweep's rows
     python benchmarks/methods.py --table runs/methods      # the markdown table of finished runs
 Rows the world cannot support yet are listed in ``NOT_YET`` with the reason (printed in the table).
 """
@@ -62,18 +63,26 @@ def samples_per_epoch(overrides: list[str]) -> int:
     return load_config(BASE_CONFIG, overrides).samples_per_epoch
 
 
-def run_one(method: str, seed: int, *, budget: int, out: Path) -> Path:
-    """Trains one (method, seed) with ``gard train`` in a subprocess; returns its run directory."""
+def run_name(method: str, learning_rate: float | None) -> str:
+    """A row's name: the method, and the learning rate when the sweep overrides the method's own."""
+    return method if learning_rate is None else f"{method}@lr{learning_rate:g}"
+
+
+def run_one(method: str, seed: int, *, budget: int, out: Path, learning_rate: float | None = None) -> Path:
+    """Trains one (method, seed[, learning rate]) with ``gard train`` in a subprocess; returns its run
+    directory."""
     overrides = METHODS[method][0] + [f"seed={seed}", f"evaluation.seed={1234 + seed}", "logging.progress=false"]
+    if learning_rate is not None:
+        overrides.append(f"train.learning_rate={learning_rate:g}")
     epochs = max(1, budget // samples_per_epoch(overrides))
-    run_dir = out / f"{method}-s{seed}"
+    run_dir = out / f"{run_name(method, learning_rate)}-s{seed}"
     if (run_dir / "lora").exists():
         return run_dir  # finished earlier: the table reads it again
     start = time.time()
     cmd = [sys.executable, "-m", "cluster", "train", str(BASE_CONFIG), "--output-dir", str(run_dir),
            "--resume", "auto", f"epochs={epochs}", *overrides]
-    print(f"[methods] {method} seed {seed}: {epochs} epochs", flush=True)
-    with open(out / f"{method}-s{seed}.log", "w") as log:
+    print(f"[methods] {run_dir.name}: {epochs} epochs", flush=True)
+    with open(out / f"{run_dir.name}.log", "w") as log:
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     (run_dir / "wall_s.txt").write_text(f"{time.time() - start:.1f}\n")
     return run_dir
@@ -106,10 +115,13 @@ def table(out: Path) -> str:
     """Markdown: one row per method (mean ± std over its seeds), the base row first."""
     runs: dict[str, list[dict]] = {}
     order = {method: i for i, method in enumerate(METHODS)}
-    for run_dir in sorted(out.glob("*-s*"), key=lambda d: (order.get(d.name.rsplit("-s", 1)[0], 99), d.name)):
+
+    def row_of(run_dir: Path) -> str:  # "ddpo_is" or "ddpo_is@lr0.001"
+        return run_dir.name.rsplit("-s", 1)[0]
+
+    for run_dir in sorted(out.glob("*-s*"), key=lambda d: (order.get(row_of(d).split("@")[0], 99), row_of(d), d.name)):
         if run_dir.is_dir() and (run_dir / "lora").exists():
-            method = run_dir.name.rsplit("-s", 1)[0]
-            runs.setdefault(method, []).append(read_run(run_dir))
+            runs.setdefault(row_of(run_dir), []).append(read_run(run_dir))
     header = ["method", "seeds", *(c.removeprefix("eval/") for c in COLUMNS), "reward queries", "wall s"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     if runs:
@@ -131,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=int, default=2560, help="reward queries per run")
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the rows marked 'many'")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, out of {list(METHODS)}")
+    parser.add_argument("--learning-rates", default="",
+                        help="comma-separated learning rates to sweep, each a row of its own (default: each "
+                             "method's own); sweep on the training prompts' gold, never on the held-out ones")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "methods")
     parser.add_argument("--table", type=Path, help="only print the table of the runs under this directory")
     args = parser.parse_args(argv)
@@ -140,11 +155,18 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in args.methods.split(",") if m not in METHODS]
     if unknown:
         parser.error(f"--methods: unknown {unknown}; valid: {list(METHODS)}")
+    try:
+        rates = [float(x) for x in args.learning_rates.split(",") if x.strip()] or [None]
+    except ValueError:
+        parser.error(f"--learning-rates: expected comma-separated numbers, got {args.learning_rates!r}")
+    if any(r is not None and not (math.isfinite(r) and r > 0) for r in rates):
+        parser.error(f"--learning-rates: expected positive finite numbers, got {args.learning_rates!r}")
     args.out.mkdir(parents=True, exist_ok=True)
     for method in args.methods.split(","):
         seeds = args.seeds if METHODS[method][1] == "many" else METHODS[method][1]
-        for seed in range(seeds):
-            run_one(method, seed, budget=args.budget, out=args.out)
+        for rate in rates:
+            for seed in range(seeds):
+                run_one(method, seed, budget=args.budget, out=args.out, learning_rate=rate)
     print(table(args.out))
     return 0
 

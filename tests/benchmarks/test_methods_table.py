@@ -1,0 +1,42 @@
+"""The methods benchmark's table: runs grouped by method and swept learning rate, mean ± sample std."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+_SPEC = importlib.util.spec_from_file_location(
+    "methods_benchmark", Path(__file__).resolve().parents[2] / "benchmarks" / "methods.py")
+methods = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(methods)
+
+
+def _finished_run(root: Path, name: str, *, gold_tune: float, base_tune: float, scored: int) -> None:
+    run = root / name
+    (run / "lora").mkdir(parents=True)
+    first = {"epoch": 0, "reward/n_scored": scored, "eval/gold_tune_initial": base_tune, "eval/gold_seen_initial": 0.5}
+    last = {"epoch": 1, "reward/n_scored": scored, "eval/gold_tune": gold_tune, "eval/gold_seen": 0.6}
+    (run / "metrics.jsonl").write_text(json.dumps(first) + "\n" + json.dumps(last) + "\n")
+    (run / "wall_s.txt").write_text("100\n")
+
+
+def test_rows_group_seeds_and_learning_rates_with_their_mean_and_std(tmp_path):
+    _finished_run(tmp_path, "ddpo_is-s0", gold_tune=0.5, base_tune=0.6, scored=64)
+    _finished_run(tmp_path, "ddpo_is-s1", gold_tune=0.7, base_tune=0.4, scored=64)
+    _finished_run(tmp_path, "ddpo_is@lr0.001-s0", gold_tune=0.9, base_tune=0.6, scored=64)
+    (tmp_path / "ddpo_is-s2").mkdir()  # unfinished (no lora/): left out
+    lines = methods.table(tmp_path).splitlines()
+    rows = {line.split(" | ")[0].removeprefix("| "): line.split(" | ") for line in lines[2:]}
+    # seeds 0 and 1: mean 0.6, sample std sqrt(((0.5-0.6)^2 + (0.7-0.6)^2) / 1) = 0.141; the base row is the
+    # first row's runs' evaluation before training: 0.5 +- 0.141 the same way
+    assert rows["ddpo_is"][1:3] == ["2", "0.600 ± 0.141"]
+    assert rows["base"][1:3] == ["2", "0.500 ± 0.141"]
+    assert rows["ddpo_is@lr0.001"][1:3] == ["1", "0.900"]  # one seed: no std
+    assert rows["ddpo_is"][-2:] == ["128", "100 |"]  # reward queries summed over the run's rows; mean wall s
+    assert list(rows)[:3] == ["base", "ddpo_is", "ddpo_is@lr0.001"]
+
+
+def test_a_run_name_carries_the_swept_learning_rate():
+    assert methods.run_name("b2", None) == "b2"
+    assert methods.run_name("b2", 3e-4) == "b2@lr0.0003"
