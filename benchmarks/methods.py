@@ -122,14 +122,22 @@ def table(out: Path) -> str:
     for run_dir in sorted(out.glob("*-s*"), key=lambda d: (order.get(row_of(d).split("@")[0], 99), row_of(d), d.name)):
         if run_dir.is_dir() and (run_dir / "lora").exists():
             runs.setdefault(row_of(run_dir), []).append(read_run(run_dir))
-    header = ["method", "seeds", *(c.removeprefix("eval/") for c in COLUMNS), "reward queries", "wall s"]
+    # The gain on the training prompts, paired within each run (its last evaluation minus its own evaluation
+    # before training): a method that changes sampling.batch_size (B²) changes the evaluation chunks and so
+    # the evaluation images, so its base differs from the base row's.
+    def gain(r: dict) -> float | None:
+        after, before = r["final"].get("eval/gold_tune"), r["base"].get("eval/gold_tune")
+        return None if after is None or before is None else after - before
+
+    header = ["method", "seeds", "gold_tune gain (paired)", *(c.removeprefix("eval/") for c in COLUMNS),
+              "reward queries", "wall s"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     if runs:
         base = next(iter(runs.values()))
-        lines.append("| base | " + " | ".join([str(len(base)), *(_mean_std([r["base"][c] for r in base]) for c in COLUMNS),
+        lines.append("| base | " + " | ".join([str(len(base)), "0", *(_mean_std([r["base"][c] for r in base]) for c in COLUMNS),
                                                  "0", "–"]) + " |")
     for method, results in runs.items():
-        cells = [_mean_std([r["final"][c] for r in results]) for c in COLUMNS]
+        cells = [_mean_std([gain(r) for r in results]), *(_mean_std([r["final"][c] for r in results]) for c in COLUMNS)]
         walls = [r["wall_s"] for r in results if r["wall_s"] is not None]
         lines.append(f"| {method} | {len(results)} | " + " | ".join(cells) + f" | {results[0]['reward_queries']} | "
                      f"{(sum(walls) / len(walls)) if walls else float('nan'):.0f} |")

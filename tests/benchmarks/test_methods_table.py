@@ -30,9 +30,10 @@ def test_rows_group_seeds_and_learning_rates_with_their_mean_and_std(tmp_path):
     rows = {line.split(" | ")[0].removeprefix("| "): line.split(" | ") for line in lines[2:]}
     # seeds 0 and 1: mean 0.6, sample std sqrt(((0.5-0.6)^2 + (0.7-0.6)^2) / 1) = 0.141; the base row is the
     # first row's runs' evaluation before training: 0.5 +- 0.141 the same way
-    assert rows["ddpo_is"][1:3] == ["2", "0.600 ± 0.141"]
-    assert rows["base"][1:3] == ["2", "0.500 ± 0.141"]
-    assert rows["ddpo_is@lr0.001"][1:3] == ["1", "0.900"]  # one seed: no std
+    # The paired gain: per run, after minus its own before: -0.1 and +0.3 -> mean 0.1, std sqrt(0.08) = 0.283
+    assert rows["ddpo_is"][1:4] == ["2", "0.100 ± 0.283", "0.600 ± 0.141"]
+    assert rows["base"][1:4] == ["2", "0", "0.500 ± 0.141"]
+    assert rows["ddpo_is@lr0.001"][1:4] == ["1", "0.300", "0.900"]  # one seed: no std
     assert rows["ddpo_is"][-2:] == ["128", "100 |"]  # reward queries summed over the run's rows; mean wall s
     assert list(rows)[:3] == ["base", "ddpo_is", "ddpo_is@lr0.001"]
 
