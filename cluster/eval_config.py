@@ -128,6 +128,10 @@ class EvaluationConfig:
     every: int = field(default=0, metadata={**NON_NEGATIVE, "doc": "0: before the first and after the last update"})
     seed: int = 1234
     images_per_prompt: int = field(default=2, metadata=POSITIVE)
+    # The evaluation images depend on how they are chunked (one seed per chunk): a fixed size keeps them the
+    # same for runs whose sampling.batch_size differs (B²'s branch rollouts), so their evaluations pair.
+    batch_size: int = field(default=0, metadata={**NON_NEGATIVE, "doc": "images per evaluation chunk, each drawn "
+                                                 "from its own fixed seed; 0: sampling.batch_size"})
     # set name -> prompts; empty: {all: the first four distinct training prompts} (cluster/config_loader.py)
     prompts: dict[str, list[str]] = field(default_factory=dict, metadata={"parse": parse_prompt_sets})
     prompt_files: dict[str, str] = field(default_factory=dict, metadata={"parse": parse_prompt_files})

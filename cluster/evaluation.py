@@ -48,10 +48,11 @@ def eval_candidates(config: Config) -> list[str]:
 
 
 def eval_jobs(config: Config, *, num_samplers: int) -> list[BatchJob]:
-    """The evaluation batches, the same at every evaluation: chunks of ``sampling.batch_size`` prompts
-    spread over the samplers, each with its fixed seed (no volume shaping: gamma 0)."""
+    """The evaluation batches, the same at every evaluation: chunks of ``evaluation.batch_size`` prompts
+    (0: ``sampling.batch_size``) spread over the samplers, each with its fixed seed (no volume shaping:
+    gamma 0)."""
     prompts = [p for _, p in eval_items(config)]
-    size = config.sampling.batch_size
+    size = config.evaluation.batch_size or config.sampling.batch_size
     chunks = [prompts[i : i + size] for i in range(0, len(prompts), size)]
     seed = config.evaluation.seed
     return [BatchJob(worker=k % num_samplers, prompts=chunk, gamma=0.0, seed=eval_seed(seed, chunk=k))

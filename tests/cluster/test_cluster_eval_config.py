@@ -135,3 +135,23 @@ def test_the_evaluation_round_trips_through_the_run_config_and_may_change_on_res
            "logging": {**data["logging"], "eval_every": 0}}
     del old["evaluation"]
     assert config_differences(old, data) == []
+
+
+def test_evaluation_chunks_follow_evaluation_batch_size_whatever_the_sampling_batch_size(tmp_path):
+    from actors.seeding import eval_seed
+    from cluster.evaluation import eval_jobs
+
+    text = BASE + "evaluation:\n  prompts: {seen: [a cat, a dog, a fox]}\n  images_per_prompt: 3\n"
+    default = load_config(_write(tmp_path, text), ["sampling.batch_size=4"])
+    # 0 (the default): chunks of sampling.batch_size; 9 images -> 4 + 4 + 1, seeds 0, 1, 2 of evaluation.seed
+    jobs = eval_jobs(default, num_samplers=2)
+    assert [len(job.prompts) for job in jobs] == [4, 4, 1] and [job.worker for job in jobs] == [0, 1, 0]
+    assert [job.seed for job in jobs] == [eval_seed(1234, chunk=k) for k in range(3)]
+    # a fixed evaluation.batch_size gives the same chunks and seeds for two sampling batch sizes: the same images
+    fixed = [eval_jobs(load_config(_write(tmp_path, text), [f"sampling.batch_size={b}", "evaluation.batch_size=6"]),
+                       num_samplers=2) for b in (4, 16)]
+    for jobs in fixed:
+        assert [(job.prompts, job.seed) for job in jobs] == [
+            (["a cat"] * 3 + ["a dog"] * 3, eval_seed(1234, chunk=0)), (["a fox"] * 3, eval_seed(1234, chunk=1))]
+    with pytest.raises(ConfigError, match=r"evaluation.batch_size"):
+        load_config(_write(tmp_path, text), ["evaluation.batch_size=-1"])
