@@ -3,12 +3,14 @@ shipped as ``tiny:shapes-llava`` for the ``llava_bertscore`` reward (which serve
 
 Like the reward model it is trained on broader data than the generator it judges: renders of *every*
 kind (one scene in three holds a held-out kind), half of them degraded (box blur, pixel noise;
-``reward_clip.degrade``) so that it also captions a diffusion model's soft samples.
+``reward_clip.degrade``) so that it also captions a diffusion model's soft samples. Half of the scenes
+are of the relation family (a quarter single, a quarter count): two objects, their kinds and their
+relation are most of what there is to learn.
 
 Architecture (``ARCH``, built by ``rewards.tiny_llava``, the one source of the LLaVA layout vLLM loads):
 a CLIP ViT of 32 px images with patch 4 (64 patch tokens: a relation needs where each object is),
-width 64, 3 layers, all of them read by the projector (``vision_feature_layer`` -1); llava-1.5's
-two-layer projector; a Llama LM of width 128, 2 layers, head_dim 64. Tokenizer: a byte-level BPE
+width 64, 4 layers, all of them read by the projector (``vision_feature_layer`` -1); llava-1.5's
+two-layer projector; a Llama LM of width 128, 4 layers, 2 heads of head_dim 64 with a KV head each. Tokenizer: a byte-level BPE
 trained on every caption of the grammar and the question prompt, so each word is one token.
 
 Objective: teacher-forced next-token cross-entropy on the caption tokens only (the prompt and padding
@@ -26,12 +28,24 @@ import torch
 
 from rewards.llava_bertscore import DEFAULT_PROMPT_TEMPLATE, DEFAULT_QUESTION
 from rewards.tiny_llava import LlavaArch, build_model, build_processor, build_tokenizer, save_llava
-from testbed.build.common import codec_scene_batch, cosine_lr, train_loop
+from testbed.build.common import _STRIDE, cosine_lr, train_loop
 from testbed.build.reward_clip import degrade
-from testbed.world import COLORS, COUNT_WORDS, KINDS, RELATIONS, SHAPES, caption_for, render
+from testbed.world import (
+    COLORS,
+    COUNT_WORDS,
+    KINDS,
+    RELATIONS,
+    SHAPES,
+    Scene,
+    caption_for,
+    render,
+    scene_for_seed,
+)
 
-ARCH = LlavaArch(vision_hidden=64, vision_layers=3, vision_heads=2, vision_intermediate=128, patch_size=4,
-                 vision_feature_layer=-1)
+# Two LM layers with one KV head named the first object of a relation but rarely the second (a quarter of
+# the pairs right): finding "the other object" takes depth, so four layers and a KV head per query head.
+ARCH = LlavaArch(vision_hidden=64, vision_layers=4, vision_heads=2, vision_intermediate=128, patch_size=4,
+                 vision_feature_layer=-1, text_layers=4, text_kv_heads=2)
 PROMPT = DEFAULT_PROMPT_TEMPLATE.format(question=DEFAULT_QUESTION)
 # 256 byte symbols and 5 specials leave room for every word of the grammar and the prompt as one token.
 VOCAB_SIZE = 384
@@ -87,9 +101,22 @@ def encode_batch(processor, images: np.ndarray, captions: list[str]) -> dict[str
             "pixel_values": prompt["pixel_values"]}
 
 
+FAMILY_CYCLE = ("single", "relation", "count", "relation")  # scene i of a batch: FAMILY_CYCLE[i // 2 % 4]
+
+
+def scene_batch(seed: int, step: int, batch_size: int) -> list[Scene]:
+    """The captioner's scenes of one step: families in ``FAMILY_CYCLE`` by pairs (``degrade`` blurs every
+    other image, so each family gets as many clean images as degraded ones; with a family per index
+    instead, the singles and counts would all be degraded and the relations all clean), every third scene
+    with a held-out kind (``codec_scene_batch``'s seed space, so a pure function of (seed, step, i))."""
+    base = (seed * _STRIDE + step) * batch_size
+    return [scene_for_seed(base + i, family=FAMILY_CYCLE[i // 2 % len(FAMILY_CYCLE)], held_out=i % 3 == 2)
+            for i in range(batch_size)]
+
+
 def training_images(seed: int, step: int, batch_size: int) -> tuple[np.ndarray, list[str]]:
     """uint8 [B, 32, 32, 3] renders of one step's scenes (every kind; every other one degraded), captions."""
-    scenes = codec_scene_batch(seed + SEED_OFFSET, step, batch_size, held_out_every=3)
+    scenes = scene_batch(seed + SEED_OFFSET, step, batch_size)
     rng = np.random.default_rng([seed + SEED_OFFSET, step])
     return degrade(np.stack([render(s) for s in scenes]), rng), [s.caption for s in scenes]
 

@@ -4,6 +4,9 @@ held-out kinds, on clean renders and on degraded ones (every image blurred and n
 
 Per image, with greedy decoding (transformers ``generate``):
 - ``exact``: the caption equals the ground-truth caption word for word;
+- ``exact_either_order``: ... or a relation's mirror image ("a blue square right of a red circle" for "a red
+  circle left of a blue square"; the generator names the two objects in random order, so a captioner
+  cannot know which order the ground truth used);
 - ``judge``: the judge parses the caption and finds it true of the image (``judge(image, caption).correct``;
   a relation may be said either way round, "a red circle left of a blue square" or "a blue square right of
   a red circle");
@@ -30,19 +33,30 @@ import torch
 from testbed.build.common import eval_scenes
 from testbed.build.reward_clip import degrade
 from testbed.judge import judge, parse_caption
-from testbed.world import FAMILIES, render
+from testbed.world import FAMILIES, caption_for, render
 
+OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 EVAL_OFFSET = 80_000  # the captioner's evaluation scenes: apart from the other models' evaluation sets
 DEGRADE_SEED = 4242
+
+
+def mirrored(caption: str) -> str:
+    """The same statement with the objects in the other order (a relation caption); others unchanged."""
+    spec = parse_caption(caption)
+    if spec.relation is None:
+        return caption
+    (ca, sa), (cb, sb) = spec.kinds
+    return caption_for("relation", [(cb, sb), (ca, sa)], relation=OPPOSITE[spec.relation])
 
 
 def score_captions(images: np.ndarray, captions: list[str], truths: list[str]) -> dict:
     """The measures of the module docstring for uint8 images [N, 32, 32, 3], N generated captions and N
     ground-truth captions; rates in [0, 1], plus up to three (truth, caption) examples of misses."""
-    exact = judged = unparseable = truth_ok = 0
+    exact = either = judged = unparseable = truth_ok = 0
     misses = []
     for image, caption, truth in zip(images, captions, truths, strict=True):
         exact += caption == truth
+        either += caption in (truth, mirrored(truth))
         truth_ok += judge(image, truth).correct
         try:
             spec = parse_caption(caption)
@@ -54,7 +68,7 @@ def score_captions(images: np.ndarray, captions: list[str], truths: list[str]) -
         if not ok and len(misses) < 3:
             misses.append([truth, caption])
     n = len(captions)
-    return {"n": n, "exact": round(exact / n, 4), "judge": round(judged / n, 4),
+    return {"n": n, "exact": round(exact / n, 4), "exact_either_order": round(either / n, 4), "judge": round(judged / n, 4),
             "unparseable": round(unparseable / n, 4), "judge_truth": round(truth_ok / n, 4), "misses": misses}
 
 
@@ -68,8 +82,8 @@ def eval_images(n: int, *, held_out: bool, family: str) -> tuple[np.ndarray, np.
 
 def _pooled(parts: list[dict]) -> dict:
     n = sum(p["n"] for p in parts)
-    pooled = {k: round(sum(p[k] * p["n"] for p in parts) / n, 4) for k in ("exact", "judge", "unparseable",
-                                                                          "judge_truth")}
+    pooled = {k: round(sum(p[k] * p["n"] for p in parts) / n, 4) for k in ("exact", "exact_either_order", "judge",
+                                                                          "unparseable", "judge_truth")}
     return {"n": n, **pooled}
 
 
