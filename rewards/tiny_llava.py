@@ -11,6 +11,10 @@ No download: the model is built from configs:
   16 image tokens, so vLLM's prompt-replacement check agrees with the model.
 
 Prompts use llava-1.5's plain format, ``"USER: <image>\\n{question} ASSISTANT:"`` (no chat template).
+
+The pieces (``LlavaArch``, ``build_tokenizer``, ``build_model``, ``build_processor``, ``save_llava``) are
+also what the shapes world's trained captioner is built from (``testbed/build/captioner.py``), so the
+layout vLLM loads is defined once.
 """
 
 from __future__ import annotations
