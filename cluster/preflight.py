@@ -173,7 +173,7 @@ def check_logging(config: Config) -> None:
 
 
 def check_reward_models(config: Config) -> None:
-    """Resolves each reward's model shortcuts (``tiny:clip``, ``tiny:shapes-clip``) as the run will: a shipped
+    """Resolves each reward's model shortcuts (``tiny:clip``, ``tiny:shapes-clip``, ``tiny:shapes-llava``) as the run will: a shipped
     model that is missing or fails its manifest stops the run here, naming the reward."""
     from cluster.specs import resolve_reward_specs
 

@@ -15,13 +15,14 @@ from learner.spec import LearnerSpec
 
 TINY_CLIP = "tiny:clip"
 SHAPES_CLIP = "tiny:shapes-clip"  # the shapes world's trained reward model (testbed/weights/shapes-clip)
+SHAPES_LLAVA = "tiny:shapes-llava"  # the shapes world's trained captioner (testbed/weights/shapes-llava)
 
 
 def resolve_reward_specs(rewards: dict[str, RewardConfig], *, cache_dir: str) -> tuple[dict[str, dict],
                                                                                        dict[str, float]]:
     """Each reward's builder options and weight (the training ``rewards`` or ``evaluation.rewards``);
     ``tiny:clip`` models are built locally under ``cache_dir``, ``tiny:shapes-clip`` is the shipped
-    shapes-world reward model (its manifest checked)."""
+    shapes-world reward model and ``tiny:shapes-llava`` its captioner (their manifests checked)."""
     from rewards.tiny import shapes_clip_options, tiny_aesthetic_options, tiny_clip_score_options
 
     specs, weights = {}, {}
@@ -38,6 +39,10 @@ def resolve_reward_specs(rewards: dict[str, RewardConfig], *, cache_dir: str) ->
             options = {**options, **tiny_aesthetic_options(tiny_dir, seed=options.get("seed", 0))}
         if name == "llava_bertscore":
             options.setdefault("cache_dir", str(cache_dir))
+            if options.get("model") == SHAPES_LLAVA:
+                from rewards.llava_bertscore import resolve_llava_model
+
+                resolve_llava_model(SHAPES_LLAVA, cache_dir=cache_dir)  # its manifest, checked before Ray starts
         specs[name] = options
     return specs, weights
 

@@ -23,7 +23,11 @@ import numpy as np
 from rewards.base import RewardOutput, check_batch
 
 TINY_LLAVA = "tiny:llava"
+SHAPES_LLAVA = "tiny:shapes-llava"  # the shapes world's trained captioner (testbed/weights/shapes-llava)
 MINILM = "minilm"
+# What LLaVA is asked by default; the shapes world's captioner is trained on exactly this prompt.
+DEFAULT_QUESTION = "Answer concisely: what is going on in this image?"
+DEFAULT_PROMPT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
 
 
 def _check_template(option: str, template: str, field: str) -> None:
@@ -39,7 +43,14 @@ def _check_template(option: str, template: str, field: str) -> None:
 
 
 def resolve_llava_model(model: str, *, cache_dir: str | Path) -> str:
-    """``"tiny:llava"`` -> a tiny LLaVA built (once) under ``cache_dir``; other names pass through."""
+    """``"tiny:llava"`` -> a tiny random-weight LLaVA built (once) under ``cache_dir``;
+    ``"tiny:shapes-llava"`` -> the shipped shapes-world captioner, after checking its manifest (a missing
+    or edited file is a ``ManifestError`` naming the rebuild command); other names pass through."""
+    if model == SHAPES_LLAVA:
+        from testbed.build.manifest import SHAPES_LLAVA_WEIGHTS, check_manifest
+
+        check_manifest(SHAPES_LLAVA_WEIGHTS)
+        return str(SHAPES_LLAVA_WEIGHTS)
     if model != TINY_LLAVA:
         return model
     from rewards.tiny_llava import TINY_LLAVA_VERSION, build_tiny_llava
@@ -78,8 +89,9 @@ class LlavaBertScore:
     Output: ``RewardOutput(scores=float32 [B], captions=B strings, errors=None or B entries)``;
     an empty caption scores NaN with the reason in ``errors`` (never a silent 0).
 
-    model: a local LLaVA directory or hub id that vLLM loads (llava-hf layout), or ``"tiny:llava"``
-    for the tiny random-weight model built into ``cache_dir``. question / prompt_template: what
+    model: a local LLaVA directory or hub id that vLLM loads (llava-hf layout), ``"tiny:llava"``
+    for the tiny random-weight model built into ``cache_dir``, or ``"tiny:shapes-llava"`` for the shapes
+    world's trained captioner (shipped fp16; run it with ``dtype="float32"`` on a CPU). question / prompt_template: what
     LLaVA is asked; the template must contain the model's image placeholder and ``{question}``.
     bertscore_model: a hub id or directory for ``bert_score.BERTScorer``, or ``"minilm"`` (the
     packaged all-MiniLM-L6-v2); bertscore_num_layers: which layer's embeddings BERTScore matches
@@ -109,8 +121,8 @@ class LlavaBertScore:
         *,
         model: str = "llava-hf/llava-1.5-7b-hf",
         cache_dir: str = ".cache/gard",
-        question: str = "Answer concisely: what is going on in this image?",
-        prompt_template: str = "USER: <image>\n{question} ASSISTANT:",
+        question: str = DEFAULT_QUESTION,
+        prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
         reference_template: str = "The image contains {prompt}",
         bertscore_model: str = "microsoft/deberta-xlarge-mnli",
         bertscore_num_layers: int | None = None,
@@ -142,6 +154,10 @@ class LlavaBertScore:
         from vllm import LLM, SamplingParams
 
         self.model_path = resolve_llava_model(model, cache_dir=cache_dir)
+        if model == SHAPES_LLAVA and dtype == "auto":
+            # Its config says float16 (the shipped files); it was trained in float32, which is also what
+            # vLLM's CPU path runs best, so "auto" means float32 here.
+            dtype = "float32"
         self.llm = LLM(
             model=self.model_path,
             dtype=dtype,

@@ -11,24 +11,61 @@ No download: the model is built from configs:
   16 image tokens, so vLLM's prompt-replacement check agrees with the model.
 
 Prompts use llava-1.5's plain format, ``"USER: <image>\\n{question} ASSISTANT:"`` (no chat template).
+
+The pieces (``LlavaArch``, ``build_tokenizer``, ``build_model``, ``build_processor``, ``save_llava``) are
+also what the shapes world's trained captioner is built from (``testbed/build/captioner.py``), so the
+layout vLLM loads is defined once.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
 IMAGE_SIZE = 32
-PATCH_SIZE = 8
-NUM_IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # CLS dropped by the "default" strategy
 BPE_VOCAB_SIZE = 512  # 256 byte symbols + specials + ~250 merges: short word pieces, tiny embedding
 # Bump when the builder's output changes, so a cached directory from an older builder is not reused.
 TINY_LLAVA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LlavaArch:
+    """The sizes of a tiny LLaVA: a CLIP ViT tower, llava-1.5's two-layer projector and a Llama LM.
+
+    The defaults are the random-weight ``tiny:llava``. ``head_dim`` stays 64: vLLM's CPU attention
+    rejects 16. ``vision_feature_layer`` picks the tower's hidden state the projector reads (-2, as in
+    llava-1.5, skips the last layer; -1 uses every layer, which a tower of a few layers needs).
+    """
+
+    vision_hidden: int = 32
+    vision_layers: int = 2
+    vision_heads: int = 2
+    vision_intermediate: int = 64
+    patch_size: int = 8
+    vision_feature_layer: int = -2
+    text_hidden: int = 128
+    text_heads: int = 2
+    text_kv_heads: int = 1
+    head_dim: int = 64
+    text_layers: int = 2
+    text_intermediate: int = 256
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Patch tokens per image: the CLS token is dropped by the "default" feature-select strategy."""
+        return (IMAGE_SIZE // self.patch_size) ** 2
+
+
+TINY_ARCH = LlavaArch()
+PATCH_SIZE = TINY_ARCH.patch_size
+NUM_IMAGE_TOKENS = TINY_ARCH.num_image_tokens
 
 # Caption-like English, so the BPE merges are word pieces and random-weight output reads as text.
 _CORPUS = [
@@ -47,8 +84,9 @@ _CORPUS = [
 ]
 
 
-def _build_tokenizer():
-    """Byte-level BPE (``PreTrainedTokenizerFast``) with BOS prepended and ``<image>`` special."""
+def build_tokenizer(corpus: list[str], *, vocab_size: int = BPE_VOCAB_SIZE):
+    """Byte-level BPE (``PreTrainedTokenizerFast``) trained on ``corpus``, BOS prepended, ``<image>``
+    special; every byte stays encodable, so text outside the corpus tokenizes too (in more pieces)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -56,12 +94,12 @@ def _build_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=BPE_VOCAB_SIZE,
+        vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,  # ids 0..4, in this order
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte is encodable
         show_progress=False,
     )
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tok.train_from_iterator(corpus, trainer=trainer)
     bos_id = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
@@ -77,42 +115,77 @@ def _build_tokenizer():
     )
 
 
-def _build_model(vocab_size: int, image_token_id: int, pad_token_id: int, seed: int):
+def build_model(arch: LlavaArch, tokenizer, *, seed: int):
+    """A float32 ``LlavaForConditionalGeneration`` of ``arch`` for ``tokenizer``'s vocabulary, initialised
+    from torch's global generator seeded with ``seed`` (transformers initialises through it)."""
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     vision = CLIPVisionConfig(
-        hidden_size=32,
+        hidden_size=arch.vision_hidden,
         image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        projection_dim=32,
+        patch_size=arch.patch_size,
+        num_hidden_layers=arch.vision_layers,
+        num_attention_heads=arch.vision_heads,
+        intermediate_size=arch.vision_intermediate,
+        projection_dim=arch.vision_hidden,
     )
     text = LlamaConfig(
-        hidden_size=128,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=64,
-        num_hidden_layers=2,
-        intermediate_size=256,
-        vocab_size=vocab_size,
+        hidden_size=arch.text_hidden,
+        num_attention_heads=arch.text_heads,
+        num_key_value_heads=arch.text_kv_heads,
+        head_dim=arch.head_dim,
+        num_hidden_layers=arch.text_layers,
+        intermediate_size=arch.text_intermediate,
+        vocab_size=len(tokenizer),
         max_position_embeddings=2048,
         bos_token_id=1,
         eos_token_id=2,
-        pad_token_id=pad_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
-        image_token_index=image_token_id,
-        image_seq_length=NUM_IMAGE_TOKENS,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=arch.num_image_tokens,
         vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
+        vision_feature_layer=arch.vision_feature_layer,
     )
-    torch.manual_seed(seed)
-    return LlavaForConditionalGeneration(config).to(torch.float32).eval()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config).to(torch.float32).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def build_processor(arch: LlavaArch, tokenizer):
+    """``LlavaProcessor`` (CLIPImageProcessor at 32 px) that expands one ``<image>`` into the
+    ``arch.num_image_tokens`` image tokens, so vLLM's prompt-replacement check agrees with the model."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=arch.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # the CLS token, which "default" then drops
+    )
+
+
+def save_llava(model, processor, directory: str | Path, *, dtype=None) -> Path:
+    """Writes ``model`` (cast to ``dtype`` if given, e.g. torch.float16 for a shipped copy) and its
+    processor into ``directory`` in the llava-hf layout vLLM loads (vision keys renamed)."""
+    directory = Path(directory)
+    if dtype is not None:
+        model = copy.deepcopy(model).to(dtype)
+    model.save_pretrained(directory)
+    _rename_vision_keys(directory)
+    processor.save_pretrained(directory)
+    return directory
 
 
 def _rename_vision_keys(model_dir: Path) -> None:
@@ -148,32 +221,15 @@ def build_tiny_llava(out_dir: str | Path, *, seed: int = 0) -> Path:
     Written to a temporary sibling directory and renamed into place, so a crash or a concurrent
     builder never leaves a half-written ``out_dir`` behind (the loser of a race keeps the winner's).
     """
-    from transformers import CLIPImageProcessor, LlavaProcessor
-
     out_dir = Path(out_dir)
     if (out_dir / "config.json").exists():
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        tokenizer = _build_tokenizer()
-        image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        model = _build_model(len(tokenizer), image_token_id, tokenizer.pad_token_id, seed)
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.save_pretrained(tmp)
-        _rename_vision_keys(tmp)
-        image_processor = CLIPImageProcessor(
-            size={"shortest_edge": IMAGE_SIZE},
-            crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        )
-        processor = LlavaProcessor(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            patch_size=PATCH_SIZE,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,  # the CLS token, which "default" then drops
-        )
-        processor.save_pretrained(tmp)
+        tokenizer = build_tokenizer(_CORPUS * 4)
+        model = build_model(TINY_ARCH, tokenizer, seed=seed)
+        save_llava(model, build_processor(TINY_ARCH, tokenizer), tmp)
         try:
             os.rename(tmp, out_dir)
         except OSError:

@@ -1,7 +1,7 @@
 """``python -m testbed.build``: trains the shapes world's VAE, text encoder and UNet in that order, then the
-reward model (each resumable from its last saved training state under OUT/state), assembles the fp16
-pipeline at OUT/pipeline and the reward model at OUT/reward_clip_fp16, each with its manifest, and appends
-what it measured to OUT/report.json."""
+reward model and the captioner (each resumable from its last saved training state under OUT/state),
+assembles the fp16 pipeline at OUT/pipeline, the reward model at OUT/reward_clip_fp16 and the captioner
+at OUT/captioner_fp16, each with its manifest, and appends what it measured to OUT/report.json."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-MODELS = ("vae", "text_encoder", "unet", "reward_clip")
+MODELS = ("vae", "text_encoder", "unet", "reward_clip", "captioner")
 # Step counts of the shipped build (see testbed/weights/BUILD_REPORT.md for their wall times).
-DEFAULT_STEPS = {"vae": 600, "vae_decoder": 400, "text_encoder": 2000, "unet": 4000, "reward_clip": 1500}
+DEFAULT_STEPS = {"vae": 600, "vae_decoder": 400, "text_encoder": 2000, "unet": 4000, "reward_clip": 1500,
+                 "captioner": 3200}
 
 
 def _record(out: Path, key: str, value: dict) -> None:
@@ -85,6 +86,17 @@ def build(out: Path, *, only: str | None = None, steps: int | None = None, seed:
                     "shipped": str(export(out, model).relative_to(out))}
             if evaluate:
                 info |= dataclasses.asdict(pairwise_accuracy(model, tokenizer))
+        elif name == "captioner":
+            from testbed.build.captioner import export as export_captioner
+            from testbed.build.captioner import train_captioner
+
+            model, processor = train_captioner(out, steps=n, seed=seed, **sizes)
+            info = {"params": count_params(model), "steps": n, "wall_s": round(time.time() - t0, 1),
+                    "shipped": str(export_captioner(out, model, processor).relative_to(out))}
+            if evaluate:
+                from testbed.build.captioner_eval import evaluate_captioner
+
+                info |= evaluate_captioner(model, processor)
         else:
             from testbed.build.unet import assemble_pipeline, train_unet
 
@@ -96,7 +108,7 @@ def build(out: Path, *, only: str | None = None, steps: int | None = None, seed:
             target = assemble_pipeline(out, vae, encoder, tokenizer, unet)
             info["pipeline_bytes"] = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
         _record(out, name, info)
-        if stop_after is not None and stop_after < n and name not in ("unet", "reward_clip"):
+        if stop_after is not None and stop_after < n and name not in ("unet", "reward_clip", "captioner"):
             print(f"[build] stopped {name} at step {stop_after} of {n}; rerun to resume", file=sys.stderr)
             return None  # the models after this one need it finished (a stopped UNet is still assembled)
     return out / "pipeline" if "unet" in todo else None
@@ -108,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=MODELS, help="build one model (the UNet needs the other two built)")
     parser.add_argument("--steps", type=int, help=f"training steps per model (default {DEFAULT_STEPS})")
     parser.add_argument("--seed", type=int, default=0, help="the seed of every draw of the build")
-    parser.add_argument("--eval", action="store_true", help="also measure the VAE and the text encoder")
+    parser.add_argument("--eval", action="store_true", help="also measure each model built (the captioner: exact match and the judge)")
     parser.add_argument("--batch-size", type=int, help="batch size of every model (default: each model's own)")
     parser.add_argument("--pool-size", type=int, help="training scenes the UNet's latent pool holds")
     parser.add_argument("--stop-after", type=int, help="end this run at that step (rerun to resume)")

@@ -12,6 +12,8 @@ MANIFEST = "manifest.json"
 SHAPES_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "shapes"
 # The shipped reward model of the shapes world (``clip_score`` with ``model: tiny:shapes-clip``).
 SHAPES_CLIP_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "shapes-clip"
+# The shipped captioner of the shapes world (``llava_bertscore`` with ``model: tiny:shapes-llava``).
+SHAPES_LLAVA_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "shapes-llava"
 REBUILD = "python -m testbed.build --out DIR (or `gard testbed build`)"
 
 

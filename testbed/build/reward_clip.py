@@ -68,10 +68,11 @@ def make_model(directory: Path, seed: int):
     return model, open_clip.get_tokenizer(MODEL_NAME)
 
 
-def degrade(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """uint8 [B, 32, 32, 3]: every other image box-blurred (3×3) with Gaussian pixel noise (σ 0-12 levels)."""
+def degrade(images: np.ndarray, rng: np.random.Generator, *, every: int = 2) -> np.ndarray:
+    """uint8 [B, 32, 32, 3]: every ``every``-th image (the first, then each ``every`` after; 1 = all)
+    box-blurred (3×3) with Gaussian pixel noise (σ 0-12 levels), the softness of a diffusion sample."""
     out = images.astype(np.float32)
-    for i in range(0, len(out), 2):
+    for i in range(0, len(out), every):
         padded = np.pad(out[i], ((1, 1), (1, 1), (0, 0)), mode="edge")
         out[i] = sum(padded[dy:dy + 32, dx:dx + 32] for dy in range(3) for dx in range(3)) / 9.0
         out[i] += rng.normal(0.0, rng.uniform(0, 12), out[i].shape)

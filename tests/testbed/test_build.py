@@ -84,7 +84,7 @@ def test_same_seed_gives_the_same_weights(tmp_path, tiny_build):
     assert not _same_state(tmp_path / "a" / "state" / "vae.pt", tmp_path / "c" / "state" / "vae.pt")
 
 
-@pytest.mark.parametrize("model", ["vae", "text_encoder", "unet", "reward_clip"])
+@pytest.mark.parametrize("model", ["vae", "text_encoder", "unet", "reward_clip", "captioner"])
 def test_a_resumed_build_is_bit_identical_to_an_uninterrupted_one(tmp_path, tiny_build, model):
     out, _ = tiny_build
     whole, pieces = tmp_path / "whole", tmp_path / "pieces"
@@ -139,6 +139,23 @@ def test_the_assembled_pipeline_loads_with_diffusers_and_makes_32px_images(tiny_
         assert {t.dtype for t in load_file(weights).values()} == {torch.float16}  # shipped as fp16
 
 
+def test_the_exported_captioner_loads_back_in_transformers_with_the_trained_weights(tiny_build):
+    """The fp16 export (vision keys renamed to vLLM's layout) loads through transformers' own
+    ``from_pretrained`` with every weight in place: its logits equal the trained model's up to fp16."""
+    from testbed.build.captioner import PROMPT, load_captioner, make_captioner, training_images
+    from testbed.build.common import TrainState
+
+    out, _ = tiny_build
+    loaded, processor = load_captioner(out / "captioner_fp16")  # checks the manifest
+    trained, _ = make_captioner(seed=12345)  # other initial weights, then the trained ones
+    trained.load_state_dict(TrainState.load(out / "state" / "captioner.pt").modules["llava"])
+    images, _ = training_images(0, 0, 2)
+    inputs = processor(images=list(images), text=[PROMPT] * 2, return_tensors="pt")
+    with torch.no_grad():
+        a, b = loaded(**inputs).logits, trained.eval()(**inputs).logits
+    assert torch.allclose(a, b, atol=2e-2, rtol=0), (a - b).abs().max()
+
+
 def test_the_unet_needs_the_vae_built_first(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"--only vae"):
         build(tmp_path, only="unet", steps=1, batch_size=2, pool_size=4)
@@ -171,13 +188,14 @@ def test_the_shipped_models_match_their_manifests_and_are_fp16_and_small():
 
     from actors.tiny import resolve_pretrained
     from rewards.tiny import shapes_clip_options
-    from testbed.build.manifest import SHAPES_CLIP_WEIGHTS, SHAPES_WEIGHTS
+    from testbed.build.manifest import SHAPES_CLIP_WEIGHTS, SHAPES_LLAVA_WEIGHTS, SHAPES_WEIGHTS
 
     path = resolve_pretrained("tiny:shapes", cache_dir="unused")
     assert path == str(SHAPES_WEIGHTS)
     options = shapes_clip_options()  # checks the reward model's manifest
     assert {t.dtype for t in load_file(options["pretrained"]).values()} == {torch.float16}
-    shipped = [p for d in (SHAPES_WEIGHTS, SHAPES_CLIP_WEIGHTS) for p in d.rglob("*") if p.is_file()]
+    shipped = [p for d in (SHAPES_WEIGHTS, SHAPES_CLIP_WEIGHTS, SHAPES_LLAVA_WEIGHTS) for p in d.rglob("*")
+               if p.is_file()]
     assert sum(p.stat().st_size for p in shipped) < 25 * 2**20
 
 
