@@ -65,7 +65,8 @@ NOT_YET = {
     "lora_fusion_clip_caption": "the fusion of the ddpo_is and ddpo_caption adapters (gard fuse-lora) is not scripted yet",
 }
 COLUMNS = ["eval/gold_tune", "eval/gold_seen", "eval/gold_heldout", "eval/gold_heldout/single", "eval/gold_heldout/count",
-           "eval/gold_heldout/relation", "eval/clip_score", "eval/diversity/heldout", "eval/recall_at_1/heldout"]
+           "eval/gold_heldout/relation", "eval/clip_score", "eval/llava_bertscore", "eval/diversity/heldout",
+           "eval/recall_at_1/heldout"]
 
 
 def samples_per_epoch(overrides: list[str]) -> int:
