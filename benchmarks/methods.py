@@ -62,7 +62,7 @@ METHODS: dict[str, tuple[list[str], str | int]] = {
     "texforce_unet_te": ([*DDPO, "policy.train_targets=[unet,text_encoder]"], 1),
 }
 NOT_YET = {
-    "lora_fusion_clip_caption": "the fusion of the ddpo_is and ddpo_caption adapters (gard fuse-lora) is not scripted yet",
+    "lora_fusion_clip_caption": "not scripted yet; measured by hand with gard fuse-lora + gard eval (BENCHMARKS.md)",
 }
 COLUMNS = ["eval/gold_tune", "eval/gold_seen", "eval/gold_heldout", "eval/gold_heldout/single", "eval/gold_heldout/count",
            "eval/gold_heldout/relation", "eval/clip_score", "eval/llava_bertscore", "eval/diversity/heldout",
