@@ -15,7 +15,8 @@ Usage:
     python benchmarks/methods.py [--budget 2560] [--seeds 3] [--methods ddpo_is,gard_k2] [--out runs/methods]
     python benchmarks/methods.py --methods ddpo_sf --seeds 1 --learning-rates 3e-4,1e-3   # a sweep's rows
     python benchmarks/methods.py --table runs/methods      # the markdown table of finished runs
-Rows the world cannot support yet are listed in ``NOT_YET`` with the reason (printed in the table).
+Fusion rows (``FUSIONS``) train nothing: they fuse two rows' seed-0 adapters with ``gard fuse-lora`` and
+evaluate the result with ``gard eval`` on the first input's evaluation set and seeds.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO / "configs" / "shapes_dpo.yaml"
@@ -61,9 +64,9 @@ METHODS: dict[str, tuple[list[str], str | int]] = {
     "texforce_te": ([*DDPO, "policy.train_targets=[text_encoder]"], 1),
     "texforce_unet_te": ([*DDPO, "policy.train_targets=[unet,text_encoder]"], 1),
 }
-NOT_YET = {
-    "lora_fusion_clip_caption": "not scripted yet; measured by hand with gard fuse-lora + gard eval (BENCHMARKS.md)",
-}
+# Rows that train nothing: the fusion (gard fuse-lora, exact) of two rows' seed-0 adapters, evaluated with
+# gard eval on the first input's evaluation set and seeds; its base is that run's base.
+FUSIONS = {"lora_fusion_clip_caption": (("ddpo_is", 0.5), ("ddpo_caption", 0.5))}
 COLUMNS = ["eval/gold_tune", "eval/gold_seen", "eval/gold_heldout", "eval/gold_heldout/single", "eval/gold_heldout/count",
            "eval/gold_heldout/relation", "eval/clip_score", "eval/llava_bertscore", "eval/diversity/heldout",
            "eval/recall_at_1/heldout"]
@@ -100,9 +103,41 @@ def run_one(method: str, seed: int, *, budget: int, out: Path, learning_rate: fl
     return run_dir
 
 
+def fuse_one(name: str, *, out: Path) -> Path:
+    """The fusion row ``name``: fuses its inputs' seed-0 adapters into ``out/<name>-s0/lora`` and evaluates
+    it with the first input's config (``eval_metrics.json``); returns the directory."""
+    inputs = FUSIONS[name]
+    run_dir = out / f"{name}-s0"
+    if (run_dir / "eval_metrics.json").exists():
+        return run_dir
+    sources = [out / f"{method}-s0" for method, _ in inputs]
+    for source in sources:
+        if not (source / "lora").exists():
+            raise SystemExit(f"[methods] {name} fuses {source.name}, which has not finished: run its method first")
+    gard = [sys.executable, "-m", "cluster"]
+    fused_rank = 0
+    for source in sources:
+        fused_rank += yaml.safe_load((source / "config.yaml").read_text())["policy"]["lora_rank"]
+    # exact fusion: the fused rank is the sum of the inputs' ranks, alpha = rank keeps their scale of 1
+    subprocess.run([*gard, "fuse-lora", *(f"{src / 'lora'}:{w}" for src, (_, w) in zip(sources, inputs, strict=True)),
+                    "--out", str(run_dir / "lora"), "--overwrite"], check=True, cwd=REPO)
+    subprocess.run([*gard, "eval", str(run_dir / "lora"), "--config", str(sources[0] / "config.yaml"),
+                    "--output-dir", str(run_dir / "eval"), "--overwrite", f"policy.lora_rank={fused_rank}",
+                    f"policy.lora_alpha={fused_rank}"], check=True, cwd=REPO)
+    (run_dir / "eval_metrics.json").write_text((run_dir / "eval" / "eval_metrics.json").read_text())
+    (run_dir / "fusion.json").write_text(json.dumps({"inputs": [src.name for src in sources]}))
+    return run_dir
+
+
 def read_run(run_dir: Path) -> dict:
     """The last evaluation's metrics, the first row's ``_initial`` ones (the base model), the reward
-    queries and the wall time of one finished run."""
+    queries and the wall time of one finished run (a fusion row: its evaluation, its first input's base,
+    and the reward queries of all its inputs)."""
+    if (run_dir / "fusion.json").exists():
+        inputs = [read_run(run_dir.parent / name) for name in json.loads((run_dir / "fusion.json").read_text())["inputs"]]
+        metrics = json.loads((run_dir / "eval_metrics.json").read_text())["metrics"]
+        return {"final": {k: metrics.get(k) for k in COLUMNS}, "base": inputs[0]["base"],
+                "reward_queries": sum(r["reward_queries"] for r in inputs), "wall_s": None}
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     last = next(row for row in reversed(rows) if "eval/gold_seen" in row)
     initial = {k[: -len("_initial")]: v for k, v in rows[0].items() if k.endswith("_initial")}
@@ -126,7 +161,7 @@ def _mean_std(values: list[float]) -> str:
 def table(out: Path) -> str:
     """Markdown: one row per method (mean ± std over its seeds), the base row first."""
     runs: dict[str, list[dict]] = {}
-    order = {method: i for i, method in enumerate(METHODS)}
+    order = {method: i for i, method in enumerate([*METHODS, *FUSIONS])}
 
     def row_of(run_dir: Path) -> str:  # "ddpo_is" or "ddpo_is@lr0.001"
         return run_dir.name.rsplit("-s", 1)[0]
@@ -151,10 +186,9 @@ def table(out: Path) -> str:
     for method, results in runs.items():
         cells = [_mean_std([gain(r) for r in results]), *(_mean_std([r["final"][c] for r in results]) for c in COLUMNS)]
         walls = [r["wall_s"] for r in results if r["wall_s"] is not None]
-        lines.append(f"| {method} | {len(results)} | " + " | ".join(cells) + f" | {results[0]['reward_queries']} | "
-                     f"{(sum(walls) / len(walls)) if walls else float('nan'):.0f} |")
-    for method, why in NOT_YET.items():
-        lines.append(f"| {method} | 0 | not run: {why} |" + " |" * (len(header) - 3))
+        wall = f"{sum(walls) / len(walls):.0f}" if walls else "–"
+        lines.append(f"| {method} | {len(results)} | " + " | ".join(cells)
+                     + f" | {results[0]['reward_queries']} | {wall} |")
     return "\n".join(lines)
 
 
@@ -162,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--budget", type=int, default=2560, help="reward queries per run")
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the rows marked 'many'")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, out of {list(METHODS)}")
+    parser.add_argument("--methods", default=",".join([*METHODS, *FUSIONS]),
+                        help=f"comma-separated, out of {[*METHODS, *FUSIONS]} (a fusion after the rows it fuses)")
     parser.add_argument("--learning-rates", default="",
                         help="comma-separated learning rates to sweep, each a row of its own (default: each "
                              "method's own); sweep on the training prompts' gold, never on the held-out ones")
@@ -172,9 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.table is not None:
         print(table(args.table))
         return 0
-    unknown = [m for m in args.methods.split(",") if m not in METHODS]
+    unknown = [m for m in args.methods.split(",") if m not in METHODS and m not in FUSIONS]
     if unknown:
-        parser.error(f"--methods: unknown {unknown}; valid: {list(METHODS)}")
+        parser.error(f"--methods: unknown {unknown}; valid: {[*METHODS, *FUSIONS]}")
     try:
         rates = [float(x) for x in args.learning_rates.split(",") if x.strip()] or [None]
     except ValueError:
@@ -183,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--learning-rates: expected positive finite numbers, got {args.learning_rates!r}")
     args.out.mkdir(parents=True, exist_ok=True)
     for method in args.methods.split(","):
+        if method in FUSIONS:  # after the rows it fuses (list them first in --methods)
+            fuse_one(method, out=args.out)
+            continue
         seeds = args.seeds if METHODS[method][1] == "many" else METHODS[method][1]
         for rate in rates:
             for seed in range(seeds):

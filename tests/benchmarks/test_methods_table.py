@@ -41,3 +41,18 @@ def test_rows_group_seeds_and_learning_rates_with_their_mean_and_std(tmp_path):
 def test_a_run_name_carries_the_swept_learning_rate():
     assert methods.run_name("b2", None) == "b2"
     assert methods.run_name("b2", 3e-4) == "b2@lr0.0003"
+
+
+def test_a_fusion_row_reads_its_evaluation_with_its_first_inputs_base_and_both_inputs_queries(tmp_path):
+    _finished_run(tmp_path, "ddpo_is-s0", gold_tune=0.5, base_tune=0.6, scored=64)
+    _finished_run(tmp_path, "ddpo_caption-s0", gold_tune=0.4, base_tune=0.6, scored=32)
+    fused = tmp_path / "lora_fusion_clip_caption-s0"
+    (fused / "lora").mkdir(parents=True)
+    (fused / "eval_metrics.json").write_text(json.dumps({"metrics": {"eval/gold_tune": 0.55, "eval/gold_seen": 0.5}}))
+    (fused / "fusion.json").write_text(json.dumps({"inputs": ["ddpo_is-s0", "ddpo_caption-s0"]}))
+    result = methods.read_run(fused)
+    assert result["final"]["eval/gold_tune"] == 0.55 and result["base"]["eval/gold_tune"] == 0.6
+    assert result["reward_queries"] == 128 + 64 and result["wall_s"] is None  # each input's two rows
+    row = next(line for line in methods.table(tmp_path).splitlines() if line.startswith("| lora_fusion_clip_caption"))
+    # after the trained rows; gain 0.55 - 0.6 (its first input's base); no wall time of its own
+    assert row.split(" | ")[1:4] == ["1", "-0.050", "0.550"] and row.endswith("| 192 | – |")
