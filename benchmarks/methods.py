@@ -52,7 +52,7 @@ METHODS: dict[str, tuple[list[str], str | int]] = {
     "dpok": ([*DDPO, "train.kl_beta=0.01"], 1),
     "gard_k2": ([*DDPO, *GARD_RAMP], "many"),
     # the same CLIP reward; the volume also spans the caption's embedding (the caption reward weighs 0)
-    "gard_k3": ([*DDPO, *GARD_RAMP, "volume.modalities=[text, image, caption]", f"rewards={{{CLIP}, {_caption(0.0)}}}"], 1),
+    "gard_k3": ([*DDPO, *GARD_RAMP, "volume.modalities=[text, image, caption]", f"rewards={{{CLIP}, {_caption(0.0)}}}"], "many"),
     # DDPO on the caption reward alone; the CLIP score is still measured, as an evaluation reward
     "ddpo_caption": ([*DDPO, f"rewards={{{_caption(1.0)}}}",
                       "evaluation.rewards={shapes_judge: {mode: correct}, clip_score: {model: 'tiny:shapes-clip'}}"], 1),
