@@ -1,5 +1,6 @@
-"""Fixtures shared by the denoising-loss rules' tests (online Diffusion-DPO, reward-weighted regression):
-eight samples of two prompts from the tiny pipeline, four denoising steps at 64 px."""
+"""Fixtures shared by the learner's tests: the tiny pipeline's policy spec (four denoising steps at 64 px,
+CFG 3) and, for the denoising-loss rules (online Diffusion-DPO, reward-weighted regression), eight samples
+of two prompts from it."""
 
 from __future__ import annotations
 

@@ -23,8 +23,8 @@ PROMPTS = ["a cat", "a cat", "a dog", "a dog"]
 
 
 @pytest.fixture(scope="module")
-def policy_spec(tiny_sd) -> PolicySpec:
-    return default_policy_spec(pretrained=tiny_sd, num_steps=4, resolution=64, guidance_scale=3.0)
+def policy_spec(cat_dog_policy_spec) -> PolicySpec:
+    return cat_dog_policy_spec  # the shared tiny-pipeline spec (tests/learner/conftest.py)
 
 
 @pytest.fixture(scope="module")
