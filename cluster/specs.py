@@ -15,7 +15,6 @@ from learner.spec import LearnerSpec
 
 TINY_CLIP = "tiny:clip"
 SHAPES_CLIP = "tiny:shapes-clip"  # the shapes world's trained reward model (testbed/weights/shapes-clip)
-SHAPES_LLAVA = "tiny:shapes-llava"  # the shapes world's trained captioner (testbed/weights/shapes-llava)
 
 
 def resolve_reward_specs(rewards: dict[str, RewardConfig], *, cache_dir: str) -> tuple[dict[str, dict],
@@ -39,9 +38,9 @@ def resolve_reward_specs(rewards: dict[str, RewardConfig], *, cache_dir: str) ->
             options = {**options, **tiny_aesthetic_options(tiny_dir, seed=options.get("seed", 0))}
         if name == "llava_bertscore":
             options.setdefault("cache_dir", str(cache_dir))
-            if options.get("model") == SHAPES_LLAVA:
-                from rewards.llava_bertscore import resolve_llava_model
+            from rewards.llava_bertscore import SHAPES_LLAVA, resolve_llava_model
 
+            if options.get("model") == SHAPES_LLAVA:
                 resolve_llava_model(SHAPES_LLAVA, cache_dir=cache_dir)  # its manifest, checked before Ray starts
         specs[name] = options
     return specs, weights
