@@ -115,9 +115,7 @@ def fuse_one(name: str, *, out: Path) -> Path:
         if not (source / "lora").exists():
             raise SystemExit(f"[methods] {name} fuses {source.name}, which has not finished: run its method first")
     gard = [sys.executable, "-m", "cluster"]
-    fused_rank = 0
-    for source in sources:
-        fused_rank += yaml.safe_load((source / "config.yaml").read_text())["policy"]["lora_rank"]
+    fused_rank = sum(yaml.safe_load((source / "config.yaml").read_text())["policy"]["lora_rank"] for source in sources)
     # exact fusion: the fused rank is the sum of the inputs' ranks, alpha = rank keeps their scale of 1
     subprocess.run([*gard, "fuse-lora", *(f"{src / 'lora'}:{w}" for src, (_, w) in zip(sources, inputs, strict=True)),
                     "--out", str(run_dir / "lora"), "--overwrite"], check=True, cwd=REPO)
