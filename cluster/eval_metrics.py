@@ -8,6 +8,8 @@ s and evaluation reward r:
 - ``eval/gold_<s>``, ``eval/gold_<s>_se``: the gold reward's mean and its standard error
   std / sqrt(n) (ddof = 1, n = scored images); ``eval/gold_<s>/<group>``: the mean per prompt group,
   for gold rewards that group their prompts (the shapes judge: caption families);
+  ``eval/gold_<s>/checks/<c>``: the mean of each part of the gold score over the images it applies to,
+  for gold rewards that return their parts (the shapes judge: binding, count, relation, overlap);
 - ``eval/diversity/<s>``: the mean over the set's prompts of the mean pairwise RMS pixel distance
   between that prompt's images (pixels in [0, 1]: 0 = identical images, at most 1); a policy that
   collapses to one image per prompt drives it to 0;
@@ -63,11 +65,13 @@ def diversity(images: np.ndarray, prompts: list[str]) -> float:
 
 def eval_metrics(*, sets: list[str], prompts: list[str], images: np.ndarray, train_total: np.ndarray,
                  scores: dict[str, np.ndarray], gold: str | None, groups: list[str] | None,
-                 recall_hits: np.ndarray | None, with_diversity: bool) -> dict[str, float]:
+                 recall_hits: np.ndarray | None, with_diversity: bool,
+                 gold_checks: dict[str, np.ndarray] | None = None) -> dict[str, float]:
     """The per-set metrics (module docstring) of N images: sets and prompts [N], images uint8 [N, H, W, 3],
     train_total float [N] (the training reward), scores {evaluation reward: float [N]}, gold (one of
     ``scores``' names, or None), groups [N] (each image's group under the gold reward, or None),
-    recall_hits bool [N] (or None: no recall reward), with_diversity (images per prompt >= 2)."""
+    recall_hits bool [N] (or None: no recall reward), with_diversity (images per prompt >= 2), gold_checks
+    {check: float [N]} (the gold score's parts, NaN where one does not apply; None: the gold has none)."""
     set_arr = np.asarray(sets, dtype=object)
     metrics: dict[str, float] = {}
     for s in dict.fromkeys(sets):
@@ -81,6 +85,10 @@ def eval_metrics(*, sets: list[str], prompts: list[str], images: np.ndarray, tra
             if groups is not None:
                 for group, value in by_key(gold_values, [g for g, m in zip(groups, mask, strict=True) if m]).items():
                     metrics[f"eval/gold_{s}/{group}"] = value
+            for check, values in (gold_checks or {}).items():
+                applies = np.asarray(values, dtype=np.float64)[mask]
+                if np.isfinite(applies).any():  # a set without relation prompts has no relation rate
+                    metrics[f"eval/gold_{s}/checks/{check}"] = _mean(applies)
         if with_diversity:
             metrics[f"eval/diversity/{s}"] = diversity(images[mask], [p for p, m in zip(prompts, mask, strict=True) if m])
         if recall_hits is not None:

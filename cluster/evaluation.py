@@ -83,9 +83,13 @@ def eval_result(config: Config, jobs: list[BatchJob], scores: list, image_batche
     gold_scores = {name: np.concatenate([g["scores"][name] for g in gold]) for name in gold[0]["scores"]} if gold else {}
     hits = np.concatenate([g["recall_hit"] for g in gold]) if gold and gold[0]["recall_hit"] is not None else None
     e = config.evaluation
+    gold_parts = [g.get("checks", {}).get(e.gold) for g in gold or []]
+    gold_checks = ({name: np.concatenate([parts[name] for parts in gold_parts]) for name in gold_parts[0]}
+                   if gold_parts and all(parts for parts in gold_parts) else None)
     metrics = {"eval/reward_mean": float(np.nanmean(total)), **components}
     metrics.update(eval_metrics(sets=sets, prompts=prompts, images=images, train_total=total, scores=gold_scores,
-                                gold=e.gold, groups=_prompt_groups(e.gold, prompts), recall_hits=hits,
+                                gold=e.gold, groups=_prompt_groups(e.gold, prompts), gold_checks=gold_checks,
+                                recall_hits=hits,
                                 with_diversity=e.images_per_prompt >= 2))
     return EvalResult(mean=metrics["eval/reward_mean"], images=images, components=components, prompts=prompts,
                       scores=total, captions=captions, sets=sets, gold_scores=gold_scores, metrics=metrics)

@@ -22,12 +22,15 @@ class RewardOutput:
     embeddings: modality -> float32 [B, n], unit-norm rows ("image", "text", "caption").
     captions:   B strings, for rewards that caption images (LLaVA).
     errors:     B entries, None where the item was scored, else why it was not.
+    checks:     check name -> float32 [B], the parts of a score for rewards that have them (the shapes
+                judge's binding, count, relation, overlap); NaN where a check does not apply to an item.
     """
 
     scores: np.ndarray
     embeddings: dict[str, np.ndarray] = field(default_factory=dict)
     captions: list[str] | None = None
     errors: list[str | None] | None = None
+    checks: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.scores = np.asarray(self.scores, dtype=np.float32)
@@ -39,6 +42,10 @@ class RewardOutput:
                 raise ValueError(
                     f"RewardOutput.embeddings[{modality!r}] must have shape [{batch}, n], got {emb.shape}"
                 )
+        self.checks = {name: np.asarray(values, dtype=np.float32) for name, values in self.checks.items()}
+        for name, values in self.checks.items():
+            if values.shape != (batch,):
+                raise ValueError(f"RewardOutput.checks[{name!r}] must have shape [{batch}], got {values.shape}")
 
 
 @dataclass

@@ -39,8 +39,9 @@ class GoldScorer:
             self.recall = self.rewards.get(name) or build_reward(name, encoders=encoders, **(options or {}))
 
     def evaluate(self, *, images: np.ndarray, prompts: list[str], candidates: list[str]) -> dict:
-        """B images uint8 [B, H, W, 3] of ``prompts`` [B] -> {"scores": {reward: float32 [B]}, "recall_hit":
-        bool [B] or None}; recall retrieves each image's prompt among ``candidates`` (every evaluation
+        """B images uint8 [B, H, W, 3] of ``prompts`` [B] -> {"scores": {reward: float32 [B]}, "checks":
+        {reward: {check: float32 [B]}} (the rewards that return their score's parts), "recall_hit": bool [B]
+        or None}; recall retrieves each image's prompt among ``candidates`` (every evaluation
         prompt, each once), which must hold every prompt of the batch."""
         outputs: dict[str, RewardOutput] = {name: reward(images, prompts) for name, reward in self.rewards.items()}
         hits = None
@@ -56,4 +57,5 @@ class GoldScorer:
             index = {prompt: i for i, prompt in enumerate(candidates)}
             hits = recall_hits(out.embeddings["image"], text_emb, np.array([index[p] for p in prompts]))
         return {"scores": {name: np.asarray(out.scores, dtype=np.float32) for name, out in outputs.items()},
+                "checks": {name: dict(out.checks) for name, out in outputs.items() if out.checks},
                 "recall_hit": hits}

@@ -3,7 +3,12 @@ training reward.
 
 mode "correct": 1 when the image shows exactly the caption's objects (and its relation), else 0.
 mode "partial": the mean of the applicable checks (binding, count, and relation in that family), a
-denser signal for training. A prompt outside the world's grammar or an image that is not 32×32 RGB is
+denser signal for training, but a lenient one: binding asks only that each described kind be present and
+count only that the number of objects be right, so a yellow circle beside a yellow square scores 1 for
+"two yellow squares".
+mode "overlap": the multiset overlap of the detected kinds with the described ones, |found ∩ wanted| /
+|found ∪ wanted| (averaged with the relation check in that family): dense like "partial", and 1 exactly
+when the image is correct, so a policy cannot collect full credit on an image the judge rejects. A prompt outside the world's grammar or an image that is not 32×32 RGB is
 a ValueError naming it, never a silent zero.
 """
 
@@ -13,7 +18,10 @@ import numpy as np
 
 from rewards.base import RewardOutput, check_batch
 
-MODES = ("correct", "partial")
+MODES = ("correct", "partial", "overlap")
+# Each verdict's parts, returned beside the score whatever the mode (``RewardOutput.checks``; the evaluation
+# reports their rates as ``eval/gold_<set>/checks/<check>``): which check keeps an image from full credit.
+CHECKS = ("binding", "count", "relation", "overlap")
 
 
 class ShapesJudge:
@@ -39,16 +47,24 @@ class ShapesJudge:
         return [parse_caption(p).family for p in prompts]
 
     def __call__(self, images: np.ndarray, prompts: list[str]) -> RewardOutput:
-        from testbed.judge import judge, parse_caption
+        from testbed.judge import judge, kind_overlap, parse_caption
 
         check_batch(images, prompts)
         specs = [parse_caption(p) for p in prompts]  # every prompt checked before any image is judged
         scores = np.empty(len(prompts), dtype=np.float32)
+        checks = {name: np.full(len(prompts), np.nan, dtype=np.float32) for name in CHECKS}
         for i, (image, spec) in enumerate(zip(images, specs, strict=True)):
             verdict = judge(image, spec)
+            checks["binding"][i], checks["count"][i] = verdict.binding, verdict.count
+            checks["overlap"][i] = kind_overlap(verdict, spec)
+            if verdict.relation is not None:
+                checks["relation"][i] = verdict.relation
             if self.mode == "correct":
                 scores[i] = float(verdict.correct)
+            elif self.mode == "overlap":
+                overlap = float(checks["overlap"][i])
+                scores[i] = overlap if verdict.relation is None else (overlap + float(verdict.relation)) / 2
             else:
-                checks = [verdict.binding, verdict.count] + ([verdict.relation] if verdict.relation is not None else [])
-                scores[i] = float(np.mean(checks))
-        return RewardOutput(scores=scores)
+                applicable = [verdict.binding, verdict.count] + ([verdict.relation] if verdict.relation is not None else [])
+                scores[i] = float(np.mean(applicable))
+        return RewardOutput(scores=scores, checks=checks)

@@ -171,3 +171,12 @@ def judge(image: np.ndarray, caption: str | CaptionSpec) -> Verdict:
         relation = any(relation_holds(spec.relation, a.center, b.center) for a in first for b in second)
     correct = found == wanted and relation is not False
     return Verdict(binding=binding, count=count, relation=relation, correct=correct, detected=objects)
+
+
+def kind_overlap(verdict: Verdict, spec: CaptionSpec) -> float:
+    """The multiset overlap (intersection over union) of the detected kinds with the caption's: 1 exactly when
+    they are equal, 0 when no detected object is a described one. E.g. "two yellow squares" against a yellow
+    square and a yellow circle: 1 / 3."""
+    found = Counter((o.color, o.shape) for o in verdict.detected)
+    wanted = Counter(spec.kinds)
+    return sum((found & wanted).values()) / sum((found | wanted).values())

@@ -84,7 +84,7 @@ def test_every_preset_is_valid():
         (BASE + "rewards:\n  jpeg_compressibility: {quality: high}\n", [],
          r"rewards.jpeg_compressibility.quality = 'high' has the wrong type: expected int"),
         (BASE + "rewards:\n  clip_score: {seed: 1.5}\n", [], r"rewards.clip_score.seed = 1.5 has the wrong type"),
-        (BASE + "rewards:\n  shapes_judge: {mode: lenient}\n", [], r"shapes_judge: mode must be one of \['correct', 'partial'\]"),
+        (BASE + "rewards:\n  shapes_judge: {mode: lenient}\n", [], r"shapes_judge: mode must be one of \['correct', 'partial', 'overlap'\]"),
         (BASE + "rewards:\n  llava_bertscore: {max_tokens: 0}\n", [], r"llava_bertscore: max_tokens must be an int >= 1"),
         (BASE + "rewards:\n  llava_bertscore: {gpu_memory_utilization: 1.5}\n", [],
          r"gpu_memory_utilization must be in \(0, 1\]"),

@@ -87,3 +87,20 @@ def test_without_gold_diversity_or_recall_only_the_set_means_are_written():
                            train_total=np.array([1.0, 3.0]), scores={}, gold=None, groups=None, recall_hits=None,
                            with_diversity=False)
     assert metrics == {"eval/reward_mean/all": 2.0}
+
+
+def test_the_gold_scores_parts_are_reported_per_set_where_they_apply():
+    # The judge's parts of 4 images: two singles (seen), two relations (heldout); the relation check applies
+    # to the relations only, so the seen set has no relation rate rather than a NaN one.
+    sets, prompts = ["seen", "seen", "heldout", "heldout"], ["a red circle"] * 2 + ["a red circle above a blue square"] * 2
+    nan = np.nan
+    checks = {"binding": np.array([1, 0, 1, 1.0]), "count": np.array([1, 1, 0, 1.0]),
+              "relation": np.array([nan, nan, 0, 1.0]), "overlap": np.array([1, 0.5, 0.5, 1.0])}
+    metrics = eval_metrics(sets=sets, prompts=prompts, images=np.stack([_flat(0)] * 4), train_total=np.zeros(4),
+                           scores={"shapes_judge": np.array([1, 0, 0, 1.0])}, gold="shapes_judge", groups=None,
+                           recall_hits=None, with_diversity=False, gold_checks=checks)
+    parts = {k: v for k, v in metrics.items() if "/checks/" in k}
+    assert parts == pytest.approx({
+        "eval/gold_seen/checks/binding": 0.5, "eval/gold_seen/checks/count": 1.0, "eval/gold_seen/checks/overlap": 0.75,
+        "eval/gold_heldout/checks/binding": 1.0, "eval/gold_heldout/checks/count": 0.5,
+        "eval/gold_heldout/checks/relation": 0.5, "eval/gold_heldout/checks/overlap": 0.75})

@@ -21,7 +21,8 @@ def test_the_stage_scores_gold_rewards_and_recall_built_on_first_use(clip_option
     candidates = list(dict.fromkeys(prompts)) + ["a blue boat"]
     batch = ImageBatch(images=images, prompts=prompts, policy_version=0, sample_s=0.0)
     out = stage.evaluate(batch=batch, candidates=candidates)
-    assert set(out) == {"scores", "recall_hit"} and set(out["scores"]) == {"jpeg_incompressibility"}
+    assert set(out) == {"scores", "checks", "recall_hit"} and set(out["scores"]) == {"jpeg_incompressibility"}
+    assert out["checks"] == {}  # JPEG size has no parts to report
     np.testing.assert_array_equal(out["scores"]["jpeg_incompressibility"],
                                   JpegIncompressibility(quality=90)(images, prompts).scores)
     assert out["scores"]["jpeg_incompressibility"].dtype == np.float32

@@ -98,6 +98,21 @@ def test_the_reward_scores_verdicts():
     assert ShapesJudge()(images, prompts).scores.tolist() == [1.0, 0.0, 0.0]
     # partial: mean of (binding, count, relation) where it applies: 1, 2/3, (1 + 0)/2.
     np.testing.assert_allclose(ShapesJudge(mode="partial")(images, prompts).scores, [1.0, 2 / 3, 0.5], rtol=1e-6)
+    # overlap: kinds {red circle, blue square} against the captions' multisets, averaged with the relation
+    # where there is one: (1 + 1)/2, (1 + 0)/2, and {red circle} vs both: 1/2.
+    np.testing.assert_allclose(ShapesJudge(mode="overlap")(images, prompts).scores, [1.0, 0.5, 0.5], rtol=1e-6)
+    # Where the modes part: a yellow square beside a yellow circle passes both of partial's checks for "two
+    # yellow squares" (one is present, two objects) but is wrong; overlap gives it 1 / (1 + 1 + 1).
+    near_miss = _scene(("yellow", "square", 2, 12, 10), ("yellow", "circle", 20, 12, 10))[None]
+    assert ShapesJudge()(near_miss, ["two yellow squares"]).scores.tolist() == [0.0]
+    assert ShapesJudge(mode="partial")(near_miss, ["two yellow squares"]).scores.tolist() == [1.0]
+    np.testing.assert_allclose(ShapesJudge(mode="overlap")(near_miss, ["two yellow squares"]).scores, [1 / 3], rtol=1e-6)
+    # Whatever the mode, the verdict's parts come back beside the score (NaN: no relation in a count caption).
+    parts = ShapesJudge()(np.concatenate([near_miss, images[:1]]), ["two yellow squares", prompts[0]]).checks
+    np.testing.assert_allclose(parts["binding"], [1, 1])
+    np.testing.assert_allclose(parts["count"], [1, 1])
+    np.testing.assert_allclose(parts["relation"], [np.nan, 1])
+    np.testing.assert_allclose(parts["overlap"], [1 / 3, 1], rtol=1e-6)
     with pytest.raises(ValueError, match="caption 'a cat' is not in the shapes world's grammar"):
         ShapesJudge()(images[:1], ["a cat"])
     with pytest.raises(ValueError, match="mode must be one of"):
