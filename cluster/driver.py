@@ -16,8 +16,8 @@ is sampled with the newest adapter instead of the one before it.) Dead samplers 
 their batches sampled again (cluster/samplers.py); a reward that stays down, a sampler that keeps
 dying or a learner that keeps skipping non-finite steps stops the run with a checkpoint written first.
 
-Beside the loop: ``specs.py`` (actor specs, banner), ``eval_run.py`` (evaluations and the hacking
-guard), ``dfusion_pairs.py``, ``epoch_metrics.py`` (metric rows), ``run.py`` (the Ray session and ``train()``).
+Beside the loop: ``specs.py`` (actor specs, banner), ``eval_run.py`` (evaluations, hacking guard), ``eval_summary.py``
+(the gold before and after), ``dfusion_pairs.py``, ``epoch_metrics.py``, ``run.py`` (Ray session, ``train()``).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from cluster.errors import (
     reward_failure,
 )
 from cluster.eval_run import Evaluator
+from cluster.eval_summary import summarise_run
 from cluster.evaluation import save_eval
 from cluster.learner_group import connect_learners, start_learner_actors
 from cluster.learner_handle import LearnerFailedError
@@ -73,9 +74,7 @@ class Driver:
     def __init__(self, config: Config, *, run_dir: Path):
         import ray
 
-        self.ray = ray
-        self.config = config
-        self.run_dir = run_dir
+        self.ray, self.config, self.run_dir = ray, config, run_dir
         self.timeout = config.cluster.call_timeout_s
         self.started_apps: list[str] = []
         # The layout's placement groups, reserved before any actor starts (cluster/placement_groups.py);
@@ -327,6 +326,8 @@ class Driver:
             self._checkpoint_before_stopping(log)  # the final state, so the run can be extended
             lora_dir = self.export_lora()
             log(f"final adapter: {lora_dir}")
+            for line in summarise_run(self.run_dir, gold=cfg.evaluation.gold) if cfg.evaluation.gold else []:
+                log(line)  # the gold reward before and after training, paired image by image
         finally:
             progress.close()
             writer.close()
