@@ -91,7 +91,7 @@ def demo_learner():
     from cluster.specs import learner_spec, policy_spec
     from learner.learner import Learner
 
-    config = load_config(REPO / "configs" / "demo.yaml", ["cache_dir=.cache/gard"])
+    config = load_config(REPO / "configs" / "jpeg_demo.yaml", ["cache_dir=.cache/gard"])
     pretrained = resolve_pretrained(config.policy.pretrained, cache_dir=config.cache_dir)
     learner = Learner(policy_spec=policy_spec(config, pretrained=pretrained, num_gpus=0), spec=learner_spec(config))
     for _, p in learner._named_params:  # one optimizer step, so the AdamW moments exist
@@ -119,7 +119,7 @@ def soak_and_restart(epochs: int, out: Path) -> dict:
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING",
              log_to_driver=False)
-    config = load_config(REPO / "configs" / "demo.yaml", [
+    config = load_config(REPO / "configs" / "jpeg_demo.yaml", [
         "cache_dir=.cache/gard", f"epochs={epochs}", "logging.progress=false", "logging.tensorboard=false",
         "sampling.batches_per_sampler=1", "evaluation.images_per_prompt=1", "evaluation.every=0",
         "checkpoint.every_epochs=5", "cluster.max_staleness=0", "train.learning_rate=1e-3"])

@@ -109,7 +109,7 @@ def ray_run(config_path: Path, *, epochs: int, staleness: int, out: Path) -> dic
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
+    parser.add_argument("--config", default=str(REPO / "configs" / "jpeg_demo.yaml"))
     parser.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
     args = parser.parse_args()
     from cluster.config import load_config
@@ -122,7 +122,7 @@ def main() -> None:
             runs[staleness] = ray_run(Path(args.config), epochs=args.epochs, staleness=staleness,
                                       out=Path(tmp) / f"s{staleness}")
     lines = [
-        "## Demo configuration (`configs/demo.yaml`)",
+        "## Demo configuration (`configs/jpeg_demo.yaml`)",
         "",
         f"Machine: {machine()}. Date: {datetime.date.today().isoformat()}. "
         f"Command: `python benchmarks/run_demo_benchmarks.py --epochs {args.epochs}` (medians over epochs 2..{args.epochs - 1}).",

@@ -50,7 +50,7 @@ def run(samplers: int, learners: int, staleness: int, *, epochs: int, out: Path)
                  "cluster.sampler_num_cpus=0.5", "cluster.learner_num_cpus=0.5", "cluster.local_num_cpus=4",
                  "logging.progress=false", "logging.tensorboard=false",
                  "checkpoint.every_epochs=0"]
-    config = load_config(REPO / "configs" / "demo.yaml", overrides)
+    config = load_config(REPO / "configs" / "jpeg_demo.yaml", overrides)
     run_dir = train(config, output_dir=str(out), resume="never", log=lambda *_: None)
     # the first two epochs warm up; the last one also evaluates
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][2:-1]
@@ -68,7 +68,7 @@ def sweep(samplers: int, *, epochs: int, out: Path) -> dict:
                  "cluster.sampler_num_cpus=0.1", "cluster.learner_num_cpus=0.1", "cluster.reward_num_cpus=0.1",
                  "cluster.local_num_cpus=4", "logging.progress=false", "logging.tensorboard=false",
                  "checkpoint.every_epochs=0", "train.updates_per_epoch=1"]
-    config = load_config(REPO / "configs" / "demo.yaml", overrides)
+    config = load_config(REPO / "configs" / "jpeg_demo.yaml", overrides)
     run_dir = train(config, output_dir=str(out), resume="never", log=lambda *_: None)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][2:-1]
     return {"broadcast_s": statistics.median(r["time/broadcast_s"] for r in rows),

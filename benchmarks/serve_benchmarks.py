@@ -108,7 +108,7 @@ def reward_wait_share(cache: Path, port: int, llava: dict, clip: dict) -> dict:
         rewards["llava_bertscore"] = {**llava, "weight": 1.0, "serve": {"num_cpus": 0.1}}
     import yaml
 
-    config = load_config(REPO / "configs" / "demo.yaml", [
+    config = load_config(REPO / "configs" / "jpeg_demo.yaml", [
         f"cache_dir={cache}", "epochs=6", "logging.progress=false", "logging.tensorboard=false",
         "reward_service.backend=serve", f"reward_service.http_port={port}", f"rewards={yaml.safe_dump(rewards, default_flow_style=True).strip()}",
     ])

@@ -25,11 +25,11 @@ def _parser() -> argparse.ArgumentParser:
         epilog=textwrap.dedent(
             """\
             examples:
-              gard train configs/demo.yaml
-              gard train configs/demo.yaml epochs=2 seed=3 --output-dir runs/try
-              gard train configs/demo.yaml epochs=60 --output-dir runs/try --resume auto
-              gard eval runs/try --config configs/demo.yaml
-              gard eval --config configs/demo.yaml evaluation.images_per_prompt=8
+              gard train configs/jpeg_demo.yaml
+              gard train configs/jpeg_demo.yaml epochs=2 seed=3 --output-dir runs/try
+              gard train configs/jpeg_demo.yaml epochs=60 --output-dir runs/try --resume auto
+              gard eval runs/try --config configs/jpeg_demo.yaml
+              gard eval --config configs/jpeg_demo.yaml evaluation.images_per_prompt=8
               ray job submit --working-dir . -- python -m cluster train configs/sd15_aesthetic.yaml
               gard fuse-lora --out runs/fused runs/aesthetic/lora:0.7 runs/texforce/lora:0.3
               gard plan configs/sd15_aesthetic.yaml --gpus 8 --costs benchmarks/costs/sd15_h100.json

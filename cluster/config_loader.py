@@ -110,7 +110,7 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist (pass a YAML file such as configs/demo.yaml)")
+            raise ConfigError(f"config file {str(path)!r} does not exist (pass a YAML file such as configs/jpeg_demo.yaml)")
         try:
             loader = _UniqueKeyLoader(_read_text(path, "config file"))
             loader.name = str(path)

@@ -26,7 +26,7 @@ BASE = "prompts:\n  train: [a cat, a dog]\n"
 
 
 def test_demo_config_loads_with_overrides():
-    config = load_config(REPO / "configs" / "demo.yaml", ["epochs=2", "seed=3", "train.learning_rate=1e-3",
+    config = load_config(REPO / "configs" / "jpeg_demo.yaml", ["epochs=2", "seed=3", "train.learning_rate=1e-3",
                                                           "rewards.jpeg_compressibility.weight=2"])
     assert config.epochs == 2 and config.seed == 3
     assert config.train.learning_rate == pytest.approx(1e-3)

@@ -21,7 +21,7 @@ def _rows(run_dir: Path) -> list[dict]:
 
 
 def _config(tmp_path: Path, *overrides: str):
-    return load_config(REPO / "configs" / "demo.yaml", [f"cache_dir={tmp_path / 'cache'}",
+    return load_config(REPO / "configs" / "jpeg_demo.yaml", [f"cache_dir={tmp_path / 'cache'}",
                                                         "logging.progress=false", *overrides])
 
 

@@ -33,7 +33,7 @@ def test_the_guard_stops_a_run_that_games_its_reward_after_a_checkpoint(ray_loca
     # when the training reward rises: the guard must stop the run at the PATIENCE-th rise in a row. (The
     # evaluation's JPEG sizes do not fall at every epoch: measured, the 2nd rise in a row came after
     # epoch 2; the run would stop by itself at 10.)
-    config = load_config(REPO / "configs" / "demo.yaml", [
+    config = load_config(REPO / "configs" / "jpeg_demo.yaml", [
         f"cache_dir={tmp_path / 'cache'}", "logging.progress=false", "epochs=10", "cluster.max_staleness=0",
         "checkpoint.every_epochs=0", "evaluation.every=1", "evaluation.images_per_prompt=2",
         "evaluation.prompts={seen: [a cat, a dog], heldout: [a zebra]}",

@@ -27,7 +27,7 @@ def test_eval_reproduces_the_runs_final_and_initial_evaluations(ray_local, tmp_p
     run = tmp_path / "run"
     # Small and fast (2 samplers x 1 batch of 4, 5 DDIM steps), with the demo's high learning rate so that
     # one epoch moves the adapter away from the base model; a gold reward checks the gold metrics too.
-    code = main(["train", str(REPO / "configs" / "demo.yaml"), "--output-dir", str(run),
+    code = main(["train", str(REPO / "configs" / "jpeg_demo.yaml"), "--output-dir", str(run),
                  f"cache_dir={tmp_path / 'cache'}", "epochs=1", "logging.progress=false", "logging.tensorboard=false",
                  "sampling.num_steps=5", "sampling.batch_size=4", "sampling.batches_per_sampler=1",
                  "train.updates_per_epoch=2", "evaluation.prompts={seen: [a cat, a dog], heldout: [a fox]}",

@@ -25,7 +25,7 @@ def test_llava_bertscore_and_clip_with_volume_through_reward_services(ray_local,
         " gpu_memory_utilization: 0.15, dtype: float32, enforce_eager: true, serve: {num_cpus: 0.1}},"
         " clip_score: {weight: 0.5, model: 'tiny:clip', serve: {num_cpus: 0.1}}}"
     )
-    config = load_config(REPO / "configs" / "demo.yaml", [
+    config = load_config(REPO / "configs" / "jpeg_demo.yaml", [
         f"cache_dir={tmp_path / 'cache'}", "logging.progress=false", "epochs=2", "sampling.batches_per_sampler=1",
         "evaluation.images_per_prompt=1", "reward_service.backend=serve", f"reward_service.http_port={free_port}",
         f"rewards={rewards}", "volume.gamma=0.25", "volume.modalities=[text, image, caption]",

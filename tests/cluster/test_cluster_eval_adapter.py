@@ -20,7 +20,7 @@ from cluster.eval_adapter import METRICS_FILE, WEIGHTS_FILE, resolve_adapter, sp
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[2]
-DEMO = str(REPO / "configs" / "demo.yaml")
+DEMO = str(REPO / "configs" / "jpeg_demo.yaml")
 KEY = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
 
 

@@ -19,7 +19,7 @@ ONE_GPU_NODE = {"CPU": 64.0, "GPU": 8.0}
 
 
 def _cluster(*overrides: str):
-    return load_config(REPO / "configs" / "demo.yaml", list(overrides)).cluster
+    return load_config(REPO / "configs" / "jpeg_demo.yaml", list(overrides)).cluster
 
 
 # ----- bundles and strategies ------------------------------------------------------------------
@@ -121,7 +121,7 @@ def test_the_banner_gives_the_layout_and_the_report_gives_every_actors_node_and_
 
 
 def test_a_group_that_was_not_placed_is_named_with_the_free_resources():
-    config = load_config(REPO / "configs" / "demo.yaml", ["cluster.num_learners=4", "cluster.placement_timeout_s=2"])
+    config = load_config(REPO / "configs" / "jpeg_demo.yaml", ["cluster.num_learners=4", "cluster.placement_timeout_s=2"])
     text = unplaced_message(config, group="learners 4 x {CPU: 0.5} PACK",
                             nodes=[Node("ab" * 28, "127.0.0.1", {"CPU": 1.0})])
     assert text.startswith("cluster.layout = 'disaggregated': Ray could not reserve the placement group learners 4 x "

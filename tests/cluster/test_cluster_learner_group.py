@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 def _config(cache_dir: Path, *overrides: str):
     """The demo, synchronous (the exact-resume setting), small: one sampler, two learner ranks (the local
     Ray's 2 CPUs: sampler, reward stage and each rank 0.5), their states compared every epoch."""
-    return load_config(REPO / "configs" / "demo.yaml", [
+    return load_config(REPO / "configs" / "jpeg_demo.yaml", [
         f"cache_dir={cache_dir}", "logging.progress=false", "logging.tensorboard=false", "cluster.max_staleness=0",
         "cluster.num_samplers=1", "sampling.batches_per_sampler=1", "evaluation.images_per_prompt=1",
         "checkpoint.every_epochs=1", "cluster.num_learners=2", "cluster.learner_check_every=1", *overrides])
@@ -51,7 +51,7 @@ def _lora(run_dir: Path) -> dict[str, bytes]:
 
 # ----- without Ray ------------------------------------------------------------------------------
 def test_learner_ranks_that_cannot_fit_are_named_with_the_resources(tmp_path):
-    config = load_config(REPO / "configs" / "demo.yaml", ["cluster.num_learners=4", "cluster.learner_num_gpus=1"])
+    config = load_config(REPO / "configs" / "jpeg_demo.yaml", ["cluster.num_learners=4", "cluster.learner_num_gpus=1"])
     assert [d for d in resource_demands(config) if d[0].startswith("learner")] == [
         (f"learner rank {i}", 0.5, 1.0) for i in range(4)]
     problem = learner_problem(config, {"CPU": 16.0, "GPU": 2.0})
@@ -59,9 +59,9 @@ def test_learner_ranks_that_cannot_fit_are_named_with_the_resources(tmp_path):
                               "required, but the Ray cluster has 2 GPU available; lower cluster.num_learners (at most "
                               "2 fit)")
     assert learner_problem(config, {"CPU": 16.0, "GPU": 4.0}) is None
-    assert learner_problem(load_config(REPO / "configs" / "demo.yaml"), {"CPU": 0.0}) is None  # one learner: the usual check
+    assert learner_problem(load_config(REPO / "configs" / "jpeg_demo.yaml"), {"CPU": 0.0}) is None  # one learner: the usual check
     # Ranks that fit alone but not beside the samplers: the usual paragraph, which names the setting too.
-    both = load_config(REPO / "configs" / "demo.yaml", ["cluster.num_learners=2"])
+    both = load_config(REPO / "configs" / "jpeg_demo.yaml", ["cluster.num_learners=2"])
     assert learner_problem(both, {"CPU": 2.0}) is None
     assert "learner rank 0 0.5, learner rank 1 0.5" in placement_problem(resource_demands(both), {"CPU": 2.0})
     assert "cluster.num_learners" in placement_problem(resource_demands(both), {"CPU": 2.0})
@@ -72,7 +72,7 @@ def test_the_banner_gives_the_learner_count():
     assert "learners            : 2 ranks x (0.5 CPU, 0 GPU), torch.distributed gloo, ~10 pairs per rank per " \
            "step, gradients averaged; states compared every 1 epochs" in text
     assert "learners            : 1 rank x (0.5 CPU, 0 GPU)\n" in banner(
-        load_config(REPO / "configs" / "demo.yaml"), Path("run"), "local")
+        load_config(REPO / "configs" / "jpeg_demo.yaml"), Path("run"), "local")
 
 
 def test_too_many_learners_stop_the_cli_before_any_actor_starts(tmp_path):
@@ -80,7 +80,7 @@ def test_too_many_learners_stop_the_cli_before_any_actor_starts(tmp_path):
     raised after Ray started and before the run directory or any actor exists."""
     run_dir = tmp_path / "run"
     done = subprocess.run(
-        [sys.executable, "-m", "cluster", "train", str(REPO / "configs" / "demo.yaml"), f"cache_dir={tmp_path}",
+        [sys.executable, "-m", "cluster", "train", str(REPO / "configs" / "jpeg_demo.yaml"), f"cache_dir={tmp_path}",
          "cluster.num_learners=5", "cluster.local_num_cpus=2", "--output-dir", str(run_dir)],
         capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 2, done.stderr[-2000:]
@@ -91,7 +91,7 @@ def test_too_many_learners_stop_the_cli_before_any_actor_starts(tmp_path):
 
 def test_fractional_gpus_for_nccl_ranks_are_refused():
     with pytest.raises(ConfigError, match=r"cluster.num_learners = 2 with cluster.learner_num_gpus = 0.5: .*NCCL"):
-        load_config(REPO / "configs" / "demo.yaml", ["cluster.num_learners=2", "cluster.learner_num_gpus=0.5"])
+        load_config(REPO / "configs" / "jpeg_demo.yaml", ["cluster.num_learners=2", "cluster.learner_num_gpus=0.5"])
 
 
 # ----- on a local Ray ---------------------------------------------------------------------------

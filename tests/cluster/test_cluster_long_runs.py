@@ -30,7 +30,7 @@ def cache_dir(tmp_path_factory) -> Path:
 
 def _config(cache_dir: Path, *overrides: str):
     """The demo, synchronous (max_staleness 0: the exact-resume setting), small and quick."""
-    return load_config(REPO / "configs" / "demo.yaml", [
+    return load_config(REPO / "configs" / "jpeg_demo.yaml", [
         f"cache_dir={cache_dir}", "logging.progress=false", "logging.tensorboard=false", "cluster.max_staleness=0",
         "sampling.batches_per_sampler=1", "evaluation.images_per_prompt=1", "checkpoint.every_epochs=1",
         "checkpoint.keep_last=2", *overrides])
@@ -131,7 +131,7 @@ def test_sampler_killed_mid_epoch_is_restarted_and_the_run_is_unchanged(referenc
 def test_cli_refuses_a_checkpoint_of_an_incompatible_config(reference, cache_dir, capsys):
     from cluster.cli import main
 
-    code = main(["train", str(REPO / "configs" / "demo.yaml"), f"cache_dir={cache_dir}", "cluster.max_staleness=0",
+    code = main(["train", str(REPO / "configs" / "jpeg_demo.yaml"), f"cache_dir={cache_dir}", "cluster.max_staleness=0",
                  "sampling.batches_per_sampler=1", "evaluation.images_per_prompt=1", "epochs=6",
                  "train.learning_rate=0.5", "--output-dir", str(reference), "--resume", "auto"])
     err = capsys.readouterr().err

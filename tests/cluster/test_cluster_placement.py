@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_demands_are_summed_per_actor_and_replica():
-    config = load_config(REPO / "configs" / "demo.yaml", ["reward_service.backend=serve",
+    config = load_config(REPO / "configs" / "jpeg_demo.yaml", ["reward_service.backend=serve",
                                                          "rewards.jpeg_compressibility.serve.min_replicas=2",
                                                          "rewards.jpeg_compressibility.serve.max_replicas=3"])
     demands = resource_demands(config)
@@ -34,19 +34,19 @@ def test_demands_are_summed_per_actor_and_replica():
 def test_the_reward_stage_asks_for_a_gpu_with_serve_only_for_evaluation_models_of_its_own():
     serve = ["reward_service.backend=serve", "cluster.reward_num_gpus=1"]
     stage = lambda *overrides: next(d for d in resource_demands(load_config(  # noqa: E731
-        REPO / "configs" / "demo.yaml", [*serve, *overrides])) if d[0] == "reward stage")
+        REPO / "configs" / "jpeg_demo.yaml", [*serve, *overrides])) if d[0] == "reward stage")
     assert stage() == ("reward stage", 0.1, 0.0)  # it only waits on the services' handles
     assert stage("evaluation.rewards={clip_score: {device: cuda}}") == ("reward stage", 0.1, 1.0)
-    local = resource_demands(load_config(REPO / "configs" / "demo.yaml", ["cluster.reward_num_gpus=1"]))
+    local = resource_demands(load_config(REPO / "configs" / "jpeg_demo.yaml", ["cluster.reward_num_gpus=1"]))
     assert ("reward stage", 0.5, 1.0) in local
 
 
 def test_an_unplaceable_run_fails_fast_on_a_local_cluster_and_warns_on_a_joined_one(ray_local):
-    config = load_config(REPO / "configs" / "demo.yaml", ["reward_service.backend=serve",
+    config = load_config(REPO / "configs" / "jpeg_demo.yaml", ["reward_service.backend=serve",
                                                          "rewards.jpeg_compressibility.serve.num_cpus=1"])
     with pytest.raises(ConfigError, match=r"the run asks for 2.6 CPU .* but the Ray cluster has 2 free"):
         check_placement(config, strict=True)
     lines = []
     check_placement(config, strict=False, log=lines.append)
     assert len(lines) == 1 and "warning" in lines[0] and "waiting for the cluster to grow" in lines[0]
-    check_placement(load_config(REPO / "configs" / "demo.yaml", ["reward_service.backend=serve"]), strict=True)
+    check_placement(load_config(REPO / "configs" / "jpeg_demo.yaml", ["reward_service.backend=serve"]), strict=True)

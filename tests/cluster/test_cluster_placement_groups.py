@@ -38,7 +38,7 @@ def two_nodes():
 
 
 def _config(cache_dir: Path, *overrides: str):
-    return load_config(REPO / "configs" / "demo.yaml", [
+    return load_config(REPO / "configs" / "jpeg_demo.yaml", [
         f"cache_dir={cache_dir}", "logging.progress=false", "logging.tensorboard=false", "cluster.max_staleness=0",
         "sampling.batches_per_sampler=1", "evaluation.images_per_prompt=1", "checkpoint.every_epochs=0", *overrides])
 

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from cluster.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
-DEMO = str(REPO / "configs" / "demo.yaml")
+DEMO = str(REPO / "configs" / "jpeg_demo.yaml")
 
 
 @pytest.fixture(scope="module")

@@ -60,7 +60,7 @@ def _ray(head, *args, timeout_s: float = 300) -> subprocess.CompletedProcess:
 
 def _submit(head, *train_args: str) -> str:
     proc = _ray(head, "job", "submit", "--address", head["address"], "--working-dir", ".", "--runtime-env",
-                "deploy/runtime_env.yaml", "--no-wait", "--", "python", "-m", "cluster", "train", "configs/demo.yaml",
+                "deploy/runtime_env.yaml", "--no-wait", "--", "python", "-m", "cluster", "train", "configs/jpeg_demo.yaml",
                 *train_args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return re.search(r"(raysubmit_\w+)", proc.stdout + proc.stderr).group(1)

@@ -63,7 +63,7 @@ def _lines(proc: subprocess.Popen) -> queue.Queue:
 
 def test_sigterm_to_gard_train_leaves_a_checkpoint_and_no_serve_apps(ray_cluster, tmp_path, free_port):
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "cluster", "train", str(REPO / "configs" / "demo.yaml"), *SMALL, "epochs=50",
+    cmd = [sys.executable, "-m", "cluster", "train", str(REPO / "configs" / "jpeg_demo.yaml"), *SMALL, "epochs=50",
            f"cache_dir={tmp_path / 'cache'}", f"reward_service.http_port={free_port}", f"cluster.address={ray_cluster}",
            "--output-dir", str(run_dir)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
@@ -102,7 +102,7 @@ def test_sigterm_to_gard_train_leaves_a_checkpoint_and_no_serve_apps(ray_cluster
 def test_a_reward_that_stays_down_stops_the_run_after_a_checkpoint(ray_cluster, tmp_path, free_port):
     from ray import serve
 
-    config = load_config(REPO / "configs" / "demo.yaml", [
+    config = load_config(REPO / "configs" / "jpeg_demo.yaml", [
         *SMALL, "epochs=8", f"cache_dir={tmp_path / 'cache'}", f"reward_service.http_port={free_port}",
         "reward_service.timeout_s=5", "reward_service.max_retries=1", "reward_service.retry_backoff_s=0.2",
         "reward_service.down_timeout_s=3"])

@@ -67,7 +67,7 @@ def test_layouts_refuse_impossible_splits():
 def test_gard_plan_prints_every_layout_and_a_recommendation(tmp_path, capsys):
     costs = tmp_path / "costs.json"
     costs.write_text(json.dumps({"sample_transition_s": 0.004, "train_pair_s": 0.016, "source": "test"}))
-    assert main(["plan", "configs/demo.yaml", "--gpus", "3", "--costs", str(costs)]) == 0
+    assert main(["plan", "configs/jpeg_demo.yaml", "--gpus", "3", "--costs", str(costs)]) == 0
     out = capsys.readouterr().out
     assert "colocated 3 x (sampler + learner)" in out and "disaggregated 2 samplers + 1 learner" in out
     assert "recommended on 3 devices: colocated" in out  # training dominates and colocation idles nothing
@@ -82,7 +82,7 @@ def test_gard_plan_prints_every_layout_and_a_recommendation(tmp_path, capsys):
 def test_gard_plan_names_what_is_wrong_with_the_costs(tmp_path, capsys, content, message):
     costs = tmp_path / "costs.json"
     costs.write_text(content)
-    assert main(["plan", "configs/demo.yaml", "--gpus", "4", "--costs", str(costs)]) == 2
+    assert main(["plan", "configs/jpeg_demo.yaml", "--gpus", "4", "--costs", str(costs)]) == 2
     assert __import__("re").search(message, capsys.readouterr().err)
 
 
