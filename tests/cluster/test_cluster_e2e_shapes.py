@@ -51,3 +51,7 @@ def test_online_dpo_raises_the_judges_accuracy_against_the_base_model(ray_local,
     # the run's own metrics agree with the verdicts read back
     assert rows[0]["eval/gold_tune_initial"] == base
     assert abs(rows[-1]["eval/gold_tune"] - (base + mean)) < 1e-9
+    # and so does the summary the run ends with (the paired gain and its standard error)
+    summary = json.loads((run_dir / "eval_summary.json").read_text())
+    assert summary["updates"] == EPOCHS and summary["sets"]["tune"]["n"] == 256
+    assert abs(summary["sets"]["tune"]["gain"] - mean) < 1e-9 and abs(summary["sets"]["tune"]["gain_se"] - se) < 1e-9
