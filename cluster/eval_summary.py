@@ -69,12 +69,11 @@ def summary_lines(summary: dict[str, SetSummary], *, gold: str, updates: int) ->
 def summarise_run(run_dir: Path, *, gold: str) -> list[str]:
     """Writes ``eval_summary.json`` (the first evaluation against the newest) into ``run_dir`` and returns
     its lines; no lines when the run has fewer than two evaluations."""
-    files = sorted((Path(run_dir) / "samples").glob("eval_epoch*.json"),
-                   key=lambda f: int(f.stem.removeprefix("eval_epoch")))  # by number: 10000 after 9999
-    if len(files) < 2 or files[0].name != "eval_epoch0000.json":
+    by_updates = {int(f.stem.removeprefix("eval_epoch")): f for f in (Path(run_dir) / "samples").glob("eval_epoch*.json")}
+    updates = max(by_updates, default=0)  # by number: 10000 after 9999
+    if 0 not in by_updates or updates == 0:
         return []
-    summary = paired_summary(json.loads(files[0].read_text()), json.loads(files[-1].read_text()), gold=gold)
-    updates = int(files[-1].stem.removeprefix("eval_epoch"))
+    summary = paired_summary(json.loads(by_updates[0].read_text()), json.loads(by_updates[updates].read_text()), gold=gold)
     (Path(run_dir) / SUMMARY_FILE).write_text(json.dumps(
         {"gold": gold, "updates": updates, "sets": {name: asdict(s) for name, s in summary.items()}}, indent=1))
     return summary_lines(summary, gold=gold, updates=updates)

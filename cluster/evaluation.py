@@ -83,9 +83,9 @@ def eval_result(config: Config, jobs: list[BatchJob], scores: list, image_batche
     gold_scores = {name: np.concatenate([g["scores"][name] for g in gold]) for name in gold[0]["scores"]} if gold else {}
     hits = np.concatenate([g["recall_hit"] for g in gold]) if gold and gold[0]["recall_hit"] is not None else None
     e = config.evaluation
-    gold_parts = [g.get("checks", {}).get(e.gold) for g in gold or []]
+    gold_parts = [g["checks"].get(e.gold) for g in gold or []]  # {check: [b]} per batch, or None
     gold_checks = ({name: np.concatenate([parts[name] for parts in gold_parts]) for name in gold_parts[0]}
-                   if gold_parts and all(parts for parts in gold_parts) else None)
+                   if gold_parts and all(gold_parts) else None)
     metrics = {"eval/reward_mean": float(np.nanmean(total)), **components}
     metrics.update(eval_metrics(sets=sets, prompts=prompts, images=images, train_total=total, scores=gold_scores,
                                 gold=e.gold, groups=_prompt_groups(e.gold, prompts), gold_checks=gold_checks,

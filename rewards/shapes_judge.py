@@ -8,8 +8,9 @@ count only that the number of objects be right, so a yellow circle beside a yell
 "two yellow squares".
 mode "overlap": the multiset overlap of the detected kinds with the described ones, |found ∩ wanted| /
 |found ∪ wanted| (averaged with the relation check in that family): dense like "partial", and 1 exactly
-when the image is correct, so a policy cannot collect full credit on an image the judge rejects. A prompt outside the world's grammar or an image that is not 32×32 RGB is
-a ValueError naming it, never a silent zero.
+when the image is correct, so a policy cannot collect full credit on an image the judge rejects.
+A prompt outside the world's grammar or an image that is not 32×32 RGB is a ValueError naming it, never a
+silent zero.
 """
 
 from __future__ import annotations
@@ -51,20 +52,16 @@ class ShapesJudge:
 
         check_batch(images, prompts)
         specs = [parse_caption(p) for p in prompts]  # every prompt checked before any image is judged
-        scores = np.empty(len(prompts), dtype=np.float32)
+        correct = np.empty(len(prompts), dtype=np.float32)
         checks = {name: np.full(len(prompts), np.nan, dtype=np.float32) for name in CHECKS}
         for i, (image, spec) in enumerate(zip(images, specs, strict=True)):
             verdict = judge(image, spec)
+            correct[i] = verdict.correct
             checks["binding"][i], checks["count"][i] = verdict.binding, verdict.count
             checks["overlap"][i] = kind_overlap(verdict, spec)
             if verdict.relation is not None:
                 checks["relation"][i] = verdict.relation
-            if self.mode == "correct":
-                scores[i] = float(verdict.correct)
-            elif self.mode == "overlap":
-                overlap = float(checks["overlap"][i])
-                scores[i] = overlap if verdict.relation is None else (overlap + float(verdict.relation)) / 2
-            else:
-                applicable = [verdict.binding, verdict.count] + ([verdict.relation] if verdict.relation is not None else [])
-                scores[i] = float(np.mean(applicable))
+        # The dense modes average their checks where they apply (relation: NaN outside that family).
+        parts = {"partial": ("binding", "count", "relation"), "overlap": ("overlap", "relation")}.get(self.mode)
+        scores = correct if parts is None else np.nanmean(np.stack([checks[c] for c in parts]), axis=0)
         return RewardOutput(scores=scores, checks=checks)
