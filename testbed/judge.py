@@ -8,7 +8,9 @@ nearer the background than ``FOREGROUND_MARGIN`` of its nearest colour counts as
 filter relabels isolated pixels (VAE reconstructions blur edges), and each colour's
 4-connected components of at least ``MIN_AREA`` px are objects. A component's shape comes from its row
 profile (``classify_shape``): a square's top and bottom rows are as wide as its middle, an upward
-triangle's top rows are much narrower than its bottom rows, a disc is narrow at both ends.
+triangle's top rows are much narrower than its bottom rows, a disc is narrow at both ends; a square
+decoded with a thin ridge along one side (a row or column narrower than ``FRINGE`` of the widest) is
+still a square.
 
 Verdict per image (``Verdict``): ``binding`` every described kind is present (right colour on the
 right shape); ``count`` the number of objects equals the caption's; ``relation`` the relation holds for
@@ -30,6 +32,9 @@ MIN_AREA = 12
 SQUARE_FILL = 0.85  # a square's top and bottom rows are at least this fraction of its middle rows' width
 TRIANGLE_TOP = 0.6  # an upward triangle's top rows are narrower than this fraction of its bottom rows
 FOREGROUND_MARGIN = 0.6
+# An end row (or column) narrower than this fraction of the widest is a decoding fringe, not the shape's
+# outline, when testing for a square: a rendered disc's narrowest end row is a third of its width.
+FRINGE = 0.3
 ISOLATED = 2  # a pixel whose 3×3 window holds at most this many of its own label (itself included) is noise
 
 _COLORS = "|".join(PALETTE)
@@ -131,16 +136,35 @@ def row_widths(pixels: np.ndarray) -> np.ndarray:
     return np.bincount(rows).astype(np.float32)
 
 
-def classify_shape(pixels: np.ndarray) -> str:
-    """The shape of one component from its row profile: a square's rows are all as wide as its middle,
-    an upward triangle widens from top to bottom, a disc is narrow at both ends."""
-    widths = row_widths(pixels)
+def _profile_shape(widths: np.ndarray) -> str:
+    """The shape a row profile (widths top to bottom) describes: square, triangle or circle."""
     quarter = max(1, len(widths) // 4)
     top, bottom = widths[:quarter].mean(), widths[-quarter:].mean()
     middle = widths[quarter:len(widths) - quarter].mean() if len(widths) > 2 * quarter else widths.mean()
     if top >= SQUARE_FILL * middle and bottom >= SQUARE_FILL * middle:
         return "square"
     return "triangle" if top < TRIANGLE_TOP * bottom else "circle"
+
+
+def _without_fringe(widths: np.ndarray) -> np.ndarray:
+    """The profile without its end rows narrower than FRINGE of the widest row."""
+    kept = np.nonzero(widths >= FRINGE * widths.max())[0]
+    return widths[kept[0]:kept[-1] + 1]
+
+
+def classify_shape(pixels: np.ndarray) -> str:
+    """The shape of one component from its row profile: a square's rows are all as wide as its middle,
+    an upward triangle widens from top to bottom, a disc is narrow at both ends. A component that is not
+    a square by its rows is still one when its row or its column profile, without fringe rows, is square:
+    the pipeline's decoded squares often carry a one- or two-pixel ridge along one side, which would make
+    the row test call them a triangle or a disc."""
+    by_rows = _profile_shape(row_widths(pixels))
+    if by_rows == "square":
+        return by_rows
+    by_columns = row_widths(pixels[:, ::-1])  # a (row, col) -> (col, row) swap: the column heights
+    if "square" in (_profile_shape(_without_fringe(row_widths(pixels))), _profile_shape(_without_fringe(by_columns))):
+        return "square"
+    return by_rows
 
 
 def detect(image: np.ndarray) -> tuple[Detected, ...]:

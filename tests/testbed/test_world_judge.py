@@ -8,7 +8,17 @@ import pytest
 
 from rewards.shapes_judge import ShapesJudge
 from testbed.judge import judge, parse_caption
-from testbed.world import HELD_OUT, IMAGE_SIZE, Obj, Scene, render, scene_for_seed, training_split
+from testbed.world import (
+    HELD_OUT,
+    IMAGE_SIZE,
+    PALETTE,
+    SIZE_RANGE,
+    Obj,
+    Scene,
+    render,
+    scene_for_seed,
+    training_split,
+)
 
 
 def _scene(*objects: tuple[str, str, int, int, int]) -> np.ndarray:
@@ -71,6 +81,40 @@ RED_CIRCLE_LEFT_OF_BLUE_SQUARE = (("red", "circle", 2, 12, 10), ("blue", "square
 def test_the_judge_on_hand_drawn_scenes(objects, caption, expected):
     verdict = judge(_scene(*objects), caption)
     assert (verdict.binding, verdict.count, verdict.relation, verdict.correct) == expected, verdict
+
+
+def _with_ridges(image: np.ndarray, *, color: str, rows: list[tuple[int, int, int]],
+                 columns: list[tuple[int, int, int]]) -> np.ndarray:
+    """``image`` with thin one-pixel ridges painted on: rows (y, x0, x1) and columns (x, y0, y1), inclusive."""
+    image = image.copy()
+    for y, x0, x1 in rows:
+        image[y, x0:x1 + 1] = PALETTE[color]
+    for x, y0, y1 in columns:
+        image[y0:y1 + 1, x] = PALETTE[color]
+    return image
+
+
+@pytest.mark.parametrize("rows, columns", [
+    ([(9, 14, 15)], []),  # a 2-px ridge on top: by its rows alone a disc (the top quarter is half width)
+    ([(9, 15, 15)], []),  # a 1-px ridge: by its rows alone a triangle
+    ([(20, 13, 14)], [(20, 12, 13)]),  # ridges below and to the right
+    ([(9, 14, 16)], [(9, 13, 15)]),  # above and to the left, each 3 px of 10
+])
+def test_a_square_with_a_decoding_ridge_is_still_a_square(rows, columns):
+    # The pipeline's decoded squares often carry such a ridge (a one- or two-pixel row or column along a
+    # side); the row profile alone called many of them discs or triangles.
+    square = _scene(("red", "square", 10, 10, 10))  # rows and columns 10..19
+    image = _with_ridges(square, color="red", rows=rows, columns=columns)
+    assert [o.shape for o in judge(image, "a red square").detected] == ["square"]
+    assert judge(image, "a red square").correct and not judge(image, "a red circle").correct
+
+
+@pytest.mark.parametrize("shape", ["circle", "square", "triangle"])
+def test_every_rendered_size_keeps_its_shape(shape):
+    for size in range(SIZE_RANGE[0], SIZE_RANGE[1] + 1):
+        for x in (2, 11):
+            detected = judge(_scene(("blue", shape, x, 10, size)), f"a blue {shape}").detected
+            assert [o.shape for o in detected] == [shape], (shape, size, x)
 
 
 def test_the_judge_is_right_on_clean_and_noisy_renders():
