@@ -158,11 +158,12 @@ def classify_shape(pixels: np.ndarray) -> str:
     a square by its rows is still one when its row or its column profile, without fringe rows, is square:
     the pipeline's decoded squares often carry a one- or two-pixel ridge along one side, which would make
     the row test call them a triangle or a disc."""
-    by_rows = _profile_shape(row_widths(pixels))
+    rows = row_widths(pixels)
+    by_rows = _profile_shape(rows)
     if by_rows == "square":
         return by_rows
-    by_columns = row_widths(pixels[:, ::-1])  # a (row, col) -> (col, row) swap: the column heights
-    if "square" in (_profile_shape(_without_fringe(row_widths(pixels))), _profile_shape(_without_fringe(by_columns))):
+    columns = row_widths(pixels[:, ::-1])  # a (row, col) -> (col, row) swap: the column heights
+    if "square" in (_profile_shape(_without_fringe(rows)), _profile_shape(_without_fringe(columns))):
         return "square"
     return by_rows
 
