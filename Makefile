@@ -18,10 +18,10 @@ $(VENV)/.gard-setup-done: pyproject.toml tools/setup_env.sh tools/torchvision_cp
 	rm -f $@
 	VENV=$(VENV) bash tools/setup_env.sh
 
-# The default job: the shapes world's pipeline trained on its reward CLIP, judged by the ground truth
-# (README, "The default job"); 32 evaluation images per prompt, so the before/after gains are tight.
+# The default job: the shapes world's pipeline trained on its reward CLIP to draw a combination its UNet
+# never saw (yellow squares), judged by the ground truth (README, "The default job").
 demo: setup
-	$(VENV)/bin/gard train configs/shapes_dpo.yaml --output-dir runs/demo --resume never evaluation.images_per_prompt=32
+	$(VENV)/bin/gard train configs/shapes_dpo_yellow.yaml --output-dir runs/demo --resume never
 
 test: setup
 	$(PY) -m pytest -q -x --durations=30
