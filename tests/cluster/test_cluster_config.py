@@ -241,3 +241,24 @@ def test_actor_specs_are_built_from_the_config_sections_field_by_field():
     assert (learner.learning_rate, learner.mixed_precision, learner.max_staleness) == (0.5, "bf16", 1)
     assert (learner.dpo_denoise_beta, learner.dpo_noise_draws) == (7.0, 3)
     assert (learner.rwr_weighting, learner.rwr_temperature, learner.rwr_noise_draws) == ("exponential", 0.25, 2)
+
+
+def test_make_demo_trains_a_held_out_combination_judged_on_every_prompt_set():
+    """`make demo`'s preset (README, "The default job"): every training prompt asks for a kind the UNet never
+    saw, and the judge scores the training prompts, all held-out prompts and all seen prompts, none of the
+    seen ones with a held-out kind."""
+    from testbed.judge import parse_caption
+    from testbed.world import HELD_OUT
+
+    recipe = (REPO / "Makefile").read_text().split("\ndemo:", 1)[1].split("\n\n", 1)[0]
+    preset = next(word for word in recipe.split() if word.startswith("configs/"))
+    config = load_config(REPO / preset)
+    assert config.policy.pretrained == "tiny:shapes" and "clip_score" in config.rewards
+    assert config.evaluation.gold == "shapes_judge"
+    for prompt in config.prompts.train:
+        assert set(parse_caption(prompt).kinds) & HELD_OUT, prompt
+    sets = config.evaluation.prompts
+    assert sets["yellow"] == config.prompts.train
+    assert all(set(parse_caption(p).kinds) & HELD_OUT for p in sets["heldout"]) and len(sets["heldout"]) == 12
+    assert not any(set(parse_caption(p).kinds) & HELD_OUT for p in sets["seen"]) and len(sets["seen"]) == 18
+    assert config.evaluation.every == config.epochs  # one evaluation before, one after: the printed gains
