@@ -262,3 +262,22 @@ def test_make_demo_trains_a_held_out_combination_judged_on_every_prompt_set():
     assert all(set(parse_caption(p).kinds) & HELD_OUT for p in sets["heldout"]) and len(sets["heldout"]) == 12
     assert not any(set(parse_caption(p).kinds) & HELD_OUT for p in sets["seen"]) and len(sets["seen"]) == 18
     assert config.evaluation.every == config.epochs  # one evaluation before, one after: the printed gains
+
+
+def test_the_ddpo_preset_is_judged_on_the_demos_images():
+    """configs/shapes_ddpo_yellow.yaml is the demo's DDPO counterpart (BENCHMARKS, "DDPO on the yellow squares"):
+    its gains are paired against the same base images as `make demo`'s only if it trains the same prompts from
+    the same pipeline and reward, and samples and evaluates exactly as the demo does; only the method and the
+    number of samples per epoch differ."""
+    import dataclasses
+
+    demo = load_config(REPO / "configs" / "shapes_dpo_yellow.yaml")
+    ddpo = load_config(REPO / "configs" / "shapes_ddpo_yellow.yaml")
+    assert (demo.train.algorithm, ddpo.train.algorithm) == ("diffusion_dpo", "ppo")
+    assert ddpo.prompts.train == demo.prompts.train and ddpo.policy == demo.policy
+    assert ddpo.rewards == demo.rewards and ddpo.evaluation == demo.evaluation
+    assert (ddpo.seed, ddpo.epochs) == (demo.seed, demo.epochs)
+    differing = {f.name for f in dataclasses.fields(demo.sampling)
+                 if getattr(demo.sampling, f.name) != getattr(ddpo.sampling, f.name)}
+    assert differing == {"batches_per_sampler"}
+    assert ddpo.sampling.batches_per_sampler > demo.sampling.batches_per_sampler  # a less noisy DDPO gradient
