@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -269,8 +270,6 @@ def test_the_ddpo_preset_is_judged_on_the_demos_images():
     its gains are paired against the same base images as `make demo`'s only if it trains the same prompts from
     the same pipeline and reward, and samples and evaluates exactly as the demo does; only the method and the
     number of samples per epoch differ."""
-    import dataclasses
-
     demo = load_config(REPO / "configs" / "shapes_dpo_yellow.yaml")
     ddpo = load_config(REPO / "configs" / "shapes_ddpo_yellow.yaml")
     assert (demo.train.algorithm, ddpo.train.algorithm) == ("diffusion_dpo", "ppo")
