@@ -280,3 +280,26 @@ def test_the_ddpo_preset_is_judged_on_the_demos_images():
                  if getattr(demo.sampling, f.name) != getattr(ddpo.sampling, f.name)}
     assert differing == {"batches_per_sampler"}
     assert ddpo.sampling.batches_per_sampler > demo.sampling.batches_per_sampler  # a less noisy DDPO gradient
+
+
+def test_the_b2_preset_is_the_ddpo_preset_on_groups_that_share_x_T():
+    """configs/shapes_b2_yellow.yaml (BENCHMARKS, "DDPO on the yellow squares") is the DDPO preset's PPO on
+    B²-DiffuRL's branch groups: its gain against DDPO's says what the groups and the selection add only if
+    the PPO settings, the samples per epoch, the prompts, pipeline, reward and the evaluation images are the
+    same; the leaves of a group share x_T alone (tau = T from the first epoch), and it evaluates before and
+    after training only, on the demo's images."""
+    demo = load_config(REPO / "configs" / "shapes_dpo_yellow.yaml")
+    ddpo = load_config(REPO / "configs" / "shapes_ddpo_yellow.yaml")
+    b2 = load_config(REPO / "configs" / "shapes_b2_yellow.yaml")
+    assert b2.train == ddpo.train and not ddpo.b2.enabled and b2.b2.enabled
+    assert b2.b2.tau_start == b2.b2.tau_end == b2.sampling.num_steps and b2.b2.num_stages == 1
+    assert b2.prompts.train == demo.prompts.train and b2.policy == demo.policy and b2.rewards == demo.rewards
+    assert b2.cluster.num_samplers == ddpo.cluster.num_samplers
+    samples = (b2.sampling.batch_size * b2.b2.n_branch * b2.sampling.batches_per_sampler
+               == ddpo.sampling.batch_size * ddpo.sampling.batches_per_sampler)
+    assert samples  # per sampler and epoch: 4 prompts x 4 leaves x 8 batches = 16 prompts x 8 batches
+    differing = {f.name for f in dataclasses.fields(demo.sampling)
+                 if getattr(demo.sampling, f.name) != getattr(b2.sampling, f.name)}
+    assert differing == {"batch_size", "batches_per_sampler"}
+    assert b2.evaluation.every == b2.epochs  # one evaluation before training, one after
+    assert dataclasses.replace(b2.evaluation, every=demo.evaluation.every) == demo.evaluation
