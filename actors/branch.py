@@ -35,7 +35,8 @@ class BranchTrajectory:
     """B prompt groups x n_branch leaves = N = B · n_branch DDIM trajectories, group-major.
 
     latents:    float32 [N, T+1, C, h, w]  x_T, ..., x_0; rows of one group are bit-identical in
-                                           latents[:, :branch_step + 1] (the shared prefix)
+                                           latents[:, :branch_step + 1] (the shared prefix), unless
+                                           they were sampled with independent starts
     log_probs:  float32 [N, T]             log p(latents[:, i+1] | latents[:, i]) when sampled;
                                            bit-identical within a group for i < branch_step
     timesteps:  int64   [T]                the training timestep t of each transition
@@ -111,6 +112,7 @@ def sample_branches(
     seed: int,
     eta: float,
     policy_version: int = 0,
+    share_start: bool = True,
 ) -> BranchTrajectory:
     """Branch rollouts: a shared prefix to ``branch_step``, then ``n_branch`` continuations per prompt.
 
@@ -123,6 +125,9 @@ def sample_branches(
         seed: base seed (>= 0) of the group and leaf generators (module docstring).
         eta: DDIM η > 0 for every step (the log-probs need a stochastic step).
         policy_version: the adapter version stamped on the result.
+        share_start: True: a group's leaves start from one x_T. False (only with ``branch_step`` 0): each
+            leaf draws its own x_T from its leaf generator, before its step noise, so a group is
+            ``n_branch`` independent samples of its prompt (the groups of GRPO-style methods).
 
     Returns:
         A ``BranchTrajectory`` of B · n_branch leaves (shapes in its docstring).
@@ -142,6 +147,9 @@ def sample_branches(
         raise ValueError(f"seed={seed!r} is invalid: expected an int >= 0")
     if not eta > 0:
         raise ValueError(f"eta={eta!r} is invalid: branch rollouts record log-probs, which need eta > 0")
+    if not share_start and branch_step != 0:
+        raise ValueError(f"share_start=False with branch_step={branch_step}: leaves that share a prefix share its "
+                         f"x_T; independent starts need branch_step 0")
 
     start = time.perf_counter()
     num_groups = len(prompts)
@@ -167,6 +175,9 @@ def sample_branches(
 
     # Continuations x_{branch_step} -> x_0: B · n_branch rows (group-major), independent noise per leaf.
     latents = latents.repeat_interleave(n_branch, dim=0)
+    if not share_start:  # branch_step is 0: replace the group's x_T by one per leaf
+        latents = policy.initial_latents(num_groups * n_branch, leaf_gens)
+        prefix_states = [latents.float().cpu()]
     leaf_embeds = embeds.repeat_interleave(n_branch, dim=0)
     leaf_negative = negative.repeat_interleave(n_branch, dim=0)
     leaf_states = []
@@ -185,7 +196,7 @@ def sample_branches(
     # Copies of the prefix (repeat_interleave copies values exactly: bit-identical within a group).
     states = torch.cat(
         [
-            torch.stack(prefix_states, dim=1).repeat_interleave(n_branch, dim=0),
+            torch.stack(prefix_states, dim=1).repeat_interleave(n_branch if share_start else 1, dim=0),
             torch.stack(leaf_states, dim=1),
         ],
         dim=1,

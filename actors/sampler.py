@@ -40,14 +40,16 @@ class Sampler:
         return {"version": self.policy_version, "apply_s": time.perf_counter() - start}
 
     @torch.no_grad()
-    def sample_branches(self, *, prompts: list[str], seed: int, n_branch: int,
-                        branch_step: int) -> tuple[Trajectory, ImageBatch]:
+    def sample_branches(self, *, prompts: list[str], seed: int, n_branch: int, branch_step: int,
+                        share_start: bool = True) -> tuple[Trajectory, ImageBatch]:
         """B²-DiffuRL branch rollouts (``actors.branch``): one shared prefix per prompt to
-        ``branch_step``, then ``n_branch`` leaves each; returns len(prompts) * n_branch samples."""
+        ``branch_step``, then ``n_branch`` leaves each; returns len(prompts) * n_branch samples.
+        ``share_start=False`` (branch_step 0): the leaves of a prompt start from their own x_T."""
         from actors.branch import sample_branches
 
         branches = sample_branches(self.policy, prompts=list(prompts), n_branch=n_branch, branch_step=branch_step,
-                                   seed=int(seed), eta=self.policy.spec.eta, policy_version=self.policy_version)
+                                   seed=int(seed), eta=self.policy.spec.eta, policy_version=self.policy_version,
+                                   share_start=bool(share_start))
         return branches.to_trajectory(), branches.to_image_batch()
 
     @torch.no_grad()

@@ -307,6 +307,11 @@ def validate(config: Config) -> None:
                         num_stages=b.num_stages, epochs_per_stage=b.epochs_per_stage)
         except ValueError as err:
             raise ConfigError(f"b2: {err}") from None
+        if not b.share_start and not (b.branching and b.tau_start == b.tau_end == config.sampling.num_steps):
+            raise ConfigError(f"b2.share_start = false needs branch rollouts from x_T at every stage (b2.branching = "
+                              f"true, b2.tau_start = b2.tau_end = sampling.num_steps = {config.sampling.num_steps}); "
+                              f"got branching = {b.branching}, tau {b.tau_start} -> {b.tau_end}: leaves that share "
+                              f"a prefix share its x_T")
     if config.dpo.pair_source == "dfusion":
         if config.train.algorithm != "dpo":
             raise ConfigError(f"dpo.pair_source = 'dfusion' builds DPO pairs, but train.algorithm = "

@@ -179,7 +179,7 @@ class Driver:
         gamma = self.gamma(epoch)
         branches = None
         if self.schedule is not None and cfg.b2.branching:
-            branches = (cfg.b2.n_branch, self.schedule.branch_step(self.schedule.stage(epoch)))
+            branches = (cfg.b2.n_branch, self.schedule.branch_step(self.schedule.stage(epoch)), cfg.b2.share_start)
         jobs = []
         for batch in range(s.batches_per_sampler):
             for worker in range(len(self.samplers)):

@@ -55,6 +55,10 @@ class B2Config:
     epochs_per_stage: int = field(default=1, metadata=POSITIVE)
     branching: bool = True
     n_branch: int = field(default=5, metadata=_rule(lambda v: v >= 2, ">= 2"))
+    share_start: bool = field(default=True, metadata={
+        "doc": "the leaves of a prompt start from one x_T (B²'s branch rollouts); false: each from its own, "
+               "so a group is independent samples of its prompt (only with tau_start = tau_end = "
+               "sampling.num_steps, where the leaves share nothing else)"})
     threshold: float = field(default=0.5, metadata=NON_NEGATIVE)
     history_stages: int = field(default=8, metadata=NON_NEGATIVE)
 

@@ -48,7 +48,7 @@ class StepAbandoned(Exception):
 class BatchJob:
     """One sampler batch: what to sample (enough to sample it again) and the refs once submitted.
 
-    branches: (n_branch, branch_step) for B² branch rollouts, None for plain sampling.
+    branches: (n_branch, branch_step, share_start) for B² branch rollouts, None for plain sampling.
     generation: the sampler's deaths the pool had counted when the job was submitted (failures of an
     older generation were already handled; the job only needs resubmitting).
     """
@@ -57,7 +57,7 @@ class BatchJob:
     prompts: list[str]
     seed: int
     gamma: float
-    branches: tuple[int, int] | None = None
+    branches: tuple[int, int, bool] | None = None
     trajectory: object = None  # ObjectRef[Trajectory]
     images: object = None  # ObjectRef[ImageBatch]
     score: object = None  # ObjectRef[ScoredBatch]
@@ -138,9 +138,10 @@ class SamplerPool:
         if job.worker in self.unrecovered or _actor_state(sampler)[0] != self.restarts_seen[job.worker]:
             self._recover(job.worker, None)
         if job.branches is not None:
-            n_branch, branch_step = job.branches
+            n_branch, branch_step, share_start = job.branches
             job.trajectory, job.images = sampler.sample_branches.options(num_returns=2).remote(
-                prompts=job.prompts, seed=job.seed, n_branch=n_branch, branch_step=branch_step)
+                prompts=job.prompts, seed=job.seed, n_branch=n_branch, branch_step=branch_step,
+                share_start=share_start)
         else:
             job.trajectory, job.images = sampler.sample.options(num_returns=2).remote(prompts=job.prompts,
                                                                                        seed=job.seed)

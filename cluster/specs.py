@@ -206,6 +206,7 @@ def banner(config: Config, run_dir: Path, ray_address: str) -> str:
         *([f"  B²-DiffuRL          : tau {config.b2.tau_start}->{config.b2.tau_end} over {config.b2.num_stages} stages"
            f" x {config.b2.epochs_per_stage} epoch(s)"
            + (f", {config.b2.n_branch} branches per prefix" if config.b2.branching else ", no branching")
+           + ("" if config.b2.share_start else " (each from its own x_T)")
            + f", selection |z| >= {config.b2.threshold}, history {config.b2.history_stages}"] if config.b2.enabled else []),
         *([f"  D-Fusion pairs      : per prompt (fused ≻ worst), mask threshold {config.dfusion.mask_threshold}"
            f" ({config.dfusion.mask_normalize}, {config.dfusion.mask_steps} steps), fused parts "

@@ -152,6 +152,27 @@ def test_branch_step_zero_shares_only_x_T(policy):
     assert not np.allclose(traj.latents[0, 1], traj.latents[1, 1])
 
 
+def test_independent_starts_give_each_leaf_its_own_x_T_from_its_leaf_generator(policy):
+    shared = sample_branches(policy, prompts=["a cat", "a dog"], n_branch=2, branch_step=0, seed=5, eta=1.0)
+    own = sample_branches(policy, prompts=["a cat", "a dog"], n_branch=2, branch_step=0, seed=5, eta=1.0,
+                          share_start=False)
+    assert own.latents.shape == shared.latents.shape and own.unet_calls == T
+    np.testing.assert_array_equal(own.group_ids, [0, 0, 1, 1])
+    assert own.prompts == ["a cat", "a cat", "a dog", "a dog"]
+    assert not np.allclose(own.latents[0, 0], own.latents[1, 0])  # leaves of one prompt: their own x_T
+    # Leaf (g, j)'s x_T is the first draw of its own generator, SeedSequence(5, spawn_key=(g, j)).
+    for row, key in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+        state = np.random.SeedSequence(5, spawn_key=key).generate_state(1, dtype=np.uint64)[0]
+        expected = torch.randn((4, 8, 8), generator=torch.Generator().manual_seed(int(state)))
+        np.testing.assert_allclose(own.latents[row, 0], expected.numpy() * policy.scheduler.init_noise_sigma,
+                                   rtol=0, atol=1e-6)
+    again = sample_branches(policy, prompts=["a cat", "a dog"], n_branch=2, branch_step=0, seed=5, eta=1.0,
+                            share_start=False)
+    np.testing.assert_array_equal(again.latents, own.latents)
+    with pytest.raises(ValueError, match=r"share_start=False with branch_step=1: .*independent starts need branch_step 0"):
+        sample_branches(policy, prompts=["a cat"], n_branch=2, branch_step=1, seed=0, eta=1.0, share_start=False)
+
+
 def test_conversion_to_trajectory_and_image_batch(rollout):
     traj, _ = rollout
     plain = traj.to_trajectory()

@@ -90,6 +90,9 @@ def test_every_preset_is_valid():
         (BASE + "rewards:\n  llava_bertscore: {gpu_memory_utilization: 1.5}\n", [],
          r"gpu_memory_utilization must be in \(0, 1\]"),
         (BASE, ["volume.gamma=0.5"], r"volume.gamma = 0.5 needs text and image embeddings"),
+        (BASE, ["b2.enabled=true", "sampling.num_steps=10", "b2.tau_start=7", "b2.tau_end=10", "b2.share_start=false"],
+         r"b2.share_start = false needs branch rollouts from x_T at every stage .*sampling.num_steps = 10\); got "
+         r"branching = True, tau 7 -> 10"),
         (BASE, ["epochs"], r"override 'epochs' is not of the form key=value"),
         (BASE, ["policy.lora_targets=to_q"], r"policy.lora_targets = 'to_q' has the wrong type: expected a list"),
         (BASE, ["policy.train_targets=[vae]"], r"policy.train_targets = \['vae'\]: expected a non-empty list .*'unet', 'text_encoder'"),

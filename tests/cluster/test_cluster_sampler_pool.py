@@ -95,7 +95,7 @@ class FakeSampler(_Controlled):
         self._log(f"sample {seed} v{self.version}")
         return self._out(prompts, seed)
 
-    def sample_branches(self, *, prompts: list[str], seed: int, n_branch: int, branch_step: int):
+    def sample_branches(self, *, prompts: list[str], seed: int, n_branch: int, branch_step: int, share_start: bool):
         self._call("sample", f"sample {seed}")  # one counter for both sampling methods
         self._log(f"sample_branches {seed} {n_branch}x{branch_step} v{self.version}")
         return self._out(prompts, seed, branches=(n_branch, branch_step))
@@ -156,7 +156,7 @@ def test_batch_lost_mid_epoch_is_resampled_once_with_same_seed_after_newest_adap
     pool = make_pool(2, plans={"w0": {"sample": [2], "sample_gate": [2]}})  # worker 0 dies in its second batch
     assert _publish(pool, 1) == [{"version": 1, "apply_s": 0.0}] * 2
     assert _publish(pool, 2) == [{"version": 2, "apply_s": 0.0}] * 2  # the newest adapter: re-sent on restart
-    jobs = [pool.submit(job) for job in (_job(0, 10), _job(1, 11), _job(0, 12, branches=(2, 3)), _job(1, 13))]
+    jobs = [pool.submit(job) for job in (_job(0, 10), _job(1, 11), _job(0, 12, branches=(2, 3, True)), _job(1, 13))]
     # Worker 0 dies only once the driver holds its first batch (else that batch can be lost too).
     ray.wait([jobs[0].trajectory, jobs[0].images], num_returns=2, timeout=TIMEOUT_S, fetch_local=False)
     (control / "w0.sample2.go").touch()
