@@ -57,7 +57,7 @@ def sd15_lora_state(rank: int) -> tuple[dict, dict[str, bytes]]:
     opt.step()
     state = {"format": 1, "version": 100, "adapter": {k: p.detach() for k, p in zip(params, tensors, strict=True)},
              "optimizer": opt.state_dict(), "stat_tracker": {"buffer_size": 32, "min_count": 16, "history": {}},
-             "zscores": {"history_stages": 8, "stages": []}, "rng": {"torch": torch.get_rng_state()}}
+             "zscores": {"history_epochs": 8, "epochs": []}, "rng": {"torch": torch.get_rng_state()}}
     lora = {"pytorch_lora_weights.safetensors": save({k: v.contiguous() for k, v in params.items()})}
     return state, lora
 

@@ -60,7 +60,9 @@ class B2Config:
                "so a group is independent samples of its prompt (only with tau_start = tau_end = "
                "sampling.num_steps, where the leaves share nothing else)"})
     threshold: float = field(default=0.5, metadata=NON_NEGATIVE)
-    history_stages: int = field(default=8, metadata=NON_NEGATIVE)
+    history_epochs: int = field(default=8, metadata={
+        **NON_NEGATIVE, "doc": "z-scores are taken over the current epoch's rewards of a prompt and the last "
+                               "history_epochs epochs' (the release's 8 stages of one sampling round each)"})
 
 
 @dataclass

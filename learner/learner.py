@@ -77,7 +77,7 @@ class Learner:
         self.state = TrainState(policy=self.policy, stepper=self.stepper, spec=spec,
                                 stat_tracker=PerPromptStatTracker(buffer_size=spec.stat_buffer_size,
                                                                   min_count=spec.stat_min_count),
-                                zscores=ZScoreHistory(history_stages=spec.b2_history_stages), schedule=spec.bpt)
+                                zscores=ZScoreHistory(history_epochs=spec.b2_history_epochs), schedule=spec.bpt)
         self.version = 0
         self.last_publish_s = 0.0
         # The adapter of the previous version (pipelined runs sample one version behind): the

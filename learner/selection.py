@@ -2,9 +2,13 @@
 
 Branch sampling gives groups of leaves that share their prefix x_T -> x_τ (``actors/branch.py``).
 Each leaf's reward is normalized per prompt (the paper's r̂, Appendix D.1) as a z-score against the
-rewards of that prompt in the current stage and the last H stages (``ZScoreHistory``). Within each
-group the paper forms G+ = {r̂ > 0} and G- = {r̂ < 0} and trains on the best leaf of G+ and the worst of
-G- (eq. 5-6); the authors' release (``run_select.py``) makes that a threshold test:
+rewards of that prompt in the current sampling round and the last H rounds (``ZScoreHistory``). The
+release samples once per stage, so its "last H stages" are the last H rounds; here a round is a driver
+epoch, which keeps the window sliding when a stage lasts several epochs and after the schedule's last
+stage (keyed by stage, the history of a run that stays in its last stage would hold every reward since
+that stage began, a baseline that lags behind the policy). Within each group the paper forms
+G+ = {r̂ > 0} and G- = {r̂ < 0} and trains on the best leaf of G+ and the worst of G- (eq. 5-6); the
+authors' release (``run_select.py``) makes that a threshold test:
 
     keep the best leaf  if its z >= +threshold        (positive sample)
     keep the worst leaf if its z <  -threshold        (negative sample)
@@ -25,7 +29,7 @@ from collections import deque
 import numpy as np
 
 DEFAULT_THRESHOLD = 0.5  # run_process.sh: PosThreshold=0.5, NegThreshold=-0.5
-DEFAULT_HISTORY_STAGES = 8  # run_process.sh / stage_process.py: history_cnt = 8
+DEFAULT_HISTORY_EPOCHS = 8  # run_process.sh / stage_process.py: history_cnt = 8
 _STD_EPS = 1e-8  # run_select.py: (s - mean) / (std + 1e-8)
 
 
@@ -42,50 +46,50 @@ def _check_aligned(prompts, rewards: np.ndarray) -> None:
 
 
 class ZScoreHistory:
-    """Per-prompt reward statistics over the current stage and the last ``history_stages`` stages.
+    """Per-prompt reward statistics over the current epoch and the last ``history_epochs`` epochs.
 
-    ``add(stage, prompts, rewards)`` records a batch (several batches of one stage accumulate);
+    ``add(epoch, prompts, rewards)`` records a batch (several batches of one epoch accumulate);
     ``zscores(prompts, rewards)`` returns ``(r - mean_p) / (std_p + 1e-8)`` where mean_p / std_p are
-    taken over every recorded reward of prompt p in the retained stages: the most recent stage and
-    the ``history_stages`` recorded before it (``run_select.py``: the stored history plus the current
-    scores). std is the sample standard deviation (ddof = 1, as ``torch.std``); a prompt with a
-    single retained reward gets z = 0. Non-finite rewards are never recorded (dropped, never
-    trained on); their z-score, and that of a prompt with no finite retained reward, is NaN
-    (``select_contrastive`` never selects those). A prompt absent from every retained stage is an error.
+    taken over every recorded reward of prompt p in the retained epochs: the most recent epoch and
+    the ``history_epochs`` recorded before it (``run_select.py``: the stored history plus the current
+    scores, one sampling round per stage). std is the sample standard deviation (ddof = 1, as
+    ``torch.std``); a prompt with a single retained reward gets z = 0. Non-finite rewards are never
+    recorded (dropped, never trained on); their z-score, and that of a prompt with no finite retained reward, is NaN
+    (``select_contrastive`` never selects those). A prompt absent from every retained epoch is an error.
     """
 
-    def __init__(self, history_stages: int = DEFAULT_HISTORY_STAGES):
-        if isinstance(history_stages, bool) or not isinstance(history_stages, int) or history_stages < 0:
-            raise ValueError(f"history_stages={history_stages!r} is invalid: expected an int >= 0")
-        self.history_stages = history_stages
-        # (stage, {prompt: [rewards]}), oldest first; the current stage plus H previous ones.
-        self._stages: deque[tuple[int, dict[str, list[float]]]] = deque(maxlen=history_stages + 1)
+    def __init__(self, history_epochs: int = DEFAULT_HISTORY_EPOCHS):
+        if isinstance(history_epochs, bool) or not isinstance(history_epochs, int) or history_epochs < 0:
+            raise ValueError(f"history_epochs={history_epochs!r} is invalid: expected an int >= 0")
+        self.history_epochs = history_epochs
+        # (epoch, {prompt: [rewards]}), oldest first; the current epoch plus H previous ones.
+        self._epochs: deque[tuple[int, dict[str, list[float]]]] = deque(maxlen=history_epochs + 1)
 
     @property
-    def stages(self) -> list[int]:
-        """The retained stages, oldest first."""
-        return [stage for stage, _ in self._stages]
+    def epochs(self) -> list[int]:
+        """The retained epochs, oldest first."""
+        return [epoch for epoch, _ in self._epochs]
 
-    def add(self, stage: int, prompts: list[str], rewards) -> None:
-        """Records one batch of rewards [N] for ``stage`` (stages must not decrease)."""
+    def add(self, epoch: int, prompts: list[str], rewards) -> None:
+        """Records one batch of rewards [N] for ``epoch`` (epochs must not decrease)."""
         rewards = _as_1d("rewards", rewards, np.float64)
         _check_aligned(prompts, rewards)
-        if self._stages and stage < self._stages[-1][0]:
+        if self._epochs and epoch < self._epochs[-1][0]:
             raise ValueError(
-                f"stage={stage} is older than the latest recorded stage {self._stages[-1][0]}; "
-                "stages must be added in non-decreasing order"
+                f"epoch={epoch} is older than the latest recorded epoch {self._epochs[-1][0]}; "
+                "epochs must be added in non-decreasing order"
             )
-        if not self._stages or stage != self._stages[-1][0]:
-            self._stages.append((int(stage), {}))
-        table = self._stages[-1][1]
+        if not self._epochs or epoch != self._epochs[-1][0]:
+            self._epochs.append((int(epoch), {}))
+        table = self._epochs[-1][1]
         for prompt, reward in zip(prompts, rewards.tolist(), strict=True):
             values = table.setdefault(prompt, [])  # the prompt is known even if its reward is dropped
             if np.isfinite(reward):
                 values.append(reward)
 
     def values(self, prompt: str) -> np.ndarray:
-        """Every retained reward of ``prompt``, oldest stage first."""
-        return np.asarray([r for _, table in self._stages for r in table.get(prompt, [])], dtype=np.float64)
+        """Every retained reward of ``prompt``, oldest epoch first."""
+        return np.asarray([r for _, table in self._epochs for r in table.get(prompt, [])], dtype=np.float64)
 
     def zscores(self, prompts: list[str], rewards) -> np.ndarray:
         """z-scores float32 [N] of ``rewards`` against each prompt's retained history."""
@@ -95,10 +99,10 @@ class ZScoreHistory:
         stats: dict[str, tuple[float, float]] = {}
         for i, prompt in enumerate(prompts):
             if prompt not in stats:
-                if not any(prompt in table for _, table in self._stages):
+                if not any(prompt in table for _, table in self._epochs):
                     raise ValueError(
-                        f"prompt {prompt!r} has no recorded rewards in the retained stages {self.stages}; "
-                        "call add(stage, prompts, rewards) for its batch first"
+                        f"prompt {prompt!r} has no recorded rewards in the retained epochs {self.epochs}; "
+                        "call add(epoch, prompts, rewards) for its batch first"
                     )
                 history = self.values(prompt)
                 if history.size == 0:  # every retained reward of the prompt was non-finite
@@ -111,22 +115,25 @@ class ZScoreHistory:
             out[i] = (rewards[i] - mean) / (std + _STD_EPS)
         return out.astype(np.float32)
 
-    def update(self, stage: int, prompts: list[str], rewards) -> np.ndarray:
-        """``add`` then ``zscores`` of the same batch (the per-stage flow of ``run_select.py``)."""
-        self.add(stage, prompts, rewards)
+    def update(self, epoch: int, prompts: list[str], rewards) -> np.ndarray:
+        """``add`` then ``zscores`` of the same batch (the per-round flow of ``run_select.py``)."""
+        self.add(epoch, prompts, rewards)
         return self.zscores(prompts, rewards)
 
     def state_dict(self) -> dict:
         return {
-            "history_stages": self.history_stages,
-            "stages": [(stage, {k: list(v) for k, v in table.items()}) for stage, table in self._stages],
+            "history_epochs": self.history_epochs,
+            "epochs": [(epoch, {k: list(v) for k, v in table.items()}) for epoch, table in self._epochs],
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.history_stages = int(state["history_stages"])
-        self._stages = deque(
-            ((int(stage), {k: list(v) for k, v in table.items()}) for stage, table in state["stages"]),
-            maxlen=self.history_stages + 1,
+        # Checkpoints written before the history was keyed by epoch hold stage keys; a stage index never
+        # exceeds its epoch, so they load as (older) epochs and the window rolls on from the next epoch.
+        self.history_epochs = int(state["history_epochs"] if "history_epochs" in state else state["history_stages"])
+        entries = state["epochs"] if "epochs" in state else state["stages"]
+        self._epochs = deque(
+            ((int(epoch), {k: list(v) for k, v in table.items()}) for epoch, table in entries),
+            maxlen=self.history_epochs + 1,
         )
 
 

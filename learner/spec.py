@@ -38,7 +38,7 @@ class LearnerSpec:
     # B²-DiffuRL (backward progressive training + contrastive selection); None = off.
     bpt: BptSchedule | None
     b2_threshold: float
-    b2_history_stages: int
+    b2_history_epochs: int
     dpo_beta: float  # online trajectory DPO
     dpo_denoise_beta: float  # online Diffusion-DPO, denoising form
     dpo_noise_draws: int  # its (t, ε) draws per pair

@@ -36,9 +36,10 @@ def advantages_for(state: TrainState, inputs: UpdateInputs, stats: dict) -> tupl
     per-prompt statistics (or, with B², the z-score history)."""
     spec, prompts = state.spec, inputs.batch.prompts
     if state.schedule is not None:
-        # Contrastive selection: z-scores per prompt over this stage and the last H; per group the best
-        # leaf with z >= +th and the worst with z < −th.
-        z = state.zscores.update(inputs.stage, prompts, inputs.rewards)
+        # Contrastive selection: z-scores per prompt over this epoch's rewards and the last H epochs'
+        # (the release's H stages of one sampling round each); per group the best leaf with z >= +th
+        # and the worst with z < −th.
+        z = state.zscores.update(inputs.epoch, prompts, inputs.rewards)
         positive, negative = select_contrastive(inputs.groups, z, threshold=spec.b2_threshold)
         selected = np.concatenate([positive, negative])
         advantages = np.zeros(len(prompts), dtype=np.float32)

@@ -34,7 +34,7 @@ def branches(policy_spec):
 
 def _spec(**kw) -> LearnerSpec:
     base = dict(algorithm="ppo", learning_rate=1e-2, clip_range=0.5, updates_per_epoch=1, micro_batch_size=8,
-                adam_weight_decay=0.0, bpt=SCHEDULE, b2_threshold=0.5, b2_history_stages=8)
+                adam_weight_decay=0.0, bpt=SCHEDULE, b2_threshold=0.5, b2_history_epochs=8)
     return default_learner_spec(**{**base, **kw})
 
 
@@ -84,6 +84,20 @@ def test_contrastive_selection_on_a_hand_made_table(policy_spec, branches):
     tight = Learner(policy_spec=policy_spec, spec=_spec(algorithm="pg", b2_threshold=1.4))
     stats = tight.update(trajectories=[branches], rewards=[REWARDS], epoch=0)
     assert stats["b2/n_selected"] == 1  # only the dog group's worst leaf clears |z| >= 1.4
+
+
+def test_the_z_score_window_keeps_sliding_after_the_schedule_s_last_stage(policy_spec, branches):
+    """Epochs 5-7 all lie in the last stage (4); the history is keyed by epoch, so with H = 1 the z-scores
+    of epoch 7 see epochs 6 and 7 only. Both hold the hand-made table shifted by +10, which gives the
+    table's own selection (4 leaves); a window still holding epoch 5's unshifted rewards would put every
+    shifted leaf above its prompt's mean (z > +0.8) and keep only the 2 best leaves."""
+    learner = Learner(policy_spec=policy_spec, spec=_spec(algorithm="pg", b2_history_epochs=1))
+    for epoch, shift in ((5, 0.0), (6, 10.0), (7, 10.0)):
+        current = dataclasses.replace(branches, policy_version=learner.version)
+        stats = learner.update(trajectories=[current], rewards=[REWARDS + shift], epoch=epoch)
+        assert stats["b2/stage"] == SCHEDULE.num_stages - 1
+    assert learner.state.zscores.epochs == [6, 7]
+    assert stats["b2/n_selected"] == 4
 
 
 def test_online_dpo_starts_at_log2_and_raises_the_preferred_margin(policy_spec, branches):

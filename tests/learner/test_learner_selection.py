@@ -1,4 +1,4 @@
-"""Contrastive selection for B²-DiffuRL (§3.3): per-prompt z-scores with a stage history,
+"""Contrastive selection for B²-DiffuRL (§3.3): per-prompt z-scores with an epoch history,
 best-positive / worst-negative leaves per branch group, and DPO preference pairs."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from learner.selection import (
-    DEFAULT_HISTORY_STAGES,
+    DEFAULT_HISTORY_EPOCHS,
     DEFAULT_THRESHOLD,
     ZScoreHistory,
     preference_pairs,
@@ -36,7 +36,7 @@ ZSCORES = np.array(
 
 
 def test_defaults_are_the_released_launch_script_values():
-    assert DEFAULT_THRESHOLD == 0.5 and DEFAULT_HISTORY_STAGES == 8
+    assert DEFAULT_THRESHOLD == 0.5 and DEFAULT_HISTORY_EPOCHS == 8
 
 
 def test_select_contrastive_on_a_hand_made_table():
@@ -78,30 +78,30 @@ def test_select_contrastive_validation():
         select_contrastive([0], [1.0], threshold=0.5, neg_threshold=0.2)
 
 
-def test_zscores_use_the_current_stage_and_the_last_h_stages():
-    history = ZScoreHistory(history_stages=1)
+def test_zscores_use_the_current_epoch_and_the_last_h_epochs():
+    history = ZScoreHistory(history_epochs=1)
     z0 = history.update(0, ["a", "a", "a", "b", "b"], [1.0, 2.0, 3.0, 10.0, 20.0])
     # a: mean 2, sample std 1; b: mean 15, sample std sqrt(50)
     np.testing.assert_allclose(z0, [-1.0, 0.0, 1.0, -5 / math.sqrt(50), 5 / math.sqrt(50)], rtol=1e-6)
     assert z0.dtype == np.float32
 
-    z1 = history.update(1, ["a"], [5.0])  # stage 0 + stage 1: a = [1, 2, 3, 5]
+    z1 = history.update(1, ["a"], [5.0])  # epoch 0 + epoch 1: a = [1, 2, 3, 5]
     values = np.array([1.0, 2.0, 3.0, 5.0])
     np.testing.assert_allclose(z1, [(5.0 - values.mean()) / values.std(ddof=1)], rtol=1e-6)
 
-    z2 = history.update(2, ["a"], [0.0])  # H = 1: stage 0 is dropped, a = [5, 0]
-    assert history.stages == [1, 2]
+    z2 = history.update(2, ["a"], [0.0])  # H = 1: epoch 0 is dropped, a = [5, 0]
+    assert history.epochs == [1, 2]
     np.testing.assert_allclose(z2, [(0.0 - 2.5) / math.sqrt(12.5)], rtol=1e-6)
     np.testing.assert_array_equal(history.values("a"), [5.0, 0.0])
-    # b's rewards lived only in stage 0, which is gone.
+    # b's rewards lived only in epoch 0, which is gone.
     with pytest.raises(
-        ValueError, match=r"prompt 'b' has no recorded rewards in the retained stages \[1, 2\]"
+        ValueError, match=r"prompt 'b' has no recorded rewards in the retained epochs \[1, 2\]"
     ):
         history.zscores(["b"], [1.0])
 
 
-def test_several_batches_of_one_stage_accumulate_and_h0_keeps_only_the_current_stage():
-    history = ZScoreHistory(history_stages=0)
+def test_several_batches_of_one_epoch_accumulate_and_h0_keeps_only_the_current_epoch():
+    history = ZScoreHistory(history_epochs=0)
     history.add(3, ["p", "p"], [0.0, 2.0])
     history.add(3, ["p", "p"], [4.0, 6.0])
     np.testing.assert_array_equal(history.values("p"), [0.0, 2.0, 4.0, 6.0])
@@ -111,7 +111,7 @@ def test_several_batches_of_one_stage_accumulate_and_h0_keeps_only_the_current_s
 
 
 def test_single_value_gives_zero_nan_rewards_are_dropped_and_errors():
-    history = ZScoreHistory(history_stages=2)
+    history = ZScoreHistory(history_epochs=2)
     history.add(0, ["x", "y", "y", "y"], [7.0, 1.0, np.nan, 3.0])
     np.testing.assert_array_equal(history.zscores(["x"], [7.0]), [0.0])
     np.testing.assert_array_equal(history.values("y"), [1.0, 3.0])  # NaN never recorded
@@ -119,28 +119,41 @@ def test_single_value_gives_zero_nan_rewards_are_dropped_and_errors():
     assert np.isnan(z[0]) and z[1] == pytest.approx(1 / math.sqrt(2))
     history.add(0, ["w"], [np.inf])  # known prompt without a finite reward: NaN, never selected
     assert np.isnan(history.zscores(["w"], [1.0])).all()
-    with pytest.raises(ValueError, match="prompt 'never' has no recorded rewards in the retained stages"):
+    with pytest.raises(ValueError, match="prompt 'never' has no recorded rewards in the retained epochs"):
         history.zscores(["never"], [1.0])
-    with pytest.raises(ValueError, match="stage=-1 is older than the latest recorded stage 0"):
+    with pytest.raises(ValueError, match="epoch=-1 is older than the latest recorded epoch 0"):
         history.add(-1, ["x"], [1.0])
     with pytest.raises(ValueError, match="2 prompts but 1 rewards"):
         history.add(0, ["x", "y"], [1.0])
-    with pytest.raises(ValueError, match="history_stages=-1"):
-        ZScoreHistory(history_stages=-1)
+    with pytest.raises(ValueError, match="history_epochs=-1"):
+        ZScoreHistory(history_epochs=-1)
 
 
 def test_history_state_dict_round_trip():
-    history = ZScoreHistory(history_stages=2)
-    for stage in range(4):
-        history.add(stage, ["a", "b"], [float(stage), 2.0 * stage])
-    restored = ZScoreHistory(history_stages=5)
+    history = ZScoreHistory(history_epochs=2)
+    for epoch in range(4):
+        history.add(epoch, ["a", "b"], [float(epoch), 2.0 * epoch])
+    restored = ZScoreHistory(history_epochs=5)
     restored.load_state_dict(history.state_dict())
-    assert restored.history_stages == 2 and restored.stages == [1, 2, 3]
+    assert restored.history_epochs == 2 and restored.epochs == [1, 2, 3]
     np.testing.assert_array_equal(
         restored.zscores(["a", "b"], [0.5, 0.5]), history.zscores(["a", "b"], [0.5, 0.5])
     )
     restored.add(4, ["a"], [4.0])
-    assert restored.stages == [2, 3, 4]
+    assert restored.epochs == [2, 3, 4]
+
+
+def test_a_history_saved_with_stage_keys_loads_and_rolls_on_by_epoch():
+    # The state of a checkpoint written when the history was keyed by B² stage.
+    old = {"history_stages": 1, "stages": [(0, {"a": [1.0, 3.0]})]}
+    restored = ZScoreHistory()
+    restored.load_state_dict(old)
+    assert restored.history_epochs == 1 and restored.epochs == [0]
+    np.testing.assert_allclose(restored.zscores(["a"], [3.0]), [1 / math.sqrt(2)], rtol=1e-6)
+    restored.add(7, ["a"], [5.0])
+    restored.add(8, ["a"], [9.0])
+    assert restored.epochs == [7, 8]
+    np.testing.assert_array_equal(restored.values("a"), [5.0, 9.0])
 
 
 def test_selection_pipeline_on_branch_groups():
@@ -148,7 +161,7 @@ def test_selection_pipeline_on_branch_groups():
     prompts = ["cat"] * 6 + ["dog"] * 6
     groups = np.repeat(np.arange(4), 3)
     rewards = np.array([0.1, 0.2, 0.3, 0.5, 0.2, 0.1, 1.0, 1.0, 1.0, 0.0, 2.0, 1.0])
-    z = ZScoreHistory(history_stages=8).update(0, prompts, rewards)
+    z = ZScoreHistory(history_epochs=8).update(0, prompts, rewards)
     pos, neg = select_contrastive(groups, z, threshold=0.5)
     np.testing.assert_array_equal(pos, [3, 10])
     np.testing.assert_array_equal(neg, [0, 5, 9])  # group 1 holds the best and the worst cat leaf
