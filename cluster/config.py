@@ -74,6 +74,10 @@ class TrainConfig:
     adam_eps: float = field(default=1e-8, metadata=POSITIVE)
     max_grad_norm: float = field(default=1.0, metadata=POSITIVE)
     clip_range: float = field(default=1e-4, metadata=POSITIVE)
+    target_kl: float | None = field(default=None, metadata={
+        **POSITIVE, **RESUMABLE,
+        "doc": "ppo/pg: an epoch's optimizer steps stop at the first step whose approx_kl (½ mean (log ρ)² "
+               "over its pairs, before the step) exceeds it, and that step is not applied; none: never"})
     adv_clip_max: float = field(default=5.0, metadata=POSITIVE)
     advantage: str = field(default="per_prompt", metadata=choice("per_prompt", "batch"))
     stat_buffer_size: int = field(default=32, metadata=POSITIVE)
@@ -329,6 +333,10 @@ def validate(config: Config) -> None:
     from cluster.layout import validate_layout
 
     validate_layout(config.cluster)
+    if config.train.target_kl is not None and config.train.algorithm not in ("ppo", "pg"):
+        raise ConfigError(f"train.target_kl = {config.train.target_kl} stops PPO/PG steps by their approx_kl, but "
+                          f"train.algorithm = {config.train.algorithm!r} has none; set train.algorithm to 'ppo' or "
+                          f"'pg', or train.target_kl=null")
     if config.train.stat_min_count > config.train.stat_buffer_size:
         raise ConfigError(f"train.stat_min_count = {config.train.stat_min_count} exceeds train.stat_buffer_size = "
                           f"{config.train.stat_buffer_size}; per-prompt statistics would never be used")

@@ -22,6 +22,7 @@ class LearnerSpec:
     adam_eps: float
     max_grad_norm: float
     clip_range: float
+    target_kl: float | None  # ppo/pg: stop an epoch's steps at the first step whose approx_kl exceeds it
     adv_clip_max: float
     advantage: str
     stat_buffer_size: int

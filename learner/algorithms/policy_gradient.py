@@ -8,7 +8,11 @@ Advantages: the per-prompt running statistics (DDPO's stat tracker) or batch-nor
 with B²-DiffuRL (Hu et al., CVPR 2025, eq. 5) the z-scores of the contrastively selected leaves instead, and
 only those leaves are trained. Every sample keeps a random ``timestep_fraction`` of ``inputs.steps``;
 the shuffled pairs form ``updates_per_epoch`` optimizer steps, each in micro-batches of
-``micro_batch_size`` pairs, the loss of a step being the mean over its pairs.
+``micro_batch_size`` pairs, the loss of a step being the mean over its pairs. With ``target_kl`` the
+epoch's steps stop at the first step whose approx_kl, measured on its pairs before it is applied, exceeds
+the target, and that step is dropped (early stopping as in Stable-Baselines3's PPO; cleanrl's
+``--target-kl`` checks after its update epochs): a bound on how far one epoch moves the policy from the
+one that sampled its data, which the per-pair clip does not give.
 
 Several learner ranks split each step's pairs (``learner/distributed.py``); the step's gradient and the
 logged means are those of all its pairs. One exception: without a KL term (β = 0) ``train/kl`` is a
@@ -94,7 +98,7 @@ def _update(state: TrainState, inputs: UpdateInputs, *, clipped: bool) -> Update
         counts[name] = counts.get(name, 0) + weight
 
     n_train_steps = max(1, int(len(steps) * spec.timestep_fraction))
-    n_pairs, applied = 0, 0
+    n_pairs, applied, stopped_at_kl = 0, 0, None
     for _ in range(spec.inner_epochs if selected.size else 0):
         step_idx = np.stack([rng.permutation(steps)[:n_train_steps] for _ in range(selected.size)])
         sample_idx = np.repeat(selected, n_train_steps)
@@ -110,6 +114,11 @@ def _update(state: TrainState, inputs: UpdateInputs, *, clipped: bool) -> Update
                                                      measure_kl=measure_kl)
                 state.stepper.backward(loss * (len(micro) / len(chunk)))
                 step_stats.append((micro_stats, len(micro)))
+            if spec.target_kl is not None:
+                step_kl = _step_approx_kl(state, step_stats)
+                if step_kl > spec.target_kl:  # every rank sees the same mean, so every rank stops here
+                    stopped_at_kl = step_kl
+                    break
             result = state.stepper.step(loss_finite=all(math.isfinite(s["train/loss"]) for s, _ in step_stats))
             if result.skipped:  # nothing of a skipped step enters the averages
                 continue
@@ -119,13 +128,28 @@ def _update(state: TrainState, inputs: UpdateInputs, *, clipped: bool) -> Update
             add("train/grad_norm", result.grad_norm, 1)
             n_pairs += len(chunk)
             applied += 1
-    state.stepper.zero_grad()
+        if stopped_at_kl is not None:
+            break
+    state.stepper.zero_grad()  # also drops the gradient of a step stopped by target_kl
+    if spec.target_kl is not None:
+        stats["train/target_kl_stopped"] = float(stopped_at_kl is not None)
+    if stopped_at_kl is not None:
+        stats["train/approx_kl_at_stop"] = stopped_at_kl
     if state.group.active:  # pair-weighted means over every rank's micro-batches (grad_norm: the same on all)
         stats.update(state.group.merge_means(sums, counts))
     else:
         stats.update({name: sums[name] / counts[name] for name in sums})
     stats["train/n_pairs"] = n_pairs
     return UpdateResult(stats=stats, optimizer_steps=applied)
+
+
+def _step_approx_kl(state: TrainState, step_stats: list[tuple[dict[str, float], int]]) -> float:
+    """The pair-weighted approx_kl of one optimizer step's micro-batches, over every rank's share."""
+    total = sum(stats["train/approx_kl"] * size for stats, size in step_stats)
+    count = sum(size for _, size in step_stats)
+    if state.group.active:
+        return state.group.merge_means({"approx_kl": total}, {"approx_kl": count})["approx_kl"]
+    return total / count
 
 
 ppo = partial(_update, clipped=True)

@@ -93,6 +93,9 @@ def test_every_preset_is_valid():
         (BASE, ["b2.enabled=true", "sampling.num_steps=10", "b2.tau_start=7", "b2.tau_end=10", "b2.share_start=false"],
          r"b2.share_start = false needs branch rollouts from x_T at every stage .*sampling.num_steps = 10\); got "
          r"branching = True, tau 7 -> 10"),
+        (BASE, ["train.algorithm=dpo", "train.target_kl=0.01"],
+         r"train.target_kl = 0.01 stops PPO/PG steps by their approx_kl, but train.algorithm = 'dpo' has none"),
+        (BASE, ["train.target_kl=0"], r"train.target_kl = 0.0 is out of range: expected > 0"),
         (BASE, ["epochs"], r"override 'epochs' is not of the form key=value"),
         (BASE, ["policy.lora_targets=to_q"], r"policy.lora_targets = 'to_q' has the wrong type: expected a list"),
         (BASE, ["policy.train_targets=[vae]"], r"policy.train_targets = \['vae'\]: expected a non-empty list .*'unet', 'text_encoder'"),

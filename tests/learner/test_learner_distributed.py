@@ -37,6 +37,10 @@ SPECS = {
     # PPO with a trained KL term: 16 pairs in 2 steps of 8; one learner 4 + 4, each rank 4.
     "ppo_kl": dict(algorithm="ppo", kl_beta=0.5, clip_range=0.5, learning_rate=1e-2, advantage="batch",
                    updates_per_epoch=2, micro_batch_size=4),
+    # PPO stopped by target_kl: the first step is on-policy (approx_kl 0) and applied, the second step's
+    # approx_kl (after a step at lr 1e-2, ~1e-4) exceeds 1e-9 on the ranks' merged mean, so both ranks drop it.
+    "ppo_target_kl": dict(algorithm="ppo", clip_range=0.5, learning_rate=1e-2, advantage="batch", updates_per_epoch=2,
+                          micro_batch_size=4, target_kl=1e-9),
     # Online DPO on the best and worst sample of each prompt: 2 pairs, one per step; each rank sums and
     # backpropagates half of a pair's 4 + 4 transitions (one learner 2 + 2 per side, each rank 2).
     "dpo": dict(algorithm="dpo", learning_rate=1e-2, updates_per_epoch=2, micro_batch_size=2, dpo_beta=20.0),
@@ -57,16 +61,17 @@ SPECS = {
                 micro_batch_size=3, rwr_noise_draws=2),
 }
 POLICY = {"texforce_pg": dict(train_targets=("unet", "text_encoder"))}
-ADAPTER_ATOL = {"ppo_kl": 1e-6, "dpo": 1e-4, "ppo_uneven": 1e-4, "texforce_pg": 1e-6, "b2_ppo": 1e-6,
+ADAPTER_ATOL = {"ppo_kl": 1e-6, "ppo_target_kl": 1e-6, "dpo": 1e-4, "ppo_uneven": 1e-4, "texforce_pg": 1e-6, "b2_ppo": 1e-6,
                 "denoising_dpo": 1e-6, "rwr": 1e-4}
 # The logged means, (rel, abs): DPO's margin after the first step is a small difference (~1e-2) that
 # follows the adapter's last digits; with uneven micro-batches the PPO loss (~5e-4, a mean of terms ~1
 # whose advantages sum to zero) follows the kernels' batch-shape differences.
-STATS_TOL = {"ppo_kl": (1e-4, 1e-9), "dpo": (1e-3, 1e-9), "ppo_uneven": (1e-4, 1e-6), "texforce_pg": (1e-4, 1e-9),
+STATS_TOL = {"ppo_kl": (1e-4, 1e-9), "ppo_target_kl": (1e-4, 1e-9), "dpo": (1e-3, 1e-9), "ppo_uneven": (1e-4, 1e-6), "texforce_pg": (1e-4, 1e-9),
              "b2_ppo": (1e-4, 1e-9), "denoising_dpo": (1e-4, 1e-9), "rwr": (1e-4, 1e-9)}
 PPO_STATS = ("train/loss", "train/pg_loss", "train/kl", "train/approx_kl", "train/clipfrac", "train/ratio",
              "train/grad_norm", "train/advantage_abs_mean")
-STAT_KEYS = {"ppo_kl": PPO_STATS, "ppo_uneven": PPO_STATS, "texforce_pg": PPO_STATS,
+STAT_KEYS = {"ppo_kl": PPO_STATS,
+             "ppo_target_kl": tuple(k for k in PPO_STATS if k != "train/kl") + ("train/approx_kl_at_stop",), "ppo_uneven": PPO_STATS, "texforce_pg": PPO_STATS,
              # No KL term: train/kl only monitors the first micro-batch of each step (of each rank's share).
              "b2_ppo": tuple(k for k in PPO_STATS if k != "train/kl") + ("b2/n_selected",),
              "dpo": ("dpo/loss", "dpo/acc", "dpo/margin", "train/grad_norm"),
@@ -144,7 +149,7 @@ def _train_scenarios(names: list[str], *, pretrained: str, out: Path) -> dict:
     return {"single": single, "ranks": ranks}
 
 
-FAST = ["ppo_kl", "dpo"]  # the default suite; the other scenarios run with make test-slow
+FAST = ["ppo_kl", "ppo_target_kl", "dpo"]  # the default suite; the other scenarios run with make test-slow
 
 
 @pytest.fixture(scope="module")
@@ -166,14 +171,15 @@ def test_two_ranks_equal_one_learner_on_the_same_pairs(request, name):
     # The two ranks are bit-identical (one all-reduce gives both the same gradient bits).
     assert ranks[0]["digest"] == ranks[1]["digest"]
     assert single["version"] == ranks[0]["version"] == 1
-    assert single["stats"]["train/optimizer_steps"] == ranks[0]["stats"]["train/optimizer_steps"] == 2
+    steps = 1 if name == "ppo_target_kl" else 2  # target_kl stops the second step on every rank
+    assert single["stats"]["train/optimizer_steps"] == ranks[0]["stats"]["train/optimizer_steps"] == steps
     for key, want in single["adapter"].items():
         torch.testing.assert_close(ranks[0]["adapter"][key], want, rtol=0, atol=ADAPTER_ATOL[name])
     # LoRA B starts at zero: the adapter moved, so the comparison is not between two untouched adapters.
     assert max(float(v.abs().max()) for k, v in single["adapter"].items() if "lora_B" in k) > 1e-3
     for index, want in single["optimizer"].items():
         got = ranks[0]["optimizer"][index]
-        assert int(got["step"]) == int(want["step"]) == 2
+        assert int(got["step"]) == int(want["step"]) == steps
         for moment in ("exp_avg", "exp_avg_sq"):  # the gradients: equal to 1e-4 of each tensor's scale
             scale = float(want[moment].abs().max())
             assert float((got[moment] - want[moment]).abs().max()) <= 1e-4 * scale + 1e-20, (index, moment)

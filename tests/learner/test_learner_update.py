@@ -100,6 +100,30 @@ def test_timestep_fraction_and_updates_per_epoch(policy_spec, batch):
     assert learner.optimizer.state[learner.optimizer.param_groups[0]["params"][0]]["step"] == 6
 
 
+def test_target_kl_drops_the_first_step_that_exceeds_it_and_the_rest_of_the_epoch(policy_spec, batch):
+    traj, _ = batch
+    rewards = [np.array([1.0, 0.0, 1.0, 0.0], dtype=np.float32)]
+    spec = dict(algorithm="ppo", clip_range=0.5, updates_per_epoch=4, micro_batch_size=4)
+    free = Learner(policy_spec=policy_spec, spec=_spec(**spec))
+    free_stats = free.update(trajectories=[traj], rewards=rewards, epoch=0)
+    assert free_stats["train/optimizer_steps"] == 4 and "train/target_kl_stopped" not in free_stats
+    # Step 1 is on-policy (approx_kl 0) and applied; step 2's pairs, after a step at lr 1e-2, are above
+    # 1e-9, so it and steps 3-4 are dropped: one Adam step, and only step 1's stats in the averages.
+    stopped = Learner(policy_spec=policy_spec, spec=_spec(**spec, target_kl=1e-9))
+    stats = stopped.update(trajectories=[traj], rewards=rewards, epoch=0)
+    assert stats["train/optimizer_steps"] == 1 and stopped.version == 1
+    assert stats["train/target_kl_stopped"] == 1.0 and stats["train/approx_kl_at_stop"] > 1e-9
+    assert stats["train/approx_kl"] < 1e-9 and stats["train/n_pairs"] == 4
+    assert stopped.optimizer.state[stopped.optimizer.param_groups[0]["params"][0]]["step"] == 1
+    # A target above every step's approx_kl changes nothing: the same adapter as without one.
+    loose = Learner(policy_spec=policy_spec, spec=_spec(**spec, target_kl=10.0))
+    loose_stats = loose.update(trajectories=[traj], rewards=rewards, epoch=0)
+    assert loose_stats["train/optimizer_steps"] == 4 and loose_stats["train/target_kl_stopped"] == 0.0
+    for (_, a), (_, b) in zip(free.policy.named_trainable_parameters(), loose.policy.named_trainable_parameters(),
+                              strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_kl_term_pulls_toward_the_reference(policy_spec, batch):
     """With zero advantages, the β·KL loss alone moves a perturbed adapter back toward the base model."""
     traj, _ = batch
