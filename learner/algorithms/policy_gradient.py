@@ -48,7 +48,8 @@ def advantages_for(state: TrainState, inputs: UpdateInputs, stats: dict) -> tupl
         selected = np.concatenate([positive, negative])
         advantages = np.zeros(len(prompts), dtype=np.float32)
         advantages[selected] = z[selected]
-        stats["b2/n_selected"] = int(selected.size)
+        stats.update({"b2/n_selected": int(selected.size), "b2/n_positive": int(positive.size),
+                      "b2/n_negative": int(negative.size)})
     else:
         selected = np.arange(len(prompts))
         if spec.advantage == "per_prompt":

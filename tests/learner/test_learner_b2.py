@@ -79,11 +79,12 @@ def test_contrastive_selection_on_a_hand_made_table(policy_spec, branches):
     stats = learner.update(trajectories=[branches], rewards=[REWARDS], epoch=0)
     # Per-prompt z over the current stage: cat [0, 1, .2, .4] -> best leaf 1 (z > .5), worst leaf 0
     # (z < -.5); dog [5, 5.1, 4, 5] -> best leaf 5 (z = .61), worst leaf 6 (z = -1.48). 4 selected.
-    assert stats["b2/n_selected"] == 4
+    assert stats["b2/n_selected"] == 4 and stats["b2/n_positive"] == 2 and stats["b2/n_negative"] == 2
     assert stats["train/n_pairs"] == 4 * 2  # selected leaves x the 2 interval steps
     tight = Learner(policy_spec=policy_spec, spec=_spec(algorithm="pg", b2_threshold=1.4))
     stats = tight.update(trajectories=[branches], rewards=[REWARDS], epoch=0)
     assert stats["b2/n_selected"] == 1  # only the dog group's worst leaf clears |z| >= 1.4
+    assert (stats["b2/n_positive"], stats["b2/n_negative"]) == (0, 1)
 
 
 def test_the_z_score_window_keeps_sliding_after_the_schedule_s_last_stage(policy_spec, branches):
