@@ -60,6 +60,10 @@ class B2Config:
                "so a group is independent samples of its prompt (only with tau_start = tau_end = "
                "sampling.num_steps, where the leaves share nothing else)"})
     threshold: float = field(default=0.5, metadata=NON_NEGATIVE)
+    neg_threshold: float | None = field(default=None, metadata={
+        "check": lambda v: v <= 0, "rule": "<= 0",
+        "doc": "a group's worst leaf is trained when its z < neg_threshold (the release's NegThreshold); "
+               "none: -threshold"})
     history_epochs: int = field(default=8, metadata={
         **NON_NEGATIVE, "doc": "z-scores are taken over the current epoch's rewards of a prompt and the last "
                                "history_epochs epochs' (the release's 8 stages of one sampling round each)"})

@@ -39,6 +39,7 @@ class LearnerSpec:
     # B²-DiffuRL (backward progressive training + contrastive selection); None = off.
     bpt: BptSchedule | None
     b2_threshold: float
+    b2_neg_threshold: float | None  # None: -b2_threshold
     b2_history_epochs: int
     dpo_beta: float  # online trajectory DPO
     dpo_denoise_beta: float  # online Diffusion-DPO, denoising form

@@ -44,7 +44,8 @@ def advantages_for(state: TrainState, inputs: UpdateInputs, stats: dict) -> tupl
         # (the release's H stages of one sampling round each); per group the best leaf with z >= +th
         # and the worst with z < −th.
         z = state.zscores.update(inputs.epoch, prompts, inputs.rewards)
-        positive, negative = select_contrastive(inputs.groups, z, threshold=spec.b2_threshold)
+        positive, negative = select_contrastive(inputs.groups, z, threshold=spec.b2_threshold,
+                                                neg_threshold=spec.b2_neg_threshold)
         selected = np.concatenate([positive, negative])
         advantages = np.zeros(len(prompts), dtype=np.float32)
         advantages[selected] = z[selected]

@@ -85,6 +85,10 @@ def test_contrastive_selection_on_a_hand_made_table(policy_spec, branches):
     stats = tight.update(trajectories=[branches], rewards=[REWARDS], epoch=0)
     assert stats["b2/n_selected"] == 1  # only the dog group's worst leaf clears |z| >= 1.4
     assert (stats["b2/n_positive"], stats["b2/n_negative"]) == (0, 1)
+    # An asymmetric pair of thresholds (the release's PosThreshold / NegThreshold): best leaves only.
+    positives = Learner(policy_spec=policy_spec, spec=_spec(algorithm="pg", b2_neg_threshold=-10.0))
+    stats = positives.update(trajectories=[branches], rewards=[REWARDS], epoch=0)
+    assert (stats["b2/n_positive"], stats["b2/n_negative"]) == (2, 0)
 
 
 def test_the_z_score_window_keeps_sliding_after_the_schedule_s_last_stage(policy_spec, branches):
