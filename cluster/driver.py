@@ -49,6 +49,7 @@ from cluster.metrics import MetricsWriteError, MetricsWriter, open_writer
 from cluster.placement_groups import create_placement, locate, placement_report
 from cluster.samplers import (
     BatchJob,
+    BranchPlan,
     EpochBatch,
     SamplerFailedError,
     SamplerPool,
@@ -177,20 +178,19 @@ class Driver:
         cfg, s = self.config, self.config.sampling
         batch_prompt_lists = []
         gamma = self.gamma(epoch)
-        branches = None
-        if self.schedule is not None and cfg.b2.branching:
-            branches = (cfg.b2.n_branch, self.schedule.branch_step(self.schedule.stage(epoch)), cfg.b2.share_start)
+        branches = None if self.schedule is None or not cfg.b2.branching else BranchPlan(
+            n_branch=cfg.b2.n_branch, branch_step=self.schedule.branch_step(self.schedule.stage(epoch)),
+            share_start=cfg.b2.share_start)
         jobs = []
         for batch in range(s.batches_per_sampler):
             for worker in range(len(self.samplers)):
-                prompts = batch_prompts(
-                    cfg.prompts.train, size=s.batch_size, seed=cfg.seed, epoch=epoch, worker=worker, batch=batch
-                )
+                prompts = batch_prompts(cfg.prompts.train, size=s.batch_size, seed=cfg.seed, epoch=epoch,
+                                        worker=worker, batch=batch)
                 seed = batch_seed(cfg.seed, epoch=epoch, worker=worker, batch=batch)
                 job = BatchJob(worker=worker, prompts=prompts, seed=seed, gamma=gamma, branches=branches)
                 jobs.append(self.pool.submit(job))
                 # the prompt of every sample, group-major for branch rollouts (D-Fusion pairs by prompt)
-                batch_prompt_lists.append([p for p in prompts for _ in range(branches[0] if branches else 1)])
+                batch_prompt_lists.append([p for p in prompts for _ in range(branches.n_branch if branches else 1)])
         return EpochBatch(jobs=jobs, submitted_at=time.perf_counter(), prompts=batch_prompt_lists)
 
     def complete(self, batch: EpochBatch, *, abandon=lambda: False) -> list:

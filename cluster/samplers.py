@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from cluster.errors import cause_chain
 
@@ -44,11 +45,20 @@ class StepAbandoned(Exception):
     """A stop was requested while the epoch's batches were still being sampled or scored."""
 
 
+class BranchPlan(NamedTuple):
+    """B² branch rollouts of one batch: ``n_branch`` leaves per prompt continue from step ``branch_step``
+    of a shared prefix; with ``share_start`` false (branch_step 0 only) each leaf draws its own x_T."""
+
+    n_branch: int
+    branch_step: int
+    share_start: bool
+
+
 @dataclass
 class BatchJob:
     """One sampler batch: what to sample (enough to sample it again) and the refs once submitted.
 
-    branches: (n_branch, branch_step, share_start) for B² branch rollouts, None for plain sampling.
+    branches: the B² branch rollouts, None for plain sampling.
     generation: the sampler's deaths the pool had counted when the job was submitted (failures of an
     older generation were already handled; the job only needs resubmitting).
     """
@@ -57,7 +67,7 @@ class BatchJob:
     prompts: list[str]
     seed: int
     gamma: float
-    branches: tuple[int, int, bool] | None = None
+    branches: BranchPlan | None = None
     trajectory: object = None  # ObjectRef[Trajectory]
     images: object = None  # ObjectRef[ImageBatch]
     score: object = None  # ObjectRef[ScoredBatch]
@@ -138,10 +148,10 @@ class SamplerPool:
         if job.worker in self.unrecovered or _actor_state(sampler)[0] != self.restarts_seen[job.worker]:
             self._recover(job.worker, None)
         if job.branches is not None:
-            n_branch, branch_step, share_start = job.branches
+            plan = job.branches
             job.trajectory, job.images = sampler.sample_branches.options(num_returns=2).remote(
-                prompts=job.prompts, seed=job.seed, n_branch=n_branch, branch_step=branch_step,
-                share_start=share_start)
+                prompts=job.prompts, seed=job.seed, n_branch=plan.n_branch, branch_step=plan.branch_step,
+                share_start=plan.share_start)
         else:
             job.trajectory, job.images = sampler.sample.options(num_returns=2).remote(prompts=job.prompts,
                                                                                        seed=job.seed)
