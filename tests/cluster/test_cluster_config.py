@@ -300,6 +300,7 @@ def test_the_b2_preset_is_the_ddpo_preset_on_groups_that_share_x_T():
     b2 = load_config(REPO / "configs" / "shapes_b2_yellow.yaml")
     assert b2.train == ddpo.train and not ddpo.b2.enabled and b2.b2.enabled
     assert b2.b2.tau_start == b2.b2.tau_end == b2.sampling.num_steps and b2.b2.num_stages == 1
+    assert b2.b2.history_epochs >= b2.epochs - 1  # z-scores over every epoch of the run (its header says why)
     assert b2.prompts.train == demo.prompts.train and b2.policy == demo.policy and b2.rewards == demo.rewards
     assert b2.cluster.num_samplers == ddpo.cluster.num_samplers
     samples = (b2.sampling.batch_size * b2.b2.n_branch * b2.sampling.batches_per_sampler
