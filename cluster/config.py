@@ -68,6 +68,10 @@ class TrainConfig:
     algorithm: str = field(default="ppo", metadata={
         "check": lambda v: v in _algorithm_names(), "rule": lambda: f"one of {_algorithm_names()}"})
     learning_rate: float = field(default=3e-4, metadata=POSITIVE)
+    learning_rate_end: float | None = field(default=None, metadata={
+        **POSITIVE, "doc": "online learners: the lr goes linearly from learning_rate at epoch 0 to this at "
+                           "lr_ramp_epochs, constant after; none: constant learning_rate"})
+    lr_ramp_epochs: int = field(default=0, metadata=NON_NEGATIVE)
     adam_beta1: float = field(default=0.9, metadata=_rule(lambda v: 0 <= v < 1, "in [0, 1)"))
     adam_beta2: float = field(default=0.999, metadata=_rule(lambda v: 0 <= v < 1, "in [0, 1)"))
     adam_weight_decay: float = field(default=1e-4, metadata=NON_NEGATIVE)

@@ -36,6 +36,7 @@ from learner.algorithms import PairBatch, TrainState, UpdateInputs, get_algorith
 from learner.algorithms.policy_gradient import micro_batch_loss
 from learner.distributed import RankGroup, state_digest
 from learner.precision import GuardedStep, training_dtype
+from learner.schedules import linear_ramp
 from learner.selection import ZScoreHistory
 from learner.spec import ADVANTAGE_MODES, LearnerSpec
 from learner.state import to_cpu
@@ -195,6 +196,11 @@ class Learner:
         stats: dict[str, float] = {
             "train/stale_refused": sum(len(p) for i, p in enumerate(trajectories) if i not in fresh),
             "reward/nonfinite": 0, "train/nonfinite_trajectories": 0}
+        learning_rate = linear_ramp(epoch, start=spec.learning_rate, end=spec.learning_rate_end,
+                                    ramp_epochs=spec.lr_ramp_epochs)
+        for group in self.optimizer.param_groups:  # set every epoch, so a resumed run gets its epoch's rate
+            group["lr"] = learning_rate
+        stats["train/learning_rate"] = learning_rate
         if not fresh:
             return {**stats, **self._no_update_stats()}
         joined = concat_trajectories([trajectories[i] for i in fresh])

@@ -16,6 +16,8 @@ class LearnerSpec:
 
     algorithm: str
     learning_rate: float
+    learning_rate_end: float | None  # linear from learning_rate at epoch 0 to this at lr_ramp_epochs
+    lr_ramp_epochs: int
     adam_beta1: float
     adam_beta2: float
     adam_weight_decay: float

@@ -124,6 +124,26 @@ def test_target_kl_drops_the_first_step_that_exceeds_it_and_the_rest_of_the_epoc
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_the_learning_rate_ramps_linearly_by_epoch_and_is_set_again_after_a_resume(policy_spec, batch):
+    traj, _ = batch
+    spec = _spec(learning_rate=1e-2, learning_rate_end=1e-3, lr_ramp_epochs=4)
+    learner = Learner(policy_spec=policy_spec, spec=spec)
+    rates = []
+    for epoch in (0, 2, 4, 9):
+        current = dataclasses.replace(traj, policy_version=learner.version)
+        stats = learner.update(trajectories=[current], rewards=[np.arange(4, dtype=np.float32)], epoch=epoch)
+        rates.append(stats["train/learning_rate"])
+        assert learner.optimizer.param_groups[0]["lr"] == stats["train/learning_rate"]
+    assert rates == pytest.approx([1e-2, 5.5e-3, 1e-3, 1e-3], rel=1e-12)  # 1e-2 + (1e-3 - 1e-2) * epoch / 4
+    # A learner restored from this state (which holds the last epoch's rate) trains epoch 1 at epoch 1's rate.
+    resumed = Learner(policy_spec=policy_spec, spec=spec)
+    resumed.load_state_dict(state=learner.state_dict())
+    current = dataclasses.replace(traj, policy_version=resumed.version)
+    stats = resumed.update(trajectories=[current], rewards=[np.arange(4, dtype=np.float32)], epoch=1)
+    assert stats["train/learning_rate"] == pytest.approx(7.75e-3, rel=1e-12)
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(7.75e-3, rel=1e-12)
+
+
 def test_kl_term_pulls_toward_the_reference(policy_spec, batch):
     """With zero advantages, the β·KL loss alone moves a perturbed adapter back toward the base model."""
     traj, _ = batch
