@@ -160,7 +160,10 @@ def sample_branches(
     # Shared prefix x_T -> x_{branch_step}: B rows, one batched (CFG) UNet call per step.
     embeds = policy.encode_prompts(list(prompts))
     negative = policy.negative_embeds(num_groups)  # once per call, not once per step
-    latents = policy.initial_latents(num_groups, group_gens)
+    if share_start:
+        latents = policy.initial_latents(num_groups, group_gens)
+    else:  # branch_step is 0, so no prefix: each leaf draws its own x_T (before its step noise)
+        latents = policy.initial_latents(num_groups * n_branch, leaf_gens)
     prefix_states = [latents.float().cpu()]
     prefix_log_probs = []
     for i in range(branch_step):
@@ -174,10 +177,8 @@ def sample_branches(
         prefix_log_probs.append(log_prob.float().cpu())
 
     # Continuations x_{branch_step} -> x_0: B · n_branch rows (group-major), independent noise per leaf.
-    latents = latents.repeat_interleave(n_branch, dim=0)
-    if not share_start:  # branch_step is 0: replace the group's x_T by one per leaf
-        latents = policy.initial_latents(num_groups * n_branch, leaf_gens)
-        prefix_states = [latents.float().cpu()]
+    if share_start:
+        latents = latents.repeat_interleave(n_branch, dim=0)
     leaf_embeds = embeds.repeat_interleave(n_branch, dim=0)
     leaf_negative = negative.repeat_interleave(n_branch, dim=0)
     leaf_states = []

@@ -232,8 +232,8 @@ def test_actor_specs_are_built_from_the_config_sections_field_by_field():
 
     from_sections = {f.name for c in (PolicyConfig, SamplingConfig) for f in dataclasses.fields(c)}
     assert {f.name for f in dataclasses.fields(PolicySpec)} <= from_sections  # pretrained: resolved (tiny:sd -> dir)
-    explicit = {"max_staleness", "seed", "bpt", "b2_threshold", "b2_neg_threshold", "b2_history_epochs", "dpo_beta", "dpo_denoise_beta",
-                "dpo_noise_draws", "rwr_weighting", "rwr_temperature", "rwr_noise_draws"}
+    explicit = {"max_staleness", "seed", "bpt", "b2_threshold", "b2_neg_threshold", "b2_history_epochs", "dpo_beta",
+                "dpo_denoise_beta", "dpo_noise_draws", "rwr_weighting", "rwr_temperature", "rwr_noise_draws"}
     assert {f.name for f in dataclasses.fields(LearnerSpec)} - {f.name for f in dataclasses.fields(TrainConfig)} \
         == explicit
 

@@ -163,7 +163,8 @@ def test_batch_lost_mid_epoch_is_resampled_once_with_same_seed_after_newest_adap
     pool = make_pool(2, plans={"w0": {"sample": [2], "sample_gate": [2]}})  # worker 0 dies in its second batch
     assert _publish(pool, 1) == [{"version": 1, "apply_s": 0.0}] * 2
     assert _publish(pool, 2) == [{"version": 2, "apply_s": 0.0}] * 2  # the newest adapter: re-sent on restart
-    jobs = [pool.submit(job) for job in (_job(0, 10), _job(1, 11), _job(0, 12, branches=BranchPlan(n_branch=2, branch_step=3, share_start=True)), _job(1, 13))]
+    plan = BranchPlan(n_branch=2, branch_step=3, share_start=True)
+    jobs = [pool.submit(job) for job in (_job(0, 10), _job(1, 11), _job(0, 12, branches=plan), _job(1, 13))]
     # Worker 0 dies only once the driver holds its first batch (else that batch can be lost too).
     ray.wait([jobs[0].trajectory, jobs[0].images], num_returns=2, timeout=TIMEOUT_S, fetch_local=False)
     (control / "w0.sample2.go").touch()
