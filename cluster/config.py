@@ -83,7 +83,12 @@ class TrainConfig:
         "doc": "ppo/pg: an epoch's optimizer steps stop at the first step whose approx_kl (½ mean (log ρ)² "
                "over its pairs, before the step) exceeds it, and that step is not applied; none: never"})
     adv_clip_max: float = field(default=5.0, metadata=POSITIVE)
-    advantage: str = field(default="per_prompt", metadata=choice("per_prompt", "batch"))
+    advantage: str = field(default="per_prompt", metadata={
+        **choice("per_prompt", "per_group", "batch"),
+        "doc": "per_prompt: z-score against the prompt's last stat_buffer_size rewards (DDPO's stat tracker); "
+               "per_group: within the sample's group of this epoch, its B² branch group (leaves that share "
+               "x_T: DanceGRPO's groups) or else the prompt's samples of the epoch (Flow-GRPO's); batch: "
+               "against the whole epoch"})
     stat_buffer_size: int = field(default=32, metadata=POSITIVE)
     stat_min_count: int = field(default=16, metadata=POSITIVE)
     timestep_fraction: float = field(default=1.0, metadata=FRACTION)
@@ -320,6 +325,10 @@ def validate(config: Config) -> None:
                               f"true, b2.tau_start = b2.tau_end = sampling.num_steps = {config.sampling.num_steps}); "
                               f"got branching = {b.branching}, tau {b.tau_start} -> {b.tau_end}: leaves that share "
                               f"a prefix share its x_T")
+        if b.selection == "all" and config.train.algorithm not in ("ppo", "pg"):
+            raise ConfigError(f"b2.selection = 'all' trains every leaf with a policy-gradient advantage, but "
+                              f"train.algorithm = {config.train.algorithm!r}; set train.algorithm to 'ppo' or "
+                              f"'pg', or b2.selection=contrastive")
     if config.dpo.pair_source == "dfusion":
         if config.train.algorithm != "dpo":
             raise ConfigError(f"dpo.pair_source = 'dfusion' builds DPO pairs, but train.algorithm = "

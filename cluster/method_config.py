@@ -64,6 +64,11 @@ class B2Config:
         "check": lambda v: v <= 0, "rule": "<= 0",
         "doc": "a group's worst leaf is trained when its z < neg_threshold (the release's NegThreshold); "
                "none: -threshold"})
+    selection: str = field(default="contrastive", metadata={
+        **choice("contrastive", "all"),
+        "doc": "contrastive: each group's best leaf (z >= threshold) and worst (z < neg_threshold) are trained "
+               "with their z as advantage (§3.3); all: every leaf is trained, with train.advantage's "
+               "advantages (per_group: GRPO's within-group standardization)"})
     history_epochs: int = field(default=8, metadata={
         **NON_NEGATIVE, "doc": "z-scores are taken over the current epoch's rewards of a prompt and the last "
                                "history_epochs epochs' (the release's 8 stages of one sampling round each)"})

@@ -111,7 +111,8 @@ def learner_spec(config: Config) -> LearnerSpec:
     return LearnerSpec(**train, max_staleness=config.cluster.max_staleness, seed=config.seed,
                        bpt=bpt_schedule(config), b2_threshold=config.b2.threshold,
                        b2_neg_threshold=config.b2.neg_threshold,
-                       b2_history_epochs=config.b2.history_epochs, dpo_beta=config.dpo.online_beta,
+                       b2_history_epochs=config.b2.history_epochs,
+                       b2_selection=config.b2.selection, dpo_beta=config.dpo.online_beta,
                        dpo_denoise_beta=config.dpo.beta, dpo_noise_draws=config.dpo.noise_draws,
                        rwr_weighting=config.rwr.weighting, rwr_temperature=config.rwr.temperature,
                        rwr_noise_draws=config.rwr.noise_draws)
@@ -208,9 +209,10 @@ def banner(config: Config, run_dir: Path, ray_address: str) -> str:
            f" x {config.b2.epochs_per_stage} epoch(s)"
            + (f", {config.b2.n_branch} branches per prefix" if config.b2.branching else ", no branching")
            + ("" if config.b2.share_start else " (each from its own x_T)")
-           + f", selection z >= {config.b2.threshold} / z < "
-             f"{-config.b2.threshold if config.b2.neg_threshold is None else config.b2.neg_threshold}"
-             f", history {config.b2.history_epochs} epochs"] if config.b2.enabled else []),
+           + (f", selection z >= {config.b2.threshold} / z < "
+              f"{-config.b2.threshold if config.b2.neg_threshold is None else config.b2.neg_threshold}"
+              f", history {config.b2.history_epochs} epochs" if config.b2.selection == "contrastive"
+              else f", every leaf trained, advantage {t.advantage}")] if config.b2.enabled else []),
         *([f"  D-Fusion pairs      : per prompt (fused ≻ worst), mask threshold {config.dfusion.mask_threshold}"
            f" ({config.dfusion.mask_normalize}, {config.dfusion.mask_steps} steps), fused parts "
            f"{config.dfusion.fuse_parts}, steps [{config.dfusion.fuse_start}, {config.dfusion.fuse_end})"]

@@ -58,3 +58,20 @@ def batch_advantages(rewards: np.ndarray) -> np.ndarray:
 def clip_advantages(advantages: np.ndarray, *, max_abs: float) -> np.ndarray:
     """Clips to ±max_abs (DDPO's ``adv_clip_max``)."""
     return np.clip(advantages, -max_abs, max_abs)
+
+
+def group_advantages(group_ids: np.ndarray, rewards: np.ndarray) -> np.ndarray:
+    """Group-relative advantages float32 [N] (GRPO's, as DanceGRPO and Flow-GRPO use for diffusion):
+    ``(r - mean_g) / (std_g + 1e-6)`` over the samples of the sample's group g in this batch, with no
+    history. group_ids: int [N]; rewards: float [N], finite. A group of one sample, or whose rewards are
+    all equal, carries no comparison and gets 0."""
+    group_ids = np.asarray(group_ids)
+    rewards = np.asarray(rewards, dtype=np.float64)
+    if group_ids.shape != rewards.shape or rewards.ndim != 1:
+        raise ValueError(f"group_ids {group_ids.shape} and rewards {rewards.shape} must be the same 1-D shape")
+    advantages = np.zeros(rewards.shape, dtype=np.float64)
+    for group in np.unique(group_ids):
+        members = group_ids == group
+        r = rewards[members]
+        advantages[members] = (r - r.mean()) / (r.std() + 1e-6)
+    return advantages.astype(np.float32)

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from learner.bpt import BptSchedule
 
-ADVANTAGE_MODES = ("per_prompt", "batch")
+ADVANTAGE_MODES = ("per_prompt", "per_group", "batch")
+B2_SELECTIONS = ("contrastive", "all")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class LearnerSpec:
     b2_threshold: float
     b2_neg_threshold: float | None  # None: -b2_threshold
     b2_history_epochs: int
+    b2_selection: str  # contrastive: best/worst leaf per group (§3.3); all: every leaf, train.advantage's advantages
     dpo_beta: float  # online trajectory DPO
     dpo_denoise_beta: float  # online Diffusion-DPO, denoising form
     dpo_noise_draws: int  # its (t, ε) draws per pair

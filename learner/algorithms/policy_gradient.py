@@ -27,7 +27,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from learner.advantages import batch_advantages, clip_advantages
+from learner.advantages import batch_advantages, clip_advantages, group_advantages
 from learner.algorithms.base import TrainState, UpdateInputs, UpdateResult
 from learner.losses import gaussian_kl, policy_gradient_loss, ppo_clip_loss
 from learner.schedules import linear_ramp
@@ -39,7 +39,7 @@ def advantages_for(state: TrainState, inputs: UpdateInputs, stats: dict) -> tupl
     """(selected sample indices, advantages float32 [N] clipped to ±adv_clip_max); updates the
     per-prompt statistics (or, with B², the z-score history)."""
     spec, prompts = state.spec, inputs.batch.prompts
-    if state.schedule is not None:
+    if state.schedule is not None and spec.b2_selection == "contrastive":
         # Contrastive selection: z-scores per prompt over this epoch's rewards and the last H epochs'
         # (the release's H stages of one sampling round each); per group the best leaf with z >= +th
         # and the worst with z < −th.
@@ -55,6 +55,8 @@ def advantages_for(state: TrainState, inputs: UpdateInputs, stats: dict) -> tupl
         selected = np.arange(len(prompts))
         if spec.advantage == "per_prompt":
             advantages = state.stat_tracker.update(prompts, inputs.rewards)
+        elif spec.advantage == "per_group":
+            advantages = group_advantages(inputs.groups, inputs.rewards)
         else:
             advantages = batch_advantages(inputs.rewards)
     return selected, clip_advantages(advantages, max_abs=spec.adv_clip_max)

@@ -97,6 +97,12 @@ def test_every_preset_is_valid():
          r"train.target_kl = 0.01 stops PPO/PG steps by their approx_kl, but train.algorithm = 'dpo' has none"),
         (BASE, ["train.target_kl=0"], r"train.target_kl = 0.0 is out of range: expected > 0"),
         (BASE, ["b2.neg_threshold=0.2"], r"b2.neg_threshold = 0.2 is out of range: expected <= 0"),
+        (BASE, ["b2.selection=top"],
+         r"b2.selection = 'top' is out of range: expected one of \['contrastive', 'all'\]"),
+        (BASE, ["train.advantage=group"],
+         r"train.advantage = 'group' is out of range: expected one of \['per_prompt', 'per_group', 'batch'\]"),
+        (BASE, ["b2.enabled=true", "b2.selection=all", "train.algorithm=dpo"],
+         r"b2.selection = 'all' trains every leaf .* train.algorithm = 'dpo'"),
         (BASE, ["epochs"], r"override 'epochs' is not of the form key=value"),
         (BASE, ["policy.lora_targets=to_q"], r"policy.lora_targets = 'to_q' has the wrong type: expected a list"),
         (BASE, ["policy.train_targets=[vae]"], r"policy.train_targets = \['vae'\]: expected a non-empty list .*'unet', 'text_encoder'"),
@@ -232,7 +238,8 @@ def test_actor_specs_are_built_from_the_config_sections_field_by_field():
 
     from_sections = {f.name for c in (PolicyConfig, SamplingConfig) for f in dataclasses.fields(c)}
     assert {f.name for f in dataclasses.fields(PolicySpec)} <= from_sections  # pretrained: resolved (tiny:sd -> dir)
-    explicit = {"max_staleness", "seed", "bpt", "b2_threshold", "b2_neg_threshold", "b2_history_epochs", "dpo_beta",
+    explicit = {"max_staleness", "seed", "bpt", "b2_threshold", "b2_neg_threshold", "b2_history_epochs", "b2_selection",
+                "dpo_beta",
                 "dpo_denoise_beta", "dpo_noise_draws", "rwr_weighting", "rwr_temperature", "rwr_noise_draws"}
     assert {f.name for f in dataclasses.fields(LearnerSpec)} - {f.name for f in dataclasses.fields(TrainConfig)} \
         == explicit

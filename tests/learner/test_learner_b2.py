@@ -91,6 +91,20 @@ def test_contrastive_selection_on_a_hand_made_table(policy_spec, branches):
     assert (stats["b2/n_positive"], stats["b2/n_negative"]) == (2, 0)
 
 
+def test_selection_all_trains_every_leaf_with_its_group_relative_advantage(policy_spec, branches):
+    """b2.selection = all with train.advantage = per_group (DanceGRPO's groups): all 8 leaves are trained,
+    each with its reward standardized within its branch group, and no z-score history is kept. By hand:
+    cat [0, 1, .2, .4]: mean .4, std sqrt(.14); dog [5, 5.1, 4, 5]: mean 4.775, std sqrt(.201875)."""
+    learner = Learner(policy_spec=policy_spec, spec=_spec(algorithm="pg", b2_selection="all",
+                                                          advantage="per_group"))
+    stats = learner.update(trajectories=[branches], rewards=[REWARDS], epoch=0)
+    assert stats["train/n_pairs"] == 8 * 2 and "b2/n_selected" not in stats  # every leaf x the 2 interval steps
+    cat = np.abs(np.array([0.0, 1.0, 0.2, 0.4]) - 0.4).sum() / np.sqrt(0.14)
+    dog = np.abs(np.array([5.0, 5.1, 4.0, 5.0]) - 4.775).sum() / np.sqrt(0.201875)
+    assert stats["train/advantage_abs_mean"] == pytest.approx((cat + dog) / 8, rel=1e-4)
+    assert learner.state.zscores.epochs == [] and learner.version == 1
+
+
 def test_the_z_score_window_keeps_sliding_after_the_schedule_s_last_stage(policy_spec, branches):
     """Epochs 5-7 all lie in the last stage (4); the history is keyed by epoch, so with H = 1 the z-scores
     of epoch 7 see epochs 6 and 7 only. Both hold the hand-made table shifted by +10, which gives the

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from learner.advantages import PerPromptStatTracker, batch_advantages, clip_advantages
+from learner.advantages import PerPromptStatTracker, batch_advantages, clip_advantages, group_advantages
 from learner.losses import gaussian_kl, policy_gradient_loss, ppo_clip_loss
 from learner.schedules import linear_ramp
 
@@ -76,6 +76,20 @@ def test_batch_advantages_and_clipping():
     adv = batch_advantages(np.array([0.0, 2.0]))
     np.testing.assert_allclose(adv, [-1.0, 1.0], rtol=1e-5)
     np.testing.assert_array_equal(clip_advantages(np.array([-9.0, 0.5, 9.0]), max_abs=5.0), [-5.0, 0.5, 5.0])
+
+
+def test_group_advantages_hand_values():
+    """Groups 7: [1, 3] (mean 2, std 1); 2: [0, 1, 2] (mean 1, std sqrt(2/3)); 5: one sample; 9: a tie."""
+    groups = np.array([7, 2, 7, 2, 2, 5, 9, 9])
+    rewards = np.array([1.0, 0.0, 3.0, 1.0, 2.0, 4.0, 0.5, 0.5])
+    s = math.sqrt(2 / 3)
+    np.testing.assert_allclose(group_advantages(groups, rewards), [-1, -1 / s, 1, 0, 1 / s, 0, 0, 0], rtol=1e-5)
+    assert group_advantages(groups, rewards).dtype == np.float32
+    # No history: the same rewards shifted by +100 give the same advantages (a stat tracker's would not).
+    np.testing.assert_allclose(group_advantages(groups, rewards + 100.0), group_advantages(groups, rewards),
+                               rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="same 1-D shape"):
+        group_advantages(groups[:3], rewards)
 
 
 def test_linear_ramp():
