@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 _RESIZE_MODES = ("shortest", "longest", "squash")
+TEXT_ROWS = 8  # rows of every text-tower call: fixed, so that an embedding does not depend on its batch
 
 
 def register_model_config(model: str, model_config: str | Path) -> None:
@@ -216,13 +217,21 @@ class ClipEncoder:
         """B prompts -> unit-norm text embeddings float32 [B, embed_dim] (CPU).
 
         Batches usually repeat each prompt (several samples per prompt), so each distinct prompt is
-        encoded once and gathered back into batch order.
+        encoded once and gathered back into batch order. The distinct prompts are encoded in calls of
+        exactly TEXT_ROWS rows (the last prompt repeated): the number of distinct prompts in a batch
+        varies with how it was merged, and the text tower's float result for a prompt moved in the
+        last bit with the row count of the call (measured on the shapes CLIP), so a prompt's embedding
+        would have depended on its neighbours.
         """
         if len(prompts) == 0:
             return torch.zeros(0, self.embed_dim)
         unique = list(dict.fromkeys(prompts))
-        tokens = self.tokenizer(unique).to(self.device)
-        feats = F.normalize(self.model.encode_text(tokens).float(), dim=-1).cpu()
+        parts = []
+        for start in range(0, len(unique), TEXT_ROWS):
+            chunk = unique[start:start + TEXT_ROWS]
+            tokens = self.tokenizer(chunk + [chunk[-1]] * (TEXT_ROWS - len(chunk))).to(self.device)
+            parts.append(self.model.encode_text(tokens).float()[:len(chunk)])
+        feats = F.normalize(torch.cat(parts), dim=-1).cpu()
         index = {prompt: i for i, prompt in enumerate(unique)}
         return feats[torch.tensor([index[p] for p in prompts])]
 

@@ -39,7 +39,7 @@ class RewardDeployment:
     """
 
     def __init__(self, *, reward: str, rewards: dict[str, dict], max_batch_size: int, batch_wait_timeout_s: float,
-                 limits: dict, forward_to: str | None = None):
+                 limits: dict, forward_to: str | None = None, pad_batches: bool = False):
         import torch
 
         from rewards.clip_encoder import EncoderCache
@@ -57,6 +57,7 @@ class RewardDeployment:
         self.encoders = encoders
         self._score_items.set_max_batch_size(max_batch_size)
         self._score_items.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.pad_to = max_batch_size if pad_batches else None  # fixed-shape model calls (ServeOptions)
         self.batches_run = 0
         self.items_failed = 0
         self.inflight_images = 0  # images of requests being decoded or scored here (HTTP and handle)
@@ -68,7 +69,7 @@ class RewardDeployment:
         gets its error as its result, so the other requests of the batch still get theirs."""
         start = time.perf_counter()
         # The model runs in a thread so the replica keeps accepting (and validating) requests.
-        results, failed = await asyncio.to_thread(score_batch, self.rewards, items)
+        results, failed = await asyncio.to_thread(score_batch, self.rewards, items, pad_to=self.pad_to)
         self.batches_run += 1
         self.items_failed += failed
         self.last_batch_s = time.perf_counter() - start
@@ -203,6 +204,7 @@ def build_reward_app(reward: str, options: dict, serve_options: ServeOptions, li
         rewards=colocated or {reward: options},
         max_batch_size=s.max_batch_size,
         batch_wait_timeout_s=s.batch_wait_timeout_s,
+        pad_batches=s.pad_batches,
         limits=asdict(limits or HttpLimits()),
         forward_to=forward_to,
     )

@@ -4,6 +4,12 @@ Items of the same reward and image size are scored by one model call. A failing 
 the other requests of the batch (``@serve.batch`` would hand its exception to every caller), so the
 items of that call are scored again one by one and each item that still fails gets its own
 ``ItemScoringError`` as its result: only the request that sent it fails.
+
+With ``pad_to`` every model call has that many rows, the last item repeated, and the copies' results are
+dropped: an item's score is then the same whatever the queue merged it with. Batched float kernels are
+not batch-size invariant (torch's CPU matmul takes other paths for a few rows; measured on the shapes
+CLIP: scores of batches of 1-4 images differ from those of 5-16 by up to 4e-8), and Serve's batches
+depend on timing, so without padding two runs of one config could train on different rewards.
 """
 
 from __future__ import annotations
@@ -32,14 +38,17 @@ def _rows(output: RewardOutput, count: int) -> list[dict]:
     } for row in range(count)]
 
 
-def _call(rewards: dict, reward: str, items: list[Item]) -> list[dict]:
-    output = rewards[reward](np.stack([item[1] for item in items]), [item[2] for item in items])
+def _call(rewards: dict, reward: str, items: list[Item], pad_to: int | None) -> list[dict]:
+    padded = items + [items[-1]] * (pad_to - len(items)) if pad_to is not None and len(items) < pad_to else items
+    output = rewards[reward](np.stack([item[1] for item in padded]), [item[2] for item in padded])
     return _rows(output, len(items))
 
 
-def score_batch(rewards: dict, items: list[Item]) -> tuple[list[dict | ItemScoringError], int]:
+def score_batch(rewards: dict, items: list[Item], *,
+                pad_to: int | None = None) -> tuple[list[dict | ItemScoringError], int]:
     """-> (one result per item: a row dict or the item's ``ItemScoringError``, the number of items that
-    failed). One model call per (reward, image size) group; a failing group falls back to single items."""
+    failed). One model call per (reward, image size) group, of ``pad_to`` rows when set; a failing group
+    falls back to single items."""
     results: list[dict | ItemScoringError | None] = [None] * len(items)
     groups: dict[tuple, list[int]] = {}
     for i, (reward, image, _) in enumerate(items):
@@ -47,12 +56,12 @@ def score_batch(rewards: dict, items: list[Item]) -> tuple[list[dict | ItemScori
     failed = 0
     for (reward, _), indices in groups.items():
         try:
-            rows = _call(rewards, reward, [items[i] for i in indices])
+            rows = _call(rewards, reward, [items[i] for i in indices], pad_to)
         except Exception:  # noqa: BLE001 - which item caused it is found below, one by one
             rows = []
             for i in indices:
                 try:
-                    rows.extend(_call(rewards, reward, [items[i]]))
+                    rows.extend(_call(rewards, reward, [items[i]], pad_to))
                 except Exception as err:  # noqa: BLE001 - reported to that item's request only
                     height, width = items[i][1].shape[:2]
                     rows.append(ItemScoringError(f"reward {reward!r} failed on this {width}x{height} image: "
