@@ -67,9 +67,9 @@ def test_the_shapes_clip_scores_an_image_alone_bit_for_bit_as_in_a_full_batch():
     prompts = ["two yellow squares", "a red circle", "a blue triangle left of a green circle"] * 8
     items = [("clip_score", image, prompt) for image, prompt in zip(images, prompts, strict=True)]
     full, _ = score_batch(rewards, items[:16], pad_to=16)
-    shuffled = [items[i] for i in (3, 20, 0, 17, 9, 22, 5, 18, 12, 1, 23, 7, 19, 14, 2, 21)]
-    mixed, _ = score_batch(rewards, shuffled, pad_to=16)
-    by_index = {i: row["score"] for i, row in zip((3, 20, 0, 17, 9, 22, 5, 18, 12, 1, 23, 7, 19, 14, 2, 21), mixed)}
+    order = (3, 20, 0, 17, 9, 22, 5, 18, 12, 1, 23, 7, 19, 14, 2, 21)
+    mixed, _ = score_batch(rewards, [items[i] for i in order], pad_to=16)
+    by_index = {i: row["score"] for i, row in zip(order, mixed, strict=True)}
     for i in range(4):
         alone, _ = score_batch(rewards, [items[i]], pad_to=16)
         assert alone[0]["score"] == full[i]["score"]
