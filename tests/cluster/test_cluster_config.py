@@ -97,6 +97,8 @@ def test_every_preset_is_valid():
          r"train.target_kl = 0.01 stops PPO/PG steps by their approx_kl, but train.algorithm = 'dpo' has none"),
         (BASE, ["train.target_kl=0"], r"train.target_kl = 0.0 is out of range: expected > 0"),
         (BASE, ["b2.neg_threshold=0.2"], r"b2.neg_threshold = 0.2 is out of range: expected <= 0"),
+        (BASE, ["rewards.jpeg_compressibility.serve.pad_batches=3"],
+         r"rewards.jpeg_compressibility.serve.pad_batches = 3 has the wrong type: expected bool, got int"),
         (BASE, ["b2.selection=top"],
          r"b2.selection = 'top' is out of range: expected one of \['contrastive', 'all'\]"),
         (BASE, ["train.advantage=group"],
