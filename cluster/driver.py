@@ -220,10 +220,9 @@ class Driver:
         return record_files(self.config, pretrained=self.pretrained,
                             progress={"epoch": epoch, "policy_version": policy_version})
 
-    def export_lora(self) -> Path:
-        files = self.learner.export_lora()
-        files.update(self.lora_record(epoch=self.completed_epochs, policy_version=self.version))
-        out = self.run_dir / "lora"
+    def export_lora(self, out: Path | None = None) -> Path:
+        files = {**self.learner.export_lora(), **self.lora_record(epoch=self.completed_epochs, policy_version=self.version)}
+        out = out or self.run_dir / "lora"
         out.mkdir(parents=True, exist_ok=True)
         for name, data in files.items():
             (out / name).write_bytes(data)
@@ -380,7 +379,8 @@ class Driver:
             writer.write(row)
             self.rows.append(writer.rows[-1])
             if evaluation is not None:  # after the row: W&B ignores a step lower than one it has logged
-                save_eval(evaluation, run_dir=self.run_dir, updates=epoch + 1, writer=writer)
+                self.evaluator.record(evaluation, run_dir=self.run_dir, updates=epoch + 1, writer=writer,
+                                      export=self.export_lora)
             if self._checkpoint_due():
                 self.save_checkpoint()
             progress.update(1)

@@ -142,6 +142,10 @@ class EvaluationConfig:
         "parse": _switch(), "doc": "the clip_score reward (evaluation or training) for eval/recall_at_1/<set>; null: clip_score if "
                "configured, else off; off: no recall metric"})
     guard: HackingGuardConfig = field(default_factory=HackingGuardConfig)
+    keep_best: str | None = field(default=None, metadata={
+        "doc": "a metric the evaluation writes (e.g. eval/gold_val): the adapter of the evaluation with its "
+               "highest value is kept in best_lora/ (cluster/best_adapter.py); read it on a validation draw, "
+               "not on the images you report; null: off"})
 
     @property
     def recall(self) -> str | None:
@@ -231,7 +235,8 @@ def validate_evaluation(evaluation: EvaluationConfig, *, train_rewards: dict[str
                           f"metric, but evaluation.rewards is empty; add a gold reward (e.g. evaluation.rewards: "
                           f"{{shapes_judge: {{}}}}) or set evaluation.guard.action=off")
     names = eval_metric_names(evaluation, train_rewards=train_rewards)
-    for key, value in (("metric", guard.metric), ("train_metric", guard.train_metric)):
+    for key, value in (("guard.metric", guard.metric), ("guard.train_metric", guard.train_metric),
+                       ("keep_best", evaluation.keep_best)):
         if value is not None and value not in names:
-            raise ConfigError(f"evaluation.guard.{key} = {value!r} is not a metric the evaluation writes; "
+            raise ConfigError(f"evaluation.{key} = {value!r} is not a metric the evaluation writes; "
                               f"expected one of {names}")

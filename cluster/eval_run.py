@@ -9,10 +9,13 @@ it is due and acts on the guard's alarm.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from pathlib import Path
 
+from cluster.best_adapter import keep_if_best
 from cluster.config import Config
 from cluster.errors import reward_failure
-from cluster.evaluation import EvalResult, eval_candidates, eval_jobs, eval_result
+from cluster.evaluation import EvalResult, eval_candidates, eval_jobs, eval_result, save_eval
 from cluster.hacking_guard import INITIAL, HackingGuard
 from cluster.samplers import EpochBatch
 from cluster.specs import evaluation_in_process
@@ -81,6 +84,16 @@ class Evaluator:
             alarm = self.guard.observe(row)
             row[ALARM] = int(alarm is not None)
         return result, alarm
+
+    def record(self, result: EvalResult, *, run_dir: Path, updates: int, writer,
+               export: Callable[[Path], object]) -> None:
+        """Saves an evaluation after ``updates`` updates (its grid and per-image JSON, the grid to the
+        writer's sinks) and, with ``evaluation.keep_best``, keeps the adapter if it is the best so far
+        (``export(directory)`` writes it)."""
+        save_eval(result, run_dir=run_dir, updates=updates, writer=writer)
+        if self.config.evaluation.keep_best:
+            keep_if_best(run_dir, metric=self.config.evaluation.keep_best, metrics=result.metrics,
+                         updates=updates, export=export)
 
     def restore(self, rows: list[dict]) -> None:
         """The guard's state after a resumed run's rows (it replays their evaluations)."""

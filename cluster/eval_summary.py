@@ -14,6 +14,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cluster.best_adapter import BEST_DIR, best_record
 from cluster.eval_metrics import mean_and_se
 
 SUMMARY_FILE = "eval_summary.json"
@@ -76,4 +77,8 @@ def summarise_run(run_dir: Path, *, gold: str) -> list[str]:
     summary = paired_summary(json.loads(by_updates[0].read_text()), json.loads(by_updates[updates].read_text()), gold=gold)
     (Path(run_dir) / SUMMARY_FILE).write_text(json.dumps(
         {"gold": gold, "updates": updates, "sets": {name: asdict(s) for name, s in summary.items()}}, indent=1))
-    return summary_lines(summary, gold=gold, updates=updates)
+    lines = summary_lines(summary, gold=gold, updates=updates)
+    if (best := best_record(run_dir)) is not None:  # evaluation.keep_best
+        lines.append(f"best adapter: {Path(run_dir) / BEST_DIR} ({best['metric']} {best['value']:.4g} after "
+                     f"{best['updates']} updates)")
+    return lines

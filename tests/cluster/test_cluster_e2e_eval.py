@@ -39,7 +39,7 @@ def test_the_guard_stops_a_run_that_games_its_reward_after_a_checkpoint(ray_loca
         "evaluation.prompts={seen: [a cat, a dog], heldout: [a zebra]}",
         "evaluation.rewards={jpeg_incompressibility: {}}", "evaluation.guard.action=stop",
         f"evaluation.guard.patience={PATIENCE}", "evaluation.guard.metric=eval/gold_seen",
-        "evaluation.guard.train_metric=eval/reward_mean/seen"])
+        "evaluation.guard.train_metric=eval/reward_mean/seen", "evaluation.keep_best=eval/gold_seen"])
     messages = []
     with pytest.raises(RewardHackingError) as info:
         train(config, output_dir=str(tmp_path / "run"), log=messages.append)
@@ -63,6 +63,14 @@ def test_the_guard_stops_a_run_that_games_its_reward_after_a_checkpoint(ray_loca
     assert "eval/gold_seen_initial" in rows[0] and "eval/reward_mean_initial" in rows[0]
     gold = [rows[0]["eval/gold_seen_initial"]] + [r["eval/gold_seen"] for r in rows]
     assert all(b < a for a, b in zip(gold[-PATIENCE - 1:-1], gold[-PATIENCE:], strict=True)), gold
+
+    # evaluation.keep_best: the adapter of the evaluation with the highest gold on "seen" is in best_lora/.
+    best_at = max(range(stopped), key=lambda i: rows[i]["eval/gold_seen"])
+    best = json.loads((tmp_path / "run" / "best_lora" / "best.json").read_text())
+    assert best == {"metric": "eval/gold_seen", "value": rows[best_at]["eval/gold_seen"], "updates": best_at + 1}
+    record = json.loads((tmp_path / "run" / "best_lora" / "gard_adapter.json").read_text())
+    assert record["epoch"] == best_at + 1
+    assert (tmp_path / "run" / "best_lora" / "pytorch_lora_weights.safetensors").stat().st_size > 0
 
     # The checkpoint before stopping holds every completed epoch; a resume rebuilds the alarmed guard.
     checkpoint = load_checkpoint(latest_checkpoint(tmp_path / "run"))

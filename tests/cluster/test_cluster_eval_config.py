@@ -77,6 +77,9 @@ def test_prompt_sets_list_form_named_sets_files_and_the_default(tmp_path):
     (BASE + "evaluation:\n  rewards: {jpeg_incompressibility: {}}\n  guard: {action: warn, metric: eval/gold_heldout}\n",
      [], r"evaluation.guard.metric = 'eval/gold_heldout' is not a metric the evaluation writes; expected one of "
          r"\[.*'eval/jpeg_incompressibility/all', 'eval/gold_all'"),
+    (BASE + "evaluation:\n  rewards: {jpeg_incompressibility: {}}\n", ["evaluation.keep_best=eval/gold_val"],
+     r"evaluation.keep_best = 'eval/gold_val' is not a metric the evaluation writes; expected one of "
+     r"\[.*'eval/gold_all'"),
     (BASE + "evaluation:\n  rewards: {jpeg_incompressibility: {}}\n", ["evaluation.guard.train_metric=reward/mean"],
      r"evaluation.guard.train_metric = 'reward/mean' is not a metric the evaluation writes"),
     (BASE, ["evaluation.guard.action=always"], r"evaluation.guard.action = 'always' is out of range: expected one of "
