@@ -70,6 +70,8 @@ class Aesthetic:
     """
 
     name = "aesthetic"
+    # Batched float kernels: a score moves with the row count of the call (serve.pad_batches pads it).
+    batch_shape_sensitive = True
 
     def __init__(
         self,

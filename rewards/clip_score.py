@@ -21,6 +21,8 @@ class ClipScore:
     """
 
     name = "clip_score"
+    # Batched float kernels: a score moves with the row count of the call (serve.pad_batches pads it).
+    batch_shape_sensitive = True
 
     def __init__(
         self,

@@ -5,8 +5,11 @@ the other requests of the batch (``@serve.batch`` would hand its exception to ev
 items of that call are scored again one by one and each item that still fails gets its own
 ``ItemScoringError`` as its result: only the request that sent it fails.
 
-With ``pad_to`` every model call has that many rows, the last item repeated, and the copies' results are
-dropped: an item's score is then the same whatever the queue merged it with. Batched float kernels are
+With ``pad_to``, every call of a reward that declares ``batch_shape_sensitive`` (the CLIP-based ones) has
+that many rows, the last item repeated, and the copies' results are dropped: an item's score is then the
+same whatever the queue merged it with. Others are not padded: per-image rewards (JPEG, the judge) do not
+need it, and a padded row of LLaVA's captioner costs a whole generation while vLLM's batching is not
+batch-invariant anyway. Batched float kernels are
 not batch-size invariant (torch's CPU matmul takes other paths for a few rows; measured on the shapes
 CLIP: scores of batches of 1-4 images differ from those of 5-16 by up to 4e-8), and Serve's batches
 depend on timing, so without padding two runs of one config could train on different rewards.
@@ -39,16 +42,18 @@ def _rows(output: RewardOutput, count: int) -> list[dict]:
 
 
 def _call(rewards: dict, reward: str, items: list[Item], pad_to: int | None) -> list[dict]:
-    padded = items + [items[-1]] * (pad_to - len(items)) if pad_to is not None and len(items) < pad_to else items
-    output = rewards[reward](np.stack([item[1] for item in padded]), [item[2] for item in padded])
+    model = rewards[reward]
+    pad = (pad_to or 0) - len(items) if getattr(model, "batch_shape_sensitive", False) else 0
+    padded = items + [items[-1]] * max(pad, 0)
+    output = model(np.stack([item[1] for item in padded]), [item[2] for item in padded])
     return _rows(output, len(items))
 
 
 def score_batch(rewards: dict, items: list[Item], *,
                 pad_to: int | None = None) -> tuple[list[dict | ItemScoringError], int]:
     """-> (one result per item: a row dict or the item's ``ItemScoringError``, the number of items that
-    failed). One model call per (reward, image size) group, of ``pad_to`` rows when set; a failing group
-    falls back to single items."""
+    failed). One model call per (reward, image size) group, of ``pad_to`` rows when set and the reward is
+    batch-shape sensitive; a failing group falls back to single items."""
     results: list[dict | ItemScoringError | None] = [None] * len(items)
     groups: dict[tuple, list[int]] = {}
     for i, (reward, image, _) in enumerate(items):

@@ -14,7 +14,9 @@ torch.set_num_threads(1)
 
 class _RowsSensitive:
     """Mean pixel + 1e-3 x the number of rows of the call: a model whose result depends on the batch shape
-    by construction; records the row count of every call. A prompt "boom" makes the call raise."""
+    by construction (and says so); records the row count of every call. A prompt "boom" makes it raise."""
+
+    batch_shape_sensitive = True
 
     def __init__(self):
         self.calls: list[int] = []
@@ -75,3 +77,15 @@ def test_the_shapes_clip_scores_an_image_alone_bit_for_bit_as_in_a_full_batch():
         assert alone[0]["score"] == full[i]["score"]
         np.testing.assert_array_equal(alone[0]["embeddings"]["image"], full[i]["embeddings"]["image"])
     assert all(by_index[i] == full[i]["score"] for i in by_index if i < 16)
+
+
+def test_a_reward_that_is_not_batch_shape_sensitive_is_not_padded():
+    """A per-image reward (or LLaVA's captioner, where a padded row costs a whole generation) runs on the
+    items it was given."""
+
+    class PerImage(_RowsSensitive):
+        batch_shape_sensitive = False
+
+    reward = PerImage()
+    results, _ = score_batch({"r": reward}, _items(3), pad_to=8)
+    assert reward.calls == [3] and len(results) == 3
