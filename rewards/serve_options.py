@@ -13,10 +13,10 @@ class ServeOptions:
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.01
     # Every call of a batch-shape-sensitive reward (CLIP-based) gets max_batch_size rows (the last item
-    # repeated), so an item's score does not
-    # depend on how the queue happened to batch it: torch's CPU kernels take other paths for small
-    # batches (the shapes CLIP's scores of batches of 1-4 differ from larger ones in the last bit), which
-    # made two runs of one config differ with timing. Costs compute only when batches are not full.
+    # repeated), so an item's score does not depend on how the queue happened to batch it: torch's CPU
+    # kernels take other paths for small batches (the shapes CLIP's scores of batches of 1-4 differ from
+    # larger ones in the last bit), which made two runs of one config differ with timing. Costs compute
+    # only when batches are not full.
     pad_batches: bool = True
     min_replicas: int = 1
     max_replicas: int = 1
