@@ -1,5 +1,5 @@
 """``gard`` command line: ``gard train CONFIG [--output-dir DIR] [key=value ...]``, ``gard eval``, ``gard
-dpo``, ``gard serve``, ``gard fuse-lora`` and ``gard testbed``.
+compare``, ``gard dpo``, ``gard serve``, ``gard fuse-lora`` and ``gard testbed``.
 
 The same entry point runs locally (a local Ray bound to 127.0.0.1) and on a cluster as
 ``ray job submit --working-dir . -- python -m cluster train CONFIG`` (it connects to the job's Ray).
@@ -30,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
               gard train configs/jpeg_demo.yaml epochs=60 --output-dir runs/try --resume auto
               gard eval runs/try --config configs/jpeg_demo.yaml
               gard eval --config configs/jpeg_demo.yaml evaluation.images_per_prompt=8
+              gard compare runs/demo_s0 runs/demo_s1 runs/demo_s2 --by-prompt
               ray job submit --working-dir . -- python -m cluster train configs/sd15_aesthetic.yaml
               gard fuse-lora --out runs/fused runs/aesthetic/lora:0.7 runs/texforce/lora:0.3
               gard plan configs/sd15_aesthetic.yaml --gpus 8 --costs benchmarks/costs/sd15_h100.json
@@ -62,6 +63,17 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output-dir", default=None, metavar="DIR",
                           help="where to write (default: RUN/eval for a run directory, else runs/eval-NAME-TIME)")
     evaluate.add_argument("--overwrite", action="store_true", help="replace an earlier eval_metrics.json there")
+    compare = sub.add_parser(
+        "compare", help="runs' gold gains side by side, with their mean and spread over the runs",
+        description="Per evaluation set (split into the prompts each run trained on and the others where a "
+                    "set mixes them): each run's gold gain from its first evaluation to its newest, paired "
+                    "image by image ± its s.e., then the mean and standard deviation over the runs "
+                    "(cluster/eval_compare.py). Prints a markdown table; reads the runs, starts nothing.")
+    compare.add_argument("runs", nargs="+", metavar="RUN", help="run directories written by gard train")
+    compare.add_argument("--updates", type=int, default=None,
+                         help="compare the evaluations after this many updates (default: each run's newest)")
+    compare.add_argument("--by-prompt", action="store_true", help="add a row per prompt")
+    compare.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")
     serve_cmd = sub.add_parser(
         "serve", help="serve a config's rewards as Ray Serve applications until interrupted",
         description="Start one Serve application per reward of CONFIG (HTTP: POST /<reward>) on local Ray "
@@ -127,6 +139,25 @@ def _fuse_lora(parser: argparse.ArgumentParser, args: argparse.Namespace, extra:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    """``gard compare``: no config and no Ray; an unreadable run prints one paragraph and exits 2."""
+    import json
+    from pathlib import Path
+
+    from cluster.eval_compare import CompareError, compare_runs, comparison_json, comparison_table, load_run
+
+    try:
+        runs = [load_run(Path(run), updates=args.updates) for run in args.runs]
+        rows, same_base = compare_runs(runs, by_prompt=args.by_prompt)
+    except CompareError as err:
+        print(f"gard: error: {err}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    print(comparison_table(runs, rows, same_base=same_base))
+    if args.json:
+        Path(args.json).write_text(json.dumps(comparison_json(runs, rows, same_base=same_base), indent=1))
+    return 0
+
+
 def _user_error(err: BaseException) -> BaseException | None:
     """The user-facing error inside ``err`` (Ray wraps actor exceptions), or None for a real bug."""
     from actors.policy import AdapterBindingError
@@ -153,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if args.command == "fuse-lora":
         return _fuse_lora(parser, args, extra)
+    if args.command == "compare":
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return _compare(args)
     if args.command == "testbed":
         from testbed.build.cli import main as build_main
 
