@@ -73,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--updates", type=int, default=None,
                          help="compare the evaluations after this many updates (default: each run's newest)")
     compare.add_argument("--by-prompt", action="store_true", help="add a row per prompt")
+    compare.add_argument("--split-by", default=None, metavar="PROMPT_FILE",
+                         help="split the sets by this file's prompts (one per line) instead of each run's "
+                              "training prompts, so runs trained on different prompts get the same parts")
     compare.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")
     serve_cmd = sub.add_parser(
         "serve", help="serve a config's rewards as Ray Serve applications until interrupted",
@@ -144,15 +147,23 @@ def _compare(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from cluster.eval_compare import CompareError, compare_runs, comparison_json, comparison_table, load_run
+    from cluster.eval_compare import (
+        CompareError,
+        compare_runs,
+        comparison_json,
+        comparison_table,
+        load_run,
+        read_prompt_list,
+    )
 
     try:
-        runs = [load_run(Path(run), updates=args.updates) for run in args.runs]
+        split = None if args.split_by is None else read_prompt_list(Path(args.split_by))
+        runs = [load_run(Path(run), updates=args.updates, split_prompts=split) for run in args.runs]
         rows, same_base = compare_runs(runs, by_prompt=args.by_prompt)
     except CompareError as err:
         print(f"gard: error: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    print(comparison_table(runs, rows, same_base=same_base))
+    print(comparison_table(runs, rows, same_base=same_base, split_by=args.split_by))
     if args.json:
         Path(args.json).write_text(json.dumps(comparison_json(runs, rows, same_base=same_base), indent=1))
     return 0

@@ -46,8 +46,10 @@ class RunEvaluation:
     train_prompts: frozenset[str]
 
 
-def load_run(run_dir: Path, *, updates: int | None = None) -> RunEvaluation:
-    """The run's evaluation before training and its newest one (or the one after ``updates`` steps)."""
+def load_run(run_dir: Path, *, updates: int | None = None, split_prompts: list[str] | None = None) -> RunEvaluation:
+    """The run's evaluation before training and its newest one (or the one after ``updates`` steps).
+    ``split_prompts``: the prompts that count as "trained" in place of the run's own training prompts,
+    so that runs trained on different prompts are split into the same parts."""
     run_dir = Path(run_dir)
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
@@ -66,7 +68,7 @@ def load_run(run_dir: Path, *, updates: int | None = None) -> RunEvaluation:
     chosen = later[-1] if updates is None else updates
     if chosen not in later:
         raise CompareError(f"{str(run_dir)!r} has no evaluation after {updates} updates; it has {later}")
-    train = (config.get("prompts") or {}).get("train") or []
+    train = (config.get("prompts") or {}).get("train") or [] if split_prompts is None else split_prompts
     before, after = (json.loads(found[k].read_text()) for k in (0, chosen))
     try:
         paired_summary(before, after, gold=gold)  # the same images in the same order on both sides
@@ -74,6 +76,18 @@ def load_run(run_dir: Path, *, updates: int | None = None) -> RunEvaluation:
         raise CompareError(f"{str(run_dir)!r}, evaluations after 0 and {chosen} updates: {err}") from None
     return RunEvaluation(name=run_dir.name, before=before, after=after, updates=chosen, gold=gold,
                          train_prompts=frozenset(train))
+
+
+def read_prompt_list(path: Path) -> list[str]:
+    """The prompts of a prompt file (one per line; blank lines and # comments skipped)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise CompareError(f"--split-by {str(path)!r}: cannot be read as a UTF-8 prompt file ({err})") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    if not prompts:
+        raise CompareError(f"--split-by {str(path)!r} holds no prompts (one prompt per line expected)")
+    return prompts
 
 
 def _parts(run: RunEvaluation, *, by_prompt: bool) -> dict[str, tuple[list[dict], list[dict]]]:
@@ -145,12 +159,15 @@ def _cell(value: float, spread: float) -> str:
     return f"{value:+.3f}" if math.isnan(spread) else f"{value:+.3f} ± {spread:.3f}"
 
 
-def comparison_table(runs: list[RunEvaluation], rows: list[ComparedRow], *, same_base: bool) -> str:
-    """A markdown table: base accuracy, each run's gain ± its paired s.e., the mean ± std over runs."""
+def comparison_table(runs: list[RunEvaluation], rows: list[ComparedRow], *, same_base: bool,
+                     split_by: str | None = None) -> str:
+    """A markdown table: base accuracy, each run's gain ± its paired s.e., the mean ± std over runs.
+    ``split_by``: the file whose prompts stood for the runs' training prompts, if any."""
     head = ["evaluation set", "images", "base", *(f"{r.name} (after {r.updates})" for r in runs),
             "mean ± std over runs"]
-    lines = [f"gold: {runs[0].gold}; gain paired image by image ± its s.e.; \"[trained]\" / \"[other]\": the "
-             f"set's prompts the run trained on / did not",
+    parts = (f"the set's prompts listed in {split_by} / the others" if split_by
+             else "the set's prompts the run trained on / did not")
+    lines = [f"gold: {runs[0].gold}; gain paired image by image ± its s.e.; \"[trained]\" / \"[other]\": {parts}",
              "every run's base evaluation is the same images with the same verdicts" if same_base else
              "the runs' base evaluations differ (another evaluation seed or set): each gain is paired within its run",
              "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]

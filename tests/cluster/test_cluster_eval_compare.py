@@ -107,3 +107,23 @@ def test_the_command_prints_the_table_and_refuses_a_bad_run_with_exit_2(tmp_path
     assert main(["compare", str(a), str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("gard: error: ") and "nope' is not a run directory" in err and "Traceback" not in err
+
+
+def test_split_by_a_prompt_file_gives_runs_with_other_training_prompts_the_same_parts(tmp_path, capsys):
+    a = _run(tmp_path, "a", {0: BASE, 10: [1, 1, 1, 0, 1, 1]}, train=("p0",))
+    b = _run(tmp_path, "b", {0: BASE, 10: [1, 1, 0, 0, 1, 1]}, train=())
+    split = tmp_path / "split.txt"
+    split.write_text("# comment\np1\n\n")
+    assert main(["compare", str(a), str(b), "--split-by", str(split)]) == 0
+    printed = capsys.readouterr().out
+    assert "listed in" in printed and "split.txt / the others" in printed
+    # p1 counts as "trained" for both runs now: a 0,0 -> 1,0 (+1/2), b 0,0 -> 0,0 (0).
+    assert "| s [trained] | 2 | 0.000 | +0.500 ± 0.500 | +0.000 ± 0.000 | +0.250 ± 0.354 |" in printed
+    # p0: a 0,1 -> 1,1 (+1/2), b the same.
+    assert "| s [other] | 2 | 0.500 | +0.500 ± 0.500 | +0.500 ± 0.500 | +0.500 ± 0.000 |" in printed
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n")
+    assert main(["compare", str(a), "--split-by", str(empty)]) == 2
+    assert "empty.txt' holds no prompts" in capsys.readouterr().err
+    assert main(["compare", str(a), "--split-by", str(tmp_path / "absent.txt")]) == 2
+    assert "absent.txt': cannot be read as a UTF-8 prompt file" in capsys.readouterr().err
