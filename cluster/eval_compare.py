@@ -90,19 +90,20 @@ def read_prompt_list(path: Path) -> list[str]:
     return prompts
 
 
-def _parts(run: RunEvaluation, *, by_prompt: bool) -> dict[str, tuple[list[dict], list[dict]]]:
-    """{row label: (before items, after items)}, per set in first-seen order: the set; its trained and
-    its other prompts (the parts that hold any); with ``by_prompt`` each prompt ("(trained)" if it is one)."""
-    sets: dict[str, dict[str, tuple[list[dict], list[dict]]]] = {}
+def _parts(run: RunEvaluation, *, by_prompt: bool) -> dict[str, tuple[list[dict], list[dict], str | None]]:
+    """{row label: (before items, after items, the prompt of a prompt's row else None)}, per set in
+    first-seen order: the set; its trained and its other prompts (the parts that hold any); with
+    ``by_prompt`` each prompt, as "<set> / <prompt>"."""
+    sets: dict[str, dict[str, tuple[list[dict], list[dict], str | None]]] = {}
     for b, a in zip(run.before, run.after, strict=True):
         name = b.get("set", "all")
         trained = b["prompt"] in run.train_prompts
-        rows = sets.setdefault(name, {name: ([], []), f"{name} [trained]": ([], []), f"{name} [other]": ([], [])})
-        labels = [name, f"{name} [{'trained' if trained else 'other'}]"]
+        rows = sets.setdefault(name, {label: ([], [], None) for label in (name, f"{name} [trained]", f"{name} [other]")})
+        labels = [(name, None), (f"{name} [{'trained' if trained else 'other'}]", None)]
         if by_prompt:
-            labels.append(f"{name} / {b['prompt']}{' (trained)' if trained else ''}")
-        for label in labels:
-            rows.setdefault(label, ([], []))
+            labels.append((f"{name} / {b['prompt']}", b["prompt"]))
+        for label, prompt in labels:
+            rows.setdefault(label, ([], [], prompt))
             rows[label][0].append(b)
             rows[label][1].append(a)
     return {label: items for rows in sets.values() for label, items in rows.items() if items[0]}
@@ -135,8 +136,11 @@ def compare_runs(runs: list[RunEvaluation], *, by_prompt: bool = False) -> tuple
     golds = {run.gold for run in runs}
     if len(golds) > 1:
         raise CompareError(f"the runs' gold rewards differ ({sorted(golds)}); their verdicts are not comparable")
-    per_run = [{label: _summary(label, *items, run.gold) for label, items in _parts(run, by_prompt=by_prompt).items()}
-               for run in runs]
+    per_run, prompt_of = [], {}
+    for run in runs:
+        parts = _parts(run, by_prompt=by_prompt)
+        per_run.append({label: _summary(label, before, after, run.gold) for label, (before, after, _) in parts.items()})
+        prompt_of.update({label: prompt for label, (_, _, prompt) in parts.items() if prompt is not None})
     # A set's [trained] / [other] rows are shown when some run trained on part of it (for a run that trained
     # on none of it, "[other]" is the whole set, so runs with other training prompts stay comparable).
     mixed = {label.removesuffix(" [trained]") for summaries in per_run for label in summaries
@@ -146,6 +150,9 @@ def compare_runs(runs: list[RunEvaluation], *, by_prompt: bool = False) -> tuple
     rows = []
     for label in labels:
         gains = [summaries.get(label) for summaries in per_run]
+        if label in prompt_of:  # a prompt's row says whether the runs that have it trained on it
+            trained = [prompt_of[label] in run.train_prompts for run, g in zip(runs, gains, strict=True) if g is not None]
+            label += " (trained)" if all(trained) else " (trained by some)" if any(trained) else ""
         present = [g.gain for g in gains if g is not None]
         ns, bases = [g.n for g in gains if g is not None], [g.before for g in gains if g is not None]
         rows.append(ComparedRow(label=label, n=(min(ns), max(ns)), base=(min(bases), max(bases)), gains=gains,

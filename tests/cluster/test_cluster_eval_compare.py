@@ -75,6 +75,10 @@ def test_an_earlier_evaluation_and_runs_with_other_base_images(tmp_path):
     table = comparison_table(runs, rows, same_base=same_base)
     assert "| s [other] | 2-4 | 0.000-0.500 |" in table and "each gain is paired within its run" in table
     assert "(after 5)" in table
+    # Per prompt, one row for both runs: p0 was trained by a only, p1 by neither.
+    labels = [r.label for r in compare_runs(runs, by_prompt=True)[0]]
+    assert "s / p0 (trained by some)" in labels and "s / p1" in labels and "t / p2" in labels
+    assert len(labels) == len(set(labels)) == 7
 
 
 def test_runs_that_cannot_be_compared_are_named(tmp_path):
