@@ -320,3 +320,16 @@ def test_the_b2_preset_is_the_ddpo_preset_on_groups_that_share_x_T():
     assert differing == {"batch_size", "batches_per_sampler"}
     assert b2.evaluation.every == b2.epochs  # one evaluation before training, one after
     assert dataclasses.replace(b2.evaluation, every=demo.evaluation.every) == demo.evaluation
+
+
+def test_the_heldout_preset_is_the_demo_trained_on_all_twelve_held_out_prompts():
+    """configs/shapes_dpo_heldout.yaml (BENCHMARKS, "Trained on all 12 held-out prompts") is `make demo`'s
+    job with the 12 held-out prompts as its training prompts: its gains are paired against the demo's base
+    images only if nothing else differs."""
+    demo = load_config(REPO / "configs" / "shapes_dpo_yellow.yaml")
+    heldout = load_config(REPO / "configs" / "shapes_dpo_heldout.yaml")
+    assert heldout.prompts.train == demo.evaluation.prompts["heldout"] and len(heldout.prompts.train) == 12
+    assert set(demo.prompts.train) < set(heldout.prompts.train)
+    for section in ("policy", "sampling", "train", "dpo", "rewards", "evaluation", "cluster"):
+        assert getattr(heldout, section) == getattr(demo, section), section
+    assert (heldout.seed, heldout.epochs) == (demo.seed, demo.epochs)
