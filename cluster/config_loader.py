@@ -155,13 +155,18 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def prompt_lines(text: str) -> list[str]:
+    """The prompts of a prompt file's text: one per line, blank lines and # comments skipped."""
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
 def _read_prompt_file(field_path: str, file: str, base_dir: Path) -> list[str]:
     candidates = [Path(file), base_dir / file]
     found = next((p for p in candidates if p.is_file()), None)
     if found is None:
         raise ConfigError(f"{field_path} = {file!r}: no such prompt file (one prompt per line expected)")
     text = _read_text(found, f"{field_path} file")
-    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    prompts = prompt_lines(text)
     if not prompts:
         raise ConfigError(f"{field_path} = {file!r}: {str(found)!r} holds no prompts (one prompt per line; "
                           f"blank lines and # comments are skipped)")

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from cluster.config_loader import prompt_lines
 from cluster.eval_summary import SetSummary, paired_summary
 
 
@@ -68,7 +69,7 @@ def load_run(run_dir: Path, *, updates: int | None = None, split_prompts: list[s
     chosen = later[-1] if updates is None else updates
     if chosen not in later:
         raise CompareError(f"{str(run_dir)!r} has no evaluation after {updates} updates; it has {later}")
-    train = (config.get("prompts") or {}).get("train") or [] if split_prompts is None else split_prompts
+    train = ((config.get("prompts") or {}).get("train") or []) if split_prompts is None else split_prompts
     before, after = (json.loads(found[k].read_text()) for k in (0, chosen))
     try:
         paired_summary(before, after, gold=gold)  # the same images in the same order on both sides
@@ -79,12 +80,12 @@ def load_run(run_dir: Path, *, updates: int | None = None, split_prompts: list[s
 
 
 def read_prompt_list(path: Path) -> list[str]:
-    """The prompts of a prompt file (one per line; blank lines and # comments skipped)."""
+    """The prompts of a prompt file, read as the config loader reads one."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise CompareError(f"--split-by {str(path)!r}: cannot be read as a UTF-8 prompt file ({err})") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    prompts = prompt_lines(text)
     if not prompts:
         raise CompareError(f"--split-by {str(path)!r} holds no prompts (one prompt per line expected)")
     return prompts
