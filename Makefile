@@ -21,7 +21,7 @@ $(VENV)/.gard-setup-done: pyproject.toml tools/setup_env.sh tools/torchvision_cp
 # The default job: the shapes world's pipeline trained on its reward CLIP to draw a combination its UNet
 # never saw (yellow squares), judged by the ground truth (README, "The default job").
 demo: setup
-	$(VENV)/bin/gard train configs/shapes_dpo_yellow.yaml --output-dir runs/demo --resume never
+	$(VENV)/bin/gard train configs/shapes_dpo_heldout.yaml --output-dir runs/demo --resume never
 
 test: setup
 	$(PY) -m pytest -q -x --durations=30

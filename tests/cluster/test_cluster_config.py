@@ -275,27 +275,28 @@ def test_make_demo_trains_a_held_out_combination_judged_on_every_prompt_set():
     for prompt in config.prompts.train:
         assert set(parse_caption(prompt).kinds) & HELD_OUT, prompt
     sets = config.evaluation.prompts
-    assert sets["yellow"] == config.prompts.train
+    assert sets["heldout"] == config.prompts.train  # every prompt with a held-out kind, all caption families
+    assert set(sets["yellow"]) < set(config.prompts.train)  # the yellow squares: a subset, also shown apart
     assert all(set(parse_caption(p).kinds) & HELD_OUT for p in sets["heldout"]) and len(sets["heldout"]) == 12
     assert not any(set(parse_caption(p).kinds) & HELD_OUT for p in sets["seen"]) and len(sets["seen"]) == 18
     assert config.evaluation.every == config.epochs  # one evaluation before, one after: the printed gains
 
 
 def test_the_ddpo_preset_is_judged_on_the_demos_images():
-    """configs/shapes_ddpo_yellow.yaml is the demo's DDPO counterpart (BENCHMARKS, "DDPO on the yellow squares"):
-    its gains are paired against the same base images as `make demo`'s only if it trains the same prompts from
-    the same pipeline and reward, and samples and evaluates exactly as the demo does; only the method and the
-    number of samples per epoch differ."""
-    demo = load_config(REPO / "configs" / "shapes_dpo_yellow.yaml")
+    """configs/shapes_ddpo_yellow.yaml is the yellow preset's DDPO counterpart (BENCHMARKS, "DDPO on the yellow
+    squares"): its gains are paired against the same base images as the yellow preset's (and `make demo`'s)
+    only if it trains the same prompts from the same pipeline and reward, and samples and evaluates exactly as
+    the yellow preset does; only the method and the number of samples per epoch differ."""
+    yellow = load_config(REPO / "configs" / "shapes_dpo_yellow.yaml")
     ddpo = load_config(REPO / "configs" / "shapes_ddpo_yellow.yaml")
-    assert (demo.train.algorithm, ddpo.train.algorithm) == ("diffusion_dpo", "ppo")
-    assert ddpo.prompts.train == demo.prompts.train and ddpo.policy == demo.policy
-    assert ddpo.rewards == demo.rewards and ddpo.evaluation == demo.evaluation
-    assert (ddpo.seed, ddpo.epochs) == (demo.seed, demo.epochs)
-    differing = {f.name for f in dataclasses.fields(demo.sampling)
-                 if getattr(demo.sampling, f.name) != getattr(ddpo.sampling, f.name)}
+    assert (yellow.train.algorithm, ddpo.train.algorithm) == ("diffusion_dpo", "ppo")
+    assert ddpo.prompts.train == yellow.prompts.train and ddpo.policy == yellow.policy
+    assert ddpo.rewards == yellow.rewards and ddpo.evaluation == yellow.evaluation
+    assert (ddpo.seed, ddpo.epochs) == (yellow.seed, yellow.epochs)
+    differing = {f.name for f in dataclasses.fields(yellow.sampling)
+                 if getattr(yellow.sampling, f.name) != getattr(ddpo.sampling, f.name)}
     assert differing == {"batches_per_sampler"}
-    assert ddpo.sampling.batches_per_sampler > demo.sampling.batches_per_sampler  # a less noisy DDPO gradient
+    assert ddpo.sampling.batches_per_sampler > yellow.sampling.batches_per_sampler  # a less noisy DDPO gradient
 
 
 def test_the_b2_preset_is_the_ddpo_preset_on_groups_that_share_x_T():
@@ -304,32 +305,34 @@ def test_the_b2_preset_is_the_ddpo_preset_on_groups_that_share_x_T():
     the PPO settings, the samples per epoch, the prompts, pipeline, reward and the evaluation images are the
     same; the leaves of a group share x_T alone (tau = T from the first epoch), and it evaluates before and
     after training only, on the demo's images."""
-    demo = load_config(REPO / "configs" / "shapes_dpo_yellow.yaml")
+    yellow = load_config(REPO / "configs" / "shapes_dpo_yellow.yaml")
     ddpo = load_config(REPO / "configs" / "shapes_ddpo_yellow.yaml")
     b2 = load_config(REPO / "configs" / "shapes_b2_yellow.yaml")
     assert b2.train == ddpo.train and not ddpo.b2.enabled and b2.b2.enabled
     assert b2.b2.tau_start == b2.b2.tau_end == b2.sampling.num_steps and b2.b2.num_stages == 1
     assert b2.b2.history_epochs >= b2.epochs - 1  # z-scores over every epoch of the run (its header says why)
-    assert b2.prompts.train == demo.prompts.train and b2.policy == demo.policy and b2.rewards == demo.rewards
+    assert b2.prompts.train == yellow.prompts.train and b2.policy == yellow.policy and b2.rewards == yellow.rewards
     assert b2.cluster.num_samplers == ddpo.cluster.num_samplers
     samples = (b2.sampling.batch_size * b2.b2.n_branch * b2.sampling.batches_per_sampler
                == ddpo.sampling.batch_size * ddpo.sampling.batches_per_sampler)
     assert samples  # per sampler and epoch: 4 prompts x 4 leaves x 8 batches = 16 prompts x 8 batches
-    differing = {f.name for f in dataclasses.fields(demo.sampling)
-                 if getattr(demo.sampling, f.name) != getattr(b2.sampling, f.name)}
+    differing = {f.name for f in dataclasses.fields(yellow.sampling)
+                 if getattr(yellow.sampling, f.name) != getattr(b2.sampling, f.name)}
     assert differing == {"batch_size", "batches_per_sampler"}
     assert b2.evaluation.every == b2.epochs  # one evaluation before training, one after
-    assert dataclasses.replace(b2.evaluation, every=demo.evaluation.every) == demo.evaluation
+    assert dataclasses.replace(b2.evaluation, every=yellow.evaluation.every) == yellow.evaluation
 
 
-def test_the_heldout_preset_is_the_demo_trained_on_all_twelve_held_out_prompts():
-    """configs/shapes_dpo_heldout.yaml (BENCHMARKS, "Trained on all 12 held-out prompts") is `make demo`'s
-    job with the 12 held-out prompts as its training prompts: its gains are paired against the demo's base
-    images only if nothing else differs."""
-    demo = load_config(REPO / "configs" / "shapes_dpo_yellow.yaml")
+def test_the_yellow_preset_is_the_demo_trained_on_the_three_yellow_square_prompts_only():
+    """configs/shapes_dpo_yellow.yaml (the default job until 2026-12-03; BENCHMARKS, "The default job") is
+    `make demo`'s job (configs/shapes_dpo_heldout.yaml) trained on 3 of its 12 prompts, the yellow squares:
+    the two are compared on the same base images only if nothing else differs. The DDPO and B² presets are
+    paired against the yellow preset, so against the demo's images too."""
     heldout = load_config(REPO / "configs" / "shapes_dpo_heldout.yaml")
-    assert heldout.prompts.train == demo.evaluation.prompts["heldout"] and len(heldout.prompts.train) == 12
-    assert set(demo.prompts.train) < set(heldout.prompts.train)
+    yellow = load_config(REPO / "configs" / "shapes_dpo_yellow.yaml")
+    assert heldout.prompts.train == yellow.evaluation.prompts["heldout"] and len(heldout.prompts.train) == 12
+    assert yellow.prompts.train == yellow.evaluation.prompts["yellow"]
+    assert set(yellow.prompts.train) < set(heldout.prompts.train)
     for section in ("policy", "sampling", "train", "dpo", "rewards", "evaluation", "cluster"):
-        assert getattr(heldout, section) == getattr(demo, section), section
-    assert (heldout.seed, heldout.epochs) == (demo.seed, demo.epochs)
+        assert getattr(heldout, section) == getattr(yellow, section), section
+    assert (heldout.seed, heldout.epochs) == (yellow.seed, yellow.epochs)
