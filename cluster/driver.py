@@ -33,7 +33,7 @@ from cluster.adapter_record import record_files
 from cluster.checkpoint import Checkpoint, write_checkpoint
 from cluster.config import Config
 from cluster.dfusion_pairs import DFusionLaunch, dfusion_row, launch_dfusion
-from cluster.epoch_metrics import epoch_row, log_captions, progress_bar, run_counters, summary_line
+from cluster.epoch_metrics import epoch_row, log_captions, progress_bar, report_epoch, run_counters
 from cluster.errors import (
     RewardDownError,
     RewardHackingError,
@@ -383,9 +383,7 @@ class Driver:
                                       export=self.export_lora)
             if self._checkpoint_due():
                 self.save_checkpoint()
-            progress.update(1)
-            progress.set_postfix(reward=f"{row['reward/mean']:.3f}", kl=f"{row.get('train/kl', 0):.2e}")
-            log(summary_line(row))
+            report_epoch(progress, row, log=log)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, row)
             if (stalled := stalled_error(stats, limit=cfg.train.max_skipped_steps)) is not None:

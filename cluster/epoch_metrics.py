@@ -79,16 +79,41 @@ def log_captions(run_dir: Path, epoch: int, scores: list) -> None:
                                 "reward": float(reward) if np.isfinite(reward) else None}) + "\n")
 
 
+# The algorithm's own loss statistics: each printed only where the epoch's row has it (PPO/PG report the
+# KL and clipping, DPO its pair accuracy and margin), so no line shows a "nan" for a quantity not computed.
+ALGORITHM_FIELDS = (("train/kl", "kl", ".2e"), ("train/approx_kl", "approx_kl", ".2e"),
+                    ("train/clipfrac", "clipfrac", ".2f"), ("dpo/acc", "dpo_acc", ".2f"),
+                    ("dpo/margin", "dpo_margin", ".2e"))
+
+
 def summary_line(row: dict) -> str:
     """The console line of one epoch."""
-    nan = float("nan")
     parts = [f"epoch {row['epoch']:>3}", f"v{row['train/policy_version']}", f"reward {row['reward/mean']:.4f}"
-             f" ± {row['reward/std']:.4f}", f"loss {row.get('train/loss', nan):.3e}",
-             f"kl {row.get('train/kl', nan):.2e}", f"approx_kl {row.get('train/approx_kl', nan):.2e}",
-             f"clipfrac {row.get('train/clipfrac', nan):.2f}", f"{row['time/epoch_s']:.1f}s"]
+             f" ± {row['reward/std']:.4f}"]
+    if "train/loss" in row:
+        parts.append(f"loss {row['train/loss']:.3e}")
+    parts += [f"{label} {row[key]:{spec}}" for key, label, spec in ALGORITHM_FIELDS if key in row]
+    parts.append(f"{row['time/epoch_s']:.1f}s")
     if "eval/reward_mean" in row:
         parts.append(f"eval {row['eval/reward_mean']:.4f}")
     return "  ".join(parts)
+
+
+def progress_postfix(row: dict) -> dict[str, str]:
+    """The progress bar's postfix: the epoch's mean reward and the first of the algorithm's statistics."""
+    postfix = {"reward": f"{row['reward/mean']:.3f}"}
+    for key, label, spec in ALGORITHM_FIELDS:
+        if key in row:
+            postfix[label] = f"{row[key]:{spec}}"
+            break
+    return postfix
+
+
+def report_epoch(progress, row: dict, *, log) -> None:
+    """Advances the progress bar by one epoch, with ``progress_postfix(row)``, and logs ``summary_line(row)``."""
+    progress.update(1)
+    progress.set_postfix(progress_postfix(row))
+    log(summary_line(row))
 
 
 def progress_bar(total: int, *, enabled: bool):
