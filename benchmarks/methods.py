@@ -11,8 +11,14 @@ evaluation of the first method's runs (before any update; the same fixed evaluat
 Seeds: run ``k`` uses ``seed=k`` and ``evaluation.seed=1234+k`` (fresh sampling noise and fresh
 evaluation images per seed), so a row's spread covers both.
 
+Every method can also run from another base config with evaluation sets of its own, such as ``make
+demo``'s job (``--base-config configs/shapes_dpo_heldout.yaml --gain-set heldout``: trained on the 12
+held-out prompts, the paired gain read on them).
+
 Usage:
     python benchmarks/methods.py [--budget 2560] [--seeds 3] [--methods ddpo_is,gard_k2] [--out runs/methods]
+    python benchmarks/methods.py --base-config configs/shapes_dpo_heldout.yaml --gain-set heldout --budget 1920 \
+        --seeds 1 --out runs/methods_heldout
     python benchmarks/methods.py --methods ddpo_sf --seeds 1 --learning-rates 3e-4,1e-3   # a sweep's rows
     python benchmarks/methods.py --table runs/methods      # the markdown table of finished runs
 Fusion rows (``FUSIONS``) train nothing: they fuse two rows' seed-0 adapters with ``gard fuse-lora`` and
@@ -72,10 +78,17 @@ COLUMNS = ["eval/gold_tune", "eval/gold_seen", "eval/gold_heldout", "eval/gold_h
            "eval/recall_at_1/heldout"]
 
 
-def samples_per_epoch(overrides: list[str]) -> int:
+def columns(gain_set: str) -> list[str]:
+    """The table's metric columns: the gain set's judge accuracy first (``eval/gold_tune`` for the default
+    base config), then COLUMNS without it."""
+    first = f"eval/gold_{gain_set}"
+    return [first, *(c for c in COLUMNS if c != first and c != "eval/gold_tune")]
+
+
+def samples_per_epoch(overrides: list[str], *, base_config: Path = BASE_CONFIG) -> int:
     from cluster.config import load_config
 
-    return load_config(BASE_CONFIG, overrides).samples_per_epoch
+    return load_config(base_config, overrides).samples_per_epoch
 
 
 def run_name(method: str, learning_rate: float | None) -> str:
@@ -83,18 +96,19 @@ def run_name(method: str, learning_rate: float | None) -> str:
     return method if learning_rate is None else f"{method}@lr{learning_rate:g}"
 
 
-def run_one(method: str, seed: int, *, budget: int, out: Path, learning_rate: float | None = None) -> Path:
-    """Trains one (method, seed[, learning rate]) with ``gard train`` in a subprocess; returns its run
-    directory."""
+def run_one(method: str, seed: int, *, budget: int, out: Path, learning_rate: float | None = None,
+            base_config: Path = BASE_CONFIG) -> Path:
+    """Trains one (method, seed[, learning rate]) from ``base_config`` with ``gard train`` in a subprocess;
+    returns its run directory."""
     overrides = METHODS[method][0] + [f"seed={seed}", f"evaluation.seed={1234 + seed}", "logging.progress=false"]
     if learning_rate is not None:
         overrides.append(f"train.learning_rate={learning_rate:g}")
-    epochs = max(1, budget // samples_per_epoch(overrides))
+    epochs = max(1, budget // samples_per_epoch(overrides, base_config=base_config))
     run_dir = out / f"{run_name(method, learning_rate)}-s{seed}"
     if (run_dir / "lora").exists():
         return run_dir  # finished earlier: the table reads it again
     start = time.time()
-    cmd = [sys.executable, "-m", "cluster", "train", str(BASE_CONFIG), "--output-dir", str(run_dir),
+    cmd = [sys.executable, "-m", "cluster", "train", str(base_config), "--output-dir", str(run_dir),
            "--resume", "auto", f"epochs={epochs}", *overrides]
     print(f"[methods] {run_dir.name}: {epochs} epochs", flush=True)
     with open(out / f"{run_dir.name}.log", "w") as log:
@@ -127,20 +141,21 @@ def fuse_one(name: str, *, out: Path) -> Path:
     return run_dir
 
 
-def read_run(run_dir: Path) -> dict:
+def read_run(run_dir: Path, *, metric_columns: list[str] = COLUMNS) -> dict:
     """The last evaluation's metrics, the first row's ``_initial`` ones (the base model), the reward
     queries and the wall time of one finished run (a fusion row: its evaluation, its first input's base,
     and the reward queries of all its inputs)."""
     if (run_dir / "fusion.json").exists():
-        inputs = [read_run(run_dir.parent / name) for name in json.loads((run_dir / "fusion.json").read_text())["inputs"]]
+        inputs = [read_run(run_dir.parent / name, metric_columns=metric_columns)
+                  for name in json.loads((run_dir / "fusion.json").read_text())["inputs"]]
         metrics = json.loads((run_dir / "eval_metrics.json").read_text())["metrics"]
-        return {"final": {k: metrics.get(k) for k in COLUMNS}, "base": inputs[0]["base"],
+        return {"final": {k: metrics.get(k) for k in metric_columns}, "base": inputs[0]["base"],
                 "reward_queries": sum(r["reward_queries"] for r in inputs), "wall_s": None}
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     last = next(row for row in reversed(rows) if "eval/gold_seen" in row)
     initial = {k[: -len("_initial")]: v for k, v in rows[0].items() if k.endswith("_initial")}
     wall = run_dir / "wall_s.txt"
-    return {"final": {k: last.get(k) for k in COLUMNS}, "base": {k: initial.get(k) for k in COLUMNS},
+    return {"final": {k: last.get(k) for k in metric_columns}, "base": {k: initial.get(k) for k in metric_columns},
             "reward_queries": int(sum(row.get("reward/n_scored", 0) for row in rows)),
             "wall_s": float(wall.read_text()) if wall.exists() else None}
 
@@ -156,8 +171,10 @@ def _mean_std(values: list[float]) -> str:
     return f"{mean:.3f} ± {std:.3f}"
 
 
-def table(out: Path) -> str:
-    """Markdown: one row per method (mean ± std over its seeds), the base row first."""
+def table(out: Path, *, gain_set: str = "tune") -> str:
+    """Markdown: one row per method (mean ± std over its seeds), the base row first; the paired gain is
+    read on the evaluation set ``gain_set`` (the training prompts)."""
+    metric_columns = columns(gain_set)
     runs: dict[str, list[dict]] = {}
     order = {method: i for i, method in enumerate([*METHODS, *FUSIONS])}
 
@@ -166,23 +183,25 @@ def table(out: Path) -> str:
 
     for run_dir in sorted(out.glob("*-s*"), key=lambda d: (order.get(row_of(d).split("@")[0], 99), row_of(d), d.name)):
         if run_dir.is_dir() and (run_dir / "lora").exists():
-            runs.setdefault(row_of(run_dir), []).append(read_run(run_dir))
+            runs.setdefault(row_of(run_dir), []).append(read_run(run_dir, metric_columns=metric_columns))
     # The gain on the training prompts, paired within each run (its last evaluation minus its own evaluation
     # before training): a method that changes sampling.batch_size (B²) changes the evaluation chunks and so
     # the evaluation images, so its base differs from the base row's.
     def gain(r: dict) -> float | None:
-        after, before = r["final"].get("eval/gold_tune"), r["base"].get("eval/gold_tune")
+        after, before = r["final"].get(metric_columns[0]), r["base"].get(metric_columns[0])
         return None if after is None or before is None else after - before
 
-    header = ["method", "seeds", "gold_tune gain (paired)", *(c.removeprefix("eval/") for c in COLUMNS),
+    header = ["method", "seeds", f"gold_{gain_set} gain (paired)", *(c.removeprefix("eval/") for c in metric_columns),
               "reward queries", "wall s"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     if runs:
         base = next(iter(runs.values()))
-        lines.append("| base | " + " | ".join([str(len(base)), "0", *(_mean_std([r["base"][c] for r in base]) for c in COLUMNS),
+        lines.append("| base | " + " | ".join([str(len(base)), "0", *(_mean_std([r["base"][c] for r in base])
+                                                                           for c in metric_columns),
                                                  "0", "–"]) + " |")
     for method, results in runs.items():
-        cells = [_mean_std([gain(r) for r in results]), *(_mean_std([r["final"][c] for r in results]) for c in COLUMNS)]
+        cells = [_mean_std([gain(r) for r in results]),
+                 *(_mean_std([r["final"][c] for r in results]) for c in metric_columns)]
         walls = [r["wall_s"] for r in results if r["wall_s"] is not None]
         wall = f"{sum(walls) / len(walls):.0f}" if walls else "–"
         lines.append(f"| {method} | {len(results)} | " + " | ".join(cells)
@@ -201,10 +220,21 @@ def main(argv: list[str] | None = None) -> int:
                              "method's own); sweep on the training prompts' gold, never on the held-out ones")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "methods")
     parser.add_argument("--table", type=Path, help="only print the table of the runs under this directory")
+    parser.add_argument("--base-config", type=Path, default=BASE_CONFIG,
+                        help="the config every method's overrides apply to (default: configs/shapes_dpo.yaml)")
+    parser.add_argument("--gain-set", default="tune",
+                        help="the evaluation set the paired gain is read on: the base config's training prompts "
+                             "(tune for the default; heldout for configs/shapes_dpo_heldout.yaml)")
     args = parser.parse_args(argv)
     if args.table is not None:
-        print(table(args.table))
+        print(table(args.table, gain_set=args.gain_set))
         return 0
+    from cluster.config import load_config
+
+    base = load_config(args.base_config)  # a config error here names the field, before any run starts
+    if args.gain_set not in base.evaluation.prompts:
+        parser.error(f"--gain-set: {args.gain_set!r} is not an evaluation set of {args.base_config}; "
+                     f"expected one of {sorted(base.evaluation.prompts)}")
     unknown = [m for m in args.methods.split(",") if m not in METHODS and m not in FUSIONS]
     if unknown:
         parser.error(f"--methods: unknown {unknown}; valid: {[*METHODS, *FUSIONS]}")
@@ -222,8 +252,9 @@ def main(argv: list[str] | None = None) -> int:
         seeds = args.seeds if METHODS[method][1] == "many" else METHODS[method][1]
         for rate in rates:
             for seed in range(seeds):
-                run_one(method, seed, budget=args.budget, out=args.out, learning_rate=rate)
-    print(table(args.out))
+                run_one(method, seed, budget=args.budget, out=args.out, learning_rate=rate,
+                        base_config=args.base_config)
+    print(table(args.out, gain_set=args.gain_set))
     return 0
 
 

@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 _SPEC = importlib.util.spec_from_file_location(
     "methods_benchmark", Path(__file__).resolve().parents[2] / "benchmarks" / "methods.py")
 methods = importlib.util.module_from_spec(_SPEC)
@@ -56,3 +58,24 @@ def test_a_fusion_row_reads_its_evaluation_with_its_first_inputs_base_and_both_i
     row = next(line for line in methods.table(tmp_path).splitlines() if line.startswith("| lora_fusion_clip_caption"))
     # after the trained rows; gain 0.55 - 0.6 (its first input's base); no wall time of its own
     assert row.split(" | ")[1:4] == ["1", "-0.050", "0.550"] and row.endswith("| 192 | – |")
+
+
+def test_the_gain_is_read_on_the_chosen_set_when_the_base_config_trains_another(tmp_path, capsys):
+    # make demo's job as the base config: its training prompts are the evaluation set "heldout", and there
+    # is no "tune" set; the gain column is heldout's, paired within each run, and heldout is not repeated
+    run = tmp_path / "ddpo_is-s0"
+    (run / "lora").mkdir(parents=True)
+    first = {"epoch": 0, "reward/n_scored": 64, "eval/gold_heldout_initial": 0.36, "eval/gold_seen_initial": 0.68}
+    last = {"epoch": 1, "reward/n_scored": 64, "eval/gold_heldout": 0.41, "eval/gold_seen": 0.66}
+    (run / "metrics.jsonl").write_text(json.dumps(first) + "\n" + json.dumps(last) + "\n")
+    assert methods.columns("heldout")[:3] == ["eval/gold_heldout", "eval/gold_seen", "eval/gold_heldout/single"]
+    lines = methods.table(tmp_path, gain_set="heldout").splitlines()
+    assert lines[0].startswith("| method | seeds | gold_heldout gain (paired) | gold_heldout | gold_seen |")
+    row = next(line for line in lines if line.startswith("| ddpo_is "))
+    assert row.split(" | ")[1:5] == ["1", "0.050", "0.410", "0.660"]
+    # a gain set the base config does not evaluate is refused before any run starts, naming the valid ones
+    with pytest.raises(SystemExit) as exit_info:
+        methods.main(["--base-config", str(methods.REPO / "configs" / "shapes_dpo_heldout.yaml"),
+                      "--gain-set", "tune", "--out", str(tmp_path / "x"), "--methods", "ddpo_is"])
+    assert exit_info.value.code == 2
+    assert "'tune' is not an evaluation set" in capsys.readouterr().err and not (tmp_path / "x").exists()
