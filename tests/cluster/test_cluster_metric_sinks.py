@@ -237,7 +237,10 @@ def test_real_wandb_offline_run_holds_the_rows_and_the_grid_and_a_resume_continu
 
         open_writer(config, run_dir=tmp_path, resuming=True).close()  # a resumed gard run: the same W&B run
         assert (tmp_path / "wandb_run_id").read_text().strip() == run_id
-        *_, latest = sorted((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
+        # W&B names an offline run's directory by its start time to the second; a resume started within the
+        # same second as the first run gets that name with "-1" appended, which sorts after it
+        first_dir, latest = sorted((tmp_path / "wandb").glob(f"offline-run-*-{run_id}*"))
+        assert first_dir == first  # the first run's log is left where it was
         resumed = [r.run for r in _offline_records(latest / f"run-{run_id}.wandb")
                    if r.WhichOneof("record_type") == "run"][-1]
         assert resumed.run_id == run_id and resumed.resume
