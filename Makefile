@@ -18,8 +18,8 @@ $(VENV)/.gard-setup-done: pyproject.toml tools/setup_env.sh tools/torchvision_cp
 	rm -f $@
 	VENV=$(VENV) bash tools/setup_env.sh
 
-# The default job: the shapes world's pipeline trained on its reward CLIP to draw a combination its UNet
-# never saw (yellow squares), judged by the ground truth (README, "The default job").
+# The default job: the shapes world's pipeline trained on its reward CLIP to draw the combinations its UNet
+# never saw (yellow squares, green triangles), judged by the ground truth (README, "The default job").
 demo: setup
 	$(VENV)/bin/gard train configs/shapes_dpo_heldout.yaml --output-dir runs/demo --resume never
 
