@@ -299,6 +299,22 @@ def test_the_ddpo_preset_is_judged_on_the_demos_images():
     assert ddpo.sampling.batches_per_sampler > yellow.sampling.batches_per_sampler  # a less noisy DDPO gradient
 
 
+def test_the_heldout_ddpo_preset_is_the_yellow_ddpo_preset_on_the_twelve_heldout_prompts():
+    """configs/shapes_ddpo_heldout.yaml is the DDPO preset (PPO, 256 samples per epoch) trained on the 12
+    held-out prompts of configs/shapes_dpo_heldout.yaml (Diffusion-DPO) for 20 epochs: paired against the same
+    base images as both only if the method's settings are the yellow DDPO preset's and the evaluation is the
+    Diffusion-DPO job's; the length (chosen on the validation draw) and the evaluation period may differ."""
+    dpo = load_config(REPO / "configs" / "shapes_dpo_heldout.yaml")
+    yellow = load_config(REPO / "configs" / "shapes_ddpo_yellow.yaml")
+    ddpo = load_config(REPO / "configs" / "shapes_ddpo_heldout.yaml")
+    assert ddpo.prompts.train == dpo.prompts.train and len(ddpo.prompts.train) == 12
+    for section in ("policy", "sampling", "train", "rewards", "cluster"):
+        assert getattr(ddpo, section) == getattr(yellow, section), section
+    assert ddpo.train.algorithm == "ppo" and ddpo.seed == dpo.seed == 0
+    assert (ddpo.epochs, ddpo.evaluation.every) == (20, 20)  # one evaluation before training, one after
+    assert dataclasses.replace(ddpo.evaluation, every=dpo.evaluation.every) == dpo.evaluation
+
+
 def test_the_b2_preset_is_the_ddpo_preset_on_groups_that_share_x_T():
     """configs/shapes_b2_yellow.yaml (BENCHMARKS, "DDPO on the yellow squares") is the DDPO preset's PPO on
     B²-DiffuRL's branch groups: its gain against DDPO's says what the groups and the selection add only if
