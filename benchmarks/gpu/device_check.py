@@ -45,66 +45,14 @@ if str(REPO) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.gpu import unit_costs  # noqa: E402
+from benchmarks.gpu.sd15 import build_sd15  # noqa: E402
+from learner.precision import training_dtype  # noqa: E402
+
 # Dense bf16 tensor-core peaks (TFLOP/s, vendor data sheets, SXM parts), matched on the device name.
 BF16_PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0, "A10": 125.0}
 PROMPTS = ["a photo of a cat", "a red bicycle", "a mountain lake at dawn", "a bowl of fruit",
            "a city street at night", "a horse in a field", "a lighthouse", "a cup of coffee"]
-
-
-# ----- the model ----------------------------------------------------------------------------------
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable-character map."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    chars, extra = list(keep), 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(keep, map(chr, chars), strict=True))
-
-
-def build_sd15(directory: Path, *, device: str) -> Path:
-    """SD 1.5's architecture with random weights, saved in fp16 with ``save_pretrained``."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    torch.manual_seed(0)
-    with torch.device(device):  # initialize on the accelerator: 1.1B parameters init slowly on a CPU
-        unet = UNet2DConditionModel(
-            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-            block_out_channels=(320, 640, 1280, 1280),
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
-            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-            num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-            bos_token_id=512, eos_token_id=513, pad_token_id=513))
-    # A byte-level CLIP tokenizer (no merges): ids < 514, inside the real 49408-entry embedding table.
-    tokens = list(_bytes_to_unicode().values())
-    vocab = {tok: i for i, tok in enumerate(tokens + [t + "</w>" for t in tokens] + ["<|startoftext|>", "<|endoftext|>"])}
-    tok_dir = directory / "tokenizer-src"
-    tok_dir.mkdir(parents=True)
-    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
-    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(vocab=str(tok_dir / "vocab.json"), merges=str(tok_dir / "merges.txt"),
-                              model_max_length=77)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.to(torch.float16)
-    out = directory / "sd15-random"
-    pipe.save_pretrained(out)
-    del pipe, unet, vae, text_encoder
-    _free()
-    return out
 
 
 def _free() -> None:
@@ -143,7 +91,6 @@ def measure_sampling(args, pretrained: str) -> tuple[dict, object]:
     from torch.utils.flop_counter import FlopCounterMode
 
     from actors.sampler import Sampler
-    from learner.precision import training_dtype
 
     sampler = Sampler(spec=_specs(args, pretrained, training_dtype(args.precision)))
     prompts = (PROMPTS * args.batch)[: args.batch]
@@ -161,10 +108,20 @@ def measure_sampling(args, pretrained: str) -> tuple[dict, object]:
     with torch.no_grad(), FlopCounterMode(display=False) as decode_flops:
         policy.decode(latents)
     flops = step_flops.get_total_flops() * args.steps + decode_flops.get_total_flops()
+    # A larger batch (the unit cost ``gard plan`` uses): a batch of 8 leaves a large GPU partly idle.
+    many = (PROMPTS * args.batch_large)[: args.batch_large]
+    _sync(args.device)
+    start = time.perf_counter()
+    sampler.sample(prompts=many, seed=1)
+    _sync(args.device)
+    large_s = time.perf_counter() - start
     del sampler
     _free()
+    per_image = flops / len(prompts)
     return {"batch": len(prompts), "seconds": seconds, "images_per_s": len(prompts) / seconds,
-            "tflop_per_image": flops / len(prompts) / 1e12, "achieved_tflops": flops / seconds / 1e12,
+            "tflop_per_image": per_image / 1e12, "achieved_tflops": flops / seconds / 1e12,
+            "large_batch": {"batch": len(many), "seconds": large_s, "images_per_s": len(many) / large_s,
+                            "achieved_tflops": per_image * len(many) / large_s / 1e12},
             "finite": bool(trajectory.finite_rows().all()), "image_shape": list(images.images.shape[1:])}, trajectory
 
 
@@ -173,7 +130,6 @@ def measure_training(args, pretrained: str, trajectory) -> tuple[dict, object]:
 
     from actors.weights import pack_adapter
     from learner.learner import Learner
-    from learner.precision import training_dtype
 
     learner = Learner(policy_spec=_specs(args, pretrained, training_dtype(args.precision)),
                       spec=_main_learner_spec(args))
@@ -208,7 +164,6 @@ def measure_precision(args, pretrained: str) -> dict:
     """Gradient cosine to fp32 (a 4/320-weighted PG micro-batch) and the first-step ratio per precision."""
     from actors.sampler import Sampler
     from learner.learner import Learner
-    from learner.precision import training_dtype
 
     prompts = PROMPTS[:2]
     reference = Sampler(spec=_specs(args, pretrained, "float32")).sample(prompts=prompts, seed=1)[0]
@@ -249,7 +204,6 @@ def measure_precision(args, pretrained: str) -> dict:
 
 def measure_checkpoint(args, pretrained: str, learner) -> dict:
     from learner.learner import Learner
-    from learner.precision import training_dtype
     from learner.state import tensors_not_on_cpu
 
     start = time.perf_counter()
@@ -296,6 +250,7 @@ def run(args) -> dict:
                      "date": time.strftime("%Y-%m-%d"), "model": "tiny:sd" if args.tiny else "SD 1.5 architecture",
                      "settings": {k: v for k, v in vars(args).items() if k != "out"}}
     started = time.perf_counter()
+    save = (lambda: _save(results, args.out))  # noqa: E731 - after each part, so a timeout keeps what ran
     with tempfile.TemporaryDirectory() as tmp:
         if args.tiny:
             from actors.tiny import build_tiny_sd
@@ -305,21 +260,41 @@ def run(args) -> dict:
             pretrained = str(build_sd15(Path(tmp), device=args.device))
         results["build_s"] = time.perf_counter() - started
         results["sampling"], trajectory = measure_sampling(args, pretrained)
+        save()
         results["training"], learner = measure_training(args, pretrained, trajectory)
+        if peak:
+            results["sampling"]["mfu"] = results["sampling"]["achieved_tflops"] / peak
+            results["training"]["mfu"] = results["training"]["achieved_tflops"] / peak
+        save()
+        results["reward"] = unit_costs.measure_reward(
+            device=args.device, dtype=getattr(torch, training_dtype(args.precision)), tiny=args.tiny,
+            batch=args.reward_batch, resolution=args.resolution)
+        results["unit_costs"] = unit_costs.derive_unit_costs(results)
+        save()
+        results["collective"] = unit_costs.measure_collective(device=args.device, numel=int(
+            sum(p.numel() for _, p in learner.policy.named_trainable_parameters())))
         results["checkpoint"] = measure_checkpoint(args, pretrained, learner)
+        save()
         del learner, trajectory
         _free()
         results["precision"] = measure_precision(args, pretrained)
-    if peak:
-        results["sampling"]["mfu"] = results["sampling"]["achieved_tflops"] / peak
-        results["training"]["mfu"] = results["training"]["achieved_tflops"] / peak
     results["ray_imported"] = "ray" in sys.modules  # the check must run without Ray
     results["total_s"] = time.perf_counter() - started
+    save()
     return results
+
+
+def _save(results: dict, out: str | None) -> None:
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "device_check.json").write_text(json.dumps(results, indent=1))
+        if "unit_costs" in results:
+            (Path(out) / "unit_costs.json").write_text(json.dumps(results["unit_costs"], indent=1) + "\n")
 
 
 def table(results: dict) -> str:
     s, t, p, c = results["sampling"], results["training"], results["precision"], results["checkpoint"]
+    r, g = results["reward"], results["collective"]
     mfu = (lambda d: f"{100 * d['mfu']:.1f}%" if "mfu" in d else "n/a")  # noqa: E731
     rows = [
         ("device", f"{results['device']} (bf16 peak {results['bf16_peak_tflops']} TFLOP/s)"),
@@ -327,8 +302,15 @@ def table(results: dict) -> str:
                   f"steps, CFG, precision {results['settings']['precision']}"),
         ("sampling", f"{s['images_per_s']:.3f} images/s (batch {s['batch']}), {s['tflop_per_image']:.3g} TFLOP/image, "
                      f"MFU {mfu(s)}"),
+        ("sampling, larger batch", f"{s['large_batch']['images_per_s']:.3f} images/s (batch "
+                                   f"{s['large_batch']['batch']}), {s['large_batch']['achieved_tflops']:.0f} TFLOP/s"),
         ("training", f"{t['pairs_per_s']:.2f} pairs/s ({t['pairs']:.0f} pairs, {t['optimizer_steps']:.0f} steps), "
                      f"{t['tflop_per_pair']:.3g} TFLOP/pair, MFU {mfu(t)}"),
+        ("reward tower", f"{r['tower']}: {1e3 * r['image_s']:.2f} ms/image (batch {r['batch']}, "
+                         f"{r['gflop_per_image']:.0f} GFLOP/image with preprocessing)"),
+        ("learner-group collective", f"{g['backend']}, world 1: join {g['join_s']:.2f} s, all-reduce of "
+                                     f"{g['numel']} floats {1e3 * g['all_reduce_s']:.3f} ms, sum correct "
+                                     f"{g['sum_correct']}, closed {g['closed']}"),
         ("first-step |rho-1|, same precision", ", ".join(f"{k}: {v:.2e}" for k, v in
                                                         p["first_step_ratio_dev_same_precision"].items())),
         ("first-step |rho-1|, fp32 samplers", ", ".join(f"{k}: {v:.2e}" for k, v in
@@ -350,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resolution", type=int, default=None, help="default 512 (64 with --tiny)")
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps, default 50 (6 with --tiny)")
     parser.add_argument("--batch", type=int, default=None, help="sampling batch, default 8 (4 with --tiny)")
+    parser.add_argument("--batch-large", type=int, default=None, help="second sampling batch, default 32 (8 with --tiny)")
+    parser.add_argument("--reward-batch", type=int, default=None, help="reward tower batch, default 64 (8 with --tiny)")
     parser.add_argument("--precision", choices=["no", "bf16", "fp16"], default=None,
                         help="samplers' and learner's precision for the throughput runs (default bf16 on CUDA)")
     parser.add_argument("--lora-rank", type=int, default=4)
@@ -359,15 +343,14 @@ def main(argv: list[str] | None = None) -> int:
     args.resolution = args.resolution or (64 if args.tiny else 512)
     args.steps = args.steps or (6 if args.tiny else 50)
     args.batch = args.batch or (4 if args.tiny else 8)
+    args.batch_large = args.batch_large or (8 if args.tiny else 32)
+    args.reward_batch = args.reward_batch or (8 if args.tiny else 64)
     args.precision = args.precision or ("bf16" if args.device == "cuda" else "no")
     results = run(args)
     text = table(results)
     print(text, flush=True)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "device_check.json").write_text(json.dumps(results, indent=1))
-        (out / "device_check.md").write_text(text + "\n")
+        (Path(args.out) / "device_check.md").write_text(text + "\n")
     return 0
 
 

@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from cluster.plan import load_costs
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -29,3 +33,15 @@ def test_device_check_cpu_mode(tmp_path):
     checkpoint = result["checkpoint"]
     assert checkpoint["state_tensors_off_cpu"] == [] and checkpoint["adapter_restored_exactly"]
     assert checkpoint["moments_on"] == ["cpu"] and checkpoint["version"] == 1
+    # The scale-out parts: a reward tower's cost, the group's collective, and the unit costs gard plan reads.
+    reward, collective = result["reward"], result["collective"]
+    assert reward["finite"] and reward["batch"] == 8 and reward["image_s"] > 0 and reward["gflop_per_image"] > 0
+    assert collective["backend"] == "gloo" and collective["sum_correct"] and collective["closed"]
+    costs = load_costs(tmp_path / "unit_costs.json")  # the file gard plan --costs takes
+    large = sampling["large_batch"]
+    assert large["batch"] == 8
+    assert costs.sample_transition_s == pytest.approx(large["seconds"] / (8 * 6))
+    # a trained pair: the PPO update's pair plus the KL reference's guided forward (one sampled transition)
+    assert costs.train_pair_s == pytest.approx(1 / training["pairs_per_s"] + costs.sample_transition_s)
+    assert costs.reward_image_s == pytest.approx(reward["image_s"])
+    assert costs.publish_s > training["publish_s"]
