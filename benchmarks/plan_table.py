@@ -5,7 +5,7 @@ every step trained (timestep_fraction 1), 4 optimizer steps per epoch, one rewar
 is *not* assumed (the reward shares the samplers' devices). Prints a markdown table: for each size, the
 best colocated layout, the best disaggregated split, and the recommendation.
 
-Usage: python benchmarks/plan_table.py [--costs benchmarks/costs/sd15_h100.json]
+Usage: python benchmarks/plan_table.py [--costs benchmarks/costs/sd15_h200.json]
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def rows(costs, sizes=(8, 64, 512)) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--costs", default="benchmarks/costs/sd15_h100.json")
+    parser.add_argument("--costs", default="benchmarks/costs/sd15_h200.json")
     args = parser.parse_args()
     print("\n".join(rows(load_costs(args.costs))))
 

@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
               gard compare runs/demo_s0 runs/demo_s1 runs/demo_s2 --by-prompt
               ray job submit --working-dir . -- python -m cluster train configs/sd15_aesthetic.yaml
               gard fuse-lora --out runs/fused runs/aesthetic/lora:0.7 runs/texforce/lora:0.3
-              gard plan configs/sd15_aesthetic.yaml --gpus 8 --costs benchmarks/costs/sd15_h100.json
+              gard plan configs/sd15_aesthetic.yaml --gpus 8 --costs benchmarks/costs/sd15_h200.json
               gard testbed build --out build/shapes --eval
             """
         ),
@@ -110,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     plan_cmd.add_argument("config", help="YAML config file")
     plan_cmd.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     plan_cmd.add_argument("--gpus", type=int, required=True, help="devices to split")
-    plan_cmd.add_argument("--costs", required=True, help="JSON unit costs (e.g. benchmarks/costs/sd15_h100.json)")
+    plan_cmd.add_argument("--costs", required=True, help="JSON unit costs (e.g. benchmarks/costs/sd15_h200.json)")
     plan_cmd.add_argument("--reward-gpus", type=int, default=0, help="devices of the reward models (default 0)")
     testbed = sub.add_parser(
         "testbed", help="the shapes world: `gard testbed build --out DIR` trains its pretrained models",

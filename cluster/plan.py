@@ -2,8 +2,9 @@
 layout of G devices for CONFIG's epoch (``cluster/cost_model.py``), fastest first, and a recommendation.
 
 COSTS is a JSON object of ``UnitCosts`` fields (seconds per unit on one device), e.g. the ones
-``benchmarks/scaling.py`` measures on this machine or ``benchmarks/costs/sd15_h100.json`` (SD 1.5 on
-one H100, derived from FLOP counts; its ``assumptions`` key says how).
+``benchmarks/scaling.py`` measures on this machine or ``benchmarks/costs/sd15_h200.json`` (SD 1.5 on
+one H200, measured by ``benchmarks/gpu/device_check.py``; its ``assumptions`` key says what was measured
+and what assumed).
 """
 
 from __future__ import annotations

@@ -270,6 +270,7 @@ def run(args) -> dict:
             device=args.device, dtype=getattr(torch, training_dtype(args.precision)), tiny=args.tiny,
             batch=args.reward_batch, resolution=args.resolution)
         results["unit_costs"] = unit_costs.derive_unit_costs(results)
+        results["unit_costs_large_batch"] = unit_costs.derive_unit_costs(results, large_batch=True)
         save()
         results["collective"] = unit_costs.measure_collective(device=args.device, numel=int(
             sum(p.numel() for _, p in learner.policy.named_trainable_parameters())))
@@ -288,8 +289,9 @@ def _save(results: dict, out: str | None) -> None:
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "device_check.json").write_text(json.dumps(results, indent=1))
-        if "unit_costs" in results:
-            (Path(out) / "unit_costs.json").write_text(json.dumps(results["unit_costs"], indent=1) + "\n")
+        for key in ("unit_costs", "unit_costs_large_batch"):
+            if key in results:
+                (Path(out) / f"{key}.json").write_text(json.dumps(results[key], indent=1) + "\n")
 
 
 def table(results: dict) -> str:

@@ -102,11 +102,14 @@ def measure_collective(*, device: str, numel: int, repeats: int = 20, timeout_s:
             "sum_correct": correct, "closed": not dist.is_initialized()}
 
 
-def derive_unit_costs(results: dict) -> dict:
+def derive_unit_costs(results: dict, *, large_batch: bool = False) -> dict:
     """The ``gard plan --costs`` JSON from the check's results: measured where one device can measure it,
-    the FLOP-count assumptions (stated in ``assumptions``) where it cannot."""
+    the FLOP-count assumptions (stated in ``assumptions``) where it cannot.
+
+    Sampling is priced at the check's ``--batch`` (the presets' ``policy.batch_size``), or at its
+    ``--batch-large`` with ``large_batch`` (what a sampler with a larger batch would get)."""
     sampling, training = results["sampling"], results["training"]
-    large = sampling.get("large_batch", sampling)
+    large = sampling["large_batch"] if large_batch else sampling
     transition_s = large["seconds"] / (large["batch"] * results["settings"]["steps"])
     pair_s = 1.0 / training["pairs_per_s"]
     reward = results.get("reward")

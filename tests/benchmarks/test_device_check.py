@@ -38,9 +38,11 @@ def test_device_check_cpu_mode(tmp_path):
     assert reward["finite"] and reward["batch"] == 8 and reward["image_s"] > 0 and reward["gflop_per_image"] > 0
     assert collective["backend"] == "gloo" and collective["sum_correct"] and collective["closed"]
     costs = load_costs(tmp_path / "unit_costs.json")  # the file gard plan --costs takes
+    assert costs.sample_transition_s == pytest.approx(sampling["seconds"] / (4 * 6))  # --batch 4, 6 steps
     large = sampling["large_batch"]
     assert large["batch"] == 8
-    assert costs.sample_transition_s == pytest.approx(large["seconds"] / (8 * 6))
+    large_costs = load_costs(tmp_path / "unit_costs_large_batch.json")
+    assert large_costs.sample_transition_s == pytest.approx(large["seconds"] / (8 * 6))
     # a trained pair: the PPO update's pair plus the KL reference's guided forward (one sampled transition)
     assert costs.train_pair_s == pytest.approx(1 / training["pairs_per_s"] + costs.sample_transition_s)
     assert costs.reward_image_s == pytest.approx(reward["image_s"])

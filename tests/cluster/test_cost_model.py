@@ -92,3 +92,22 @@ def test_the_shipped_sd15_costs_load_and_state_their_assumptions():
     raw = json.loads(open("benchmarks/costs/sd15_h100.json").read())
     assert raw["assumptions"] and "not measured" in raw["source"]
     assert load_costs("benchmarks/costs/sd15_h100.json").train_pair_s == raw["train_pair_s"]
+
+
+@pytest.mark.parametrize("name", ["sd15_h200", "sd15_h200_large_batches"])
+def test_the_measured_sd15_costs_are_the_device_checks_figures(name):
+    """The H200 cost files are derived from the device check's results (benchmarks/gpu/results/) by the
+    check's own derivation, not typed in: rederiving them gives the same seconds."""
+    from benchmarks.gpu.unit_costs import derive_unit_costs
+    from cluster.plan import COST_FIELDS, load_costs
+
+    result = "h200_micro32" if name.endswith("large_batches") else "h200_micro8"
+    results = json.loads(open(f"benchmarks/gpu/results/{result}.json").read())
+    derived = derive_unit_costs(results, large_batch=name.endswith("large_batches"))
+    shipped = load_costs(f"benchmarks/costs/{name}.json")
+    assert "H200" in derived["machine"]
+    assert {field: getattr(shipped, field) for field in COST_FIELDS} == pytest.approx(
+        {field: derived[field] for field in COST_FIELDS})
+    # hand check of the main one: 8 images x 50 steps sampled in the measured seconds
+    if name == "sd15_h200":
+        assert shipped.sample_transition_s == pytest.approx(results["sampling"]["seconds"] / 400)
