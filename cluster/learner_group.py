@@ -23,6 +23,11 @@ from the state it started from, and the run equals the uninterrupted one. ``clus
 failures in a row raise ``LearnerFailedError``; the driver then stops with a checkpoint. Restarting every
 rank costs N model loads, but it reuses the single learner's proven restore path instead of a second,
 partial one.
+
+A rank that hangs (alive, but never reaching the collective) is handled the same way. Each collective is
+bounded by half the run's call timeout (``collective_timeout_s``), so a rank waiting for a hung peer fails
+with ``CollectiveError`` well before the driver's wait on the call runs out; and if the driver's wait does
+run out first (every rank hung), that too counts as a failure of the group and rebuilds it.
 """
 
 from __future__ import annotations
@@ -116,7 +121,8 @@ class LearnerGroup:
                 if not self.formed:
                     self._form()
                 return self._wait(submit(self.actors, self.instances), what)
-            except (ray.exceptions.RayActorError, LearnerRestarted, CollectiveError) as err:
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, LearnerRestarted,
+                    CollectiveError) as err:
                 failures += 1
                 if failures >= self.max_failures:
                     raise LearnerFailedError(
@@ -124,7 +130,9 @@ class LearnerGroup:
                         f"cluster.max_actor_failures = {self.max_failures}, cluster.num_learners = "
                         f"{len(self.actors)}); last cause: {first_line(err)}") from err
                 self.restarts += 1
-                self.log(f"gard: a learner rank died during {what} ({first_line(err)}); restarting all "
+                how = ("hung" if isinstance(err, ray.exceptions.GetTimeoutError) else
+                       "failed in a collective" if isinstance(err, CollectiveError) else "died")
+                self.log(f"gard: a learner rank {how} during {what} ({first_line(err)}); restarting all "
                          f"{len(self.actors)} ranks from the state after the last update")
                 for actor in self.actors:
                     ray.kill(actor, no_restart=False)

@@ -21,6 +21,11 @@ class LearnerFailedError(RuntimeError):
 
 
 def first_line(err: BaseException) -> str:
+    """The exception's type and first line; for an error raised inside an actor, its cause's (Ray's own
+    first line only names the actor method and the pid)."""
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, BaseException):
+        err = cause
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
 

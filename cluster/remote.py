@@ -113,13 +113,13 @@ class RemoteLearner(Locatable, Learner):
         return free_port(host)
 
     def join_ranks(self, *, instance: str, host: str, port: int, rank: int, world_size: int, backend: str) -> int:
-        """Joins the learners' process group (every rank at once; the run's call timeout bounds the rendezvous
-        and every collective). Returns the rank."""
-        from learner.distributed import RankGroup
+        """Joins the learners' process group (every rank at once; half the run's call timeout bounds the
+        rendezvous and every collective, see ``collective_timeout_s``). Returns the rank."""
+        from learner.distributed import RankGroup, collective_timeout_s
 
         self._expect(instance)
         self.join_group(RankGroup.join(host=host, port=port, rank=rank, world_size=world_size, backend=backend,
-                                       timeout_s=self.call_timeout_s, device=self.policy.device))
+                                       timeout_s=collective_timeout_s(self.call_timeout_s), device=self.policy.device))
         return rank
 
     def checked_check_replicas(self, *, instance: str, epoch: int) -> str:

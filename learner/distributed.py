@@ -47,6 +47,14 @@ def backend_for(device_type: str) -> str:
     return "nccl" if device_type == "cuda" else "gloo"
 
 
+def collective_timeout_s(call_timeout_s: float) -> float:
+    """The bound on the rendezvous and each collective: half the driver's bound on the whole call, so a
+    rank blocked by a hung peer fails (and names the collective) while the driver still waits for the call;
+    the group is then rebuilt (``cluster/learner_group.py``). Ranks enter each collective within one
+    micro-batch of each other, far less than half of any useful call timeout."""
+    return 0.5 * float(call_timeout_s)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on ``host`` now (rank 0 binds it for the group's rendezvous right after)."""
     with socket.socket() as s:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -165,10 +166,39 @@ def test_a_killed_rank_rebuilds_the_group_and_the_run_is_unchanged(reference, ca
         pids.append([_pid(actor) for actor in driver.learner.actors])  # before shutdown() ends the ranks
     finally:
         driver.shutdown()
-    deaths = [line for line in lines if "a learner rank died during" in line]
+    deaths = [line for line in lines if re.search(r"a learner rank (died|failed in a collective) during", line)]
     assert len(deaths) == 2 and driver.learner.restarts == 2, lines
     assert len({pid for ranks in pids for pid in ranks}) == 6
     # Every epoch applied once, from the state it started from, on a group rebuilt from the snapshot.
+    for got, want in zip(rows, _rows(reference), strict=True):
+        assert _training(got) == _training(want)
+    assert _lora(tmp_path / "run") == _lora(reference)
+
+
+def test_hung_ranks_are_rebuilt_like_dead_ones_and_the_run_is_unchanged(reference, cache_dir, tmp_path):
+    """A rank that stays alive but never reaches the collective: its peer's collective times out at half
+    the call timeout and the group is rebuilt; when every rank hangs, the driver's own wait runs out and
+    the group is rebuilt too. Either way every epoch is applied once and the run equals the reference."""
+    config = _config(cache_dir, "epochs=3", "cluster.call_timeout_s=60")
+    driver = Driver(config, run_dir=prepare_run_dir(config, str(tmp_path / "run")))
+    lines: list[str] = []
+
+    def hang(epoch: int, row: dict) -> None:
+        nap = lambda self: __import__("time").sleep(600)  # noqa: E731 - far past every timeout
+        if epoch == 0:  # rank 1 sleeps through the next collective; rank 0 waits for it there
+            driver.learner.actors[1].__ray_call__.remote(nap)
+        if epoch == 1:  # both ranks sleep: no collective fails, the driver's wait on the call runs out
+            for actor in driver.learner.actors:
+                actor.__ray_call__.remote(nap)
+
+    try:
+        rows = driver.run(log=lines.append, on_epoch_end=hang)
+    finally:
+        driver.shutdown()
+    failures = [line for line in lines if line.startswith("gard: a learner rank")]
+    assert len(failures) == 2 and driver.learner.restarts == 2, lines
+    assert "failed in a collective" in failures[0] and "timed out" in failures[0], failures
+    assert "hung during" in failures[1] and "cluster.call_timeout_s = 60 s" in failures[1], failures
     for got, want in zip(rows, _rows(reference), strict=True):
         assert _training(got) == _training(want)
     assert _lora(tmp_path / "run") == _lora(reference)
