@@ -52,7 +52,8 @@ class LearnerHandle:
     def _call(self, submit: Callable, what: str):
         """``ray.get(submit(actor, instance))``; on the actor's death, restore it and submit again. A call
         that reached a restarted actor before the death was seen is refused by it (LearnerRestarted):
-        the same case."""
+        the same case. A learner that hangs (the call outlives ``cluster.call_timeout_s``) is killed, and
+        Ray's restart is restored the same way."""
         import ray
 
         from cluster.remote import LearnerRestarted
@@ -63,14 +64,19 @@ class LearnerHandle:
                 if restore:
                     self._restore()
                 return ray.get(submit(self.actor, self.instance), timeout=self.timeout_s)
-            except (ray.exceptions.RayActorError, LearnerRestarted) as err:
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, LearnerRestarted) as err:
+                hung = isinstance(err, ray.exceptions.GetTimeoutError)
+                how = "hung" if hung else "died"
+                if hung:  # ended so that Ray starts it again (max_restarts=-1); its call is abandoned
+                    ray.kill(self.actor, no_restart=False)
+                    err = TimeoutError(f"{what} did not finish within cluster.call_timeout_s = {self.timeout_s:g} s")
                 failures += 1
                 if failures >= self.max_failures:
                     raise LearnerFailedError(
-                        f"the learner died {failures} times in a row (during {what}; cluster.max_actor_failures = "
+                        f"the learner {how} {failures} times in a row (during {what}; cluster.max_actor_failures = "
                         f"{self.max_failures}); last cause: {first_line(err)}") from err
                 self.restarts += 1
-                self.log(f"gard: the learner died during {what} ({first_line(err)}); restarting it from the state "
+                self.log(f"gard: the learner {how} during {what} ({first_line(err)}); restarting it from the state "
                          f"after the last update")
                 restore = True
 
@@ -78,14 +84,18 @@ class LearnerHandle:
         import ray
 
         deadline = time.monotonic() + self.timeout_s
+        previous = self.instance
         while True:  # the death was counted by the caller; "unavailable" only says Ray is restarting the actor
             try:
-                self.instance = ray.get(self.actor.instance_id.remote(), timeout=self.timeout_s)
-                break
-            except ray.exceptions.ActorUnavailableError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
+                instance = ray.get(self.actor.instance_id.remote(), timeout=self.timeout_s)
+                if instance != previous:  # a killed (hung) learner's old process must not answer for the new
+                    self.instance = instance
+                    break
+            except (ray.exceptions.ActorUnavailableError, ray.exceptions.ActorDiedError):
+                pass
+            if time.monotonic() > deadline:
+                raise ray.exceptions.GetTimeoutError(f"the learner did not restart within {self.timeout_s:g} s")
+            time.sleep(0.5)
         if self.snapshot is not None:
             ray.get(self.actor.checked_load_state_dict.remote(instance=self.instance, state=ray.put(self.snapshot)),
                     timeout=self.timeout_s)

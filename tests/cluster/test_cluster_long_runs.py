@@ -174,6 +174,29 @@ def test_learner_killed_between_and_during_updates_is_restored_and_the_run_is_un
 
 
 @pytest.mark.slow  # outside the default suite's time budget: make test-slow
+def test_a_hung_learner_is_killed_restored_and_the_run_is_unchanged(reference, cache_dir, tmp_path):
+    """A learner that stays alive but never answers (here: asleep ahead of epoch 2's update) outlives the
+    call timeout; it is killed, Ray starts it again, the snapshot is loaded and the update repeated."""
+    config = _config(cache_dir, "epochs=4", "cluster.call_timeout_s=60")
+    pids = []
+
+    def hang(driver: Driver, epoch: int) -> None:
+        pids.append(_pid(driver.learner.actor))
+        if epoch == 1:
+            driver.learner.actor.__ray_call__.remote(lambda self: __import__("time").sleep(600))
+
+    rows, lines, driver = _run_with(config, tmp_path / "run", hang)
+    hangs = [line for line in lines if line.startswith("gard: the learner")]
+    assert len(hangs) == 1 and driver.learner.restarts == 1, lines
+    assert "hung during the update" in hangs[0] and "cluster.call_timeout_s = 60 s" in hangs[0], hangs
+    assert len(set(pids)) == 2  # the hung process was ended and another served epochs 2 and 3
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
+    for got, want in zip(rows, _rows(reference), strict=True):
+        assert _training(got) == _training(want)
+    assert _lora(tmp_path / "run") == _lora(reference)
+
+
+@pytest.mark.slow  # outside the default suite's time budget: make test-slow
 def test_reward_stage_killed_mid_epoch_is_restarted_and_the_run_is_unchanged(reference, cache_dir, tmp_path):
     config = _config(cache_dir, "epochs=4")
     pids = []
