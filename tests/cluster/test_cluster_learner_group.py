@@ -127,7 +127,6 @@ def test_a_run_with_two_learner_ranks_trains_every_pair_once_per_epoch(reference
     assert any(name.endswith("lora_B.weight") and any(final[name]) for name in final)
 
 
-@pytest.mark.slow  # two runs, each starting its actors: outside the default suite's time budget (make test-slow)
 def test_resume_with_two_ranks_equals_the_uninterrupted_run(reference, cache_dir, tmp_path):
     run_dir, stop = tmp_path / "run", StopRequest()
 
@@ -175,30 +174,36 @@ def test_a_killed_rank_rebuilds_the_group_and_the_run_is_unchanged(reference, ca
     assert _lora(tmp_path / "run") == _lora(reference)
 
 
-def test_hung_ranks_are_rebuilt_like_dead_ones_and_the_run_is_unchanged(reference, cache_dir, tmp_path):
-    """A rank that stays alive but never reaches the collective: its peer's collective times out at half
-    the call timeout and the group is rebuilt; when every rank hangs, the driver's own wait runs out and
-    the group is rebuilt too. Either way every epoch is applied once and the run equals the reference."""
+def test_dead_and_hung_ranks_are_rebuilt_and_the_run_is_unchanged(reference, cache_dir, tmp_path):
+    """The three ways a group fails, one after another: a rank killed (SIGKILL) between updates; a rank
+    that stays alive but never reaches the collective (its peer's collective times out at half the call
+    timeout); and every rank hung (no collective fails: the driver's own wait on the call runs out, here
+    on the final adapter export). Each time the group is rebuilt from the snapshot and the call repeated:
+    every epoch is applied once and the run equals the uninterrupted one."""
     config = _config(cache_dir, "epochs=3", "cluster.call_timeout_s=60")
     driver = Driver(config, run_dir=prepare_run_dir(config, str(tmp_path / "run")))
     lines: list[str] = []
 
-    def hang(epoch: int, row: dict) -> None:
+    def fail(epoch: int, row: dict) -> None:
         nap = lambda self: __import__("time").sleep(600)  # noqa: E731 - far past every timeout
-        if epoch == 0:  # rank 1 sleeps through the next collective; rank 0 waits for it there
+        if epoch == 0:  # epoch 1's state comparison finds rank 1 gone
+            os.kill(_pid(driver.learner.actors[1]), signal.SIGKILL)
+        if epoch == 1:  # rank 1 sleeps through epoch 2's comparison; rank 0 waits for it there
             driver.learner.actors[1].__ray_call__.remote(nap)
-        if epoch == 1:  # both ranks sleep: no collective fails, the driver's wait on the call runs out
+        if epoch == 2:  # both ranks sleep through the export of the final adapter
             for actor in driver.learner.actors:
                 actor.__ray_call__.remote(nap)
 
     try:
-        rows = driver.run(log=lines.append, on_epoch_end=hang)
+        rows = driver.run(log=lines.append, on_epoch_end=fail)
     finally:
         driver.shutdown()
     failures = [line for line in lines if line.startswith("gard: a learner rank")]
-    assert len(failures) == 2 and driver.learner.restarts == 2, lines
-    assert "failed in a collective" in failures[0] and "timed out" in failures[0], failures
-    assert "hung during" in failures[1] and "cluster.call_timeout_s = 60 s" in failures[1], failures
+    assert len(failures) == 3 and driver.learner.restarts == 3, lines
+    assert re.search(r"a learner rank (died|failed in a collective) during comparing the ranks", failures[0]), failures
+    assert "failed in a collective during comparing the ranks" in failures[1] and "timed out" in failures[1], failures
+    assert "hung during exporting the adapter" in failures[2], failures
+    assert "cluster.call_timeout_s = 60 s" in failures[2], failures
     for got, want in zip(rows, _rows(reference), strict=True):
         assert _training(got) == _training(want)
     assert _lora(tmp_path / "run") == _lora(reference)
