@@ -69,7 +69,8 @@ def _parser() -> argparse.ArgumentParser:
                     "set mixes them): each run's gold gain from its first evaluation to its newest, paired "
                     "image by image ± its s.e., then the mean and standard deviation over the runs "
                     "(cluster/eval_compare.py). Prints a markdown table; reads the runs, starts nothing.")
-    compare.add_argument("runs", nargs="+", metavar="RUN", help="run directories written by gard train")
+    compare.add_argument("runs", nargs="+", metavar="RUN",
+                         help="run directories written by gard train (or gard eval output directories, with --base)")
     compare.add_argument("--updates", type=int, default=None,
                          help="compare the evaluations after this many updates (default: each run's newest)")
     compare.add_argument("--by-prompt", action="store_true", help="add a row per prompt")
@@ -77,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
                          help="split the sets by this file's prompts (one per line) instead of each run's "
                               "training prompts, so runs trained on different prompts get the same parts")
     compare.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")
+    compare.add_argument("--base", default=None, metavar="RUN",
+                         help="for a RUN that is a gard eval output (a fused or exported adapter): the run "
+                              "directory whose evaluation before training it is paired against (same images)")
     serve_cmd = sub.add_parser(
         "serve", help="serve a config's rewards as Ray Serve applications until interrupted",
         description="Start one Serve application per reward of CONFIG (HTTP: POST /<reward>) on local Ray "
@@ -152,13 +156,16 @@ def _compare(args: argparse.Namespace) -> int:
         compare_runs,
         comparison_json,
         comparison_table,
+        load_eval_output,
         load_run,
         read_prompt_list,
     )
 
     try:
         split = None if args.split_by is None else read_prompt_list(Path(args.split_by))
-        runs = [load_run(Path(run), updates=args.updates, split_prompts=split) for run in args.runs]
+        runs = [load_eval_output(Path(run), base_run=Path(args.base), split_prompts=split)
+                if args.base is not None and not (Path(run) / "config.yaml").is_file()
+                else load_run(Path(run), updates=args.updates, split_prompts=split) for run in args.runs]
         rows, same_base = compare_runs(runs, by_prompt=args.by_prompt)
     except CompareError as err:
         print(f"gard: error: {err}", file=sys.stderr)

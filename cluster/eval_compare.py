@@ -37,35 +37,40 @@ class CompareError(ValueError):
 
 @dataclass(frozen=True)
 class RunEvaluation:
-    """One run's base evaluation and a later one (the items of ``samples/eval_epochNNNN.json``)."""
+    """One run's base evaluation and a later one (the items of ``samples/eval_epochNNNN.json``); ``updates``
+    is None where the later one is a ``gard eval`` output paired against the run's base."""
 
     name: str
     before: list[dict]
     after: list[dict]
-    updates: int
+    updates: int | None
     gold: str
     train_prompts: frozenset[str]
 
 
-def load_run(run_dir: Path, *, updates: int | None = None, split_prompts: list[str] | None = None) -> RunEvaluation:
+def load_run(run_dir: Path, *, updates: int | None = None, split_prompts: list[str] | None = None,
+             require_later: bool = True) -> RunEvaluation:
     """The run's evaluation before training and its newest one (or the one after ``updates`` steps).
     ``split_prompts``: the prompts that count as "trained" in place of the run's own training prompts,
-    so that runs trained on different prompts are split into the same parts."""
+    so that runs trained on different prompts are split into the same parts. ``require_later=False``:
+    only the evaluation before training is needed (the run is another evaluation's base)."""
     run_dir = Path(run_dir)
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
+        hint = (" It is a gard eval output: name, with --base, the run whose evaluation before training it is "
+                "paired against" if (run_dir / "eval_metrics.json").is_file() else "")
         raise CompareError(f"{str(run_dir)!r} is not a run directory: it has no config.yaml (expected the "
-                           f"directory gard train wrote)")
+                           f"directory gard train wrote).{hint}")
     config = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
     gold = (config.get("evaluation") or {}).get("gold")
     if not gold:
         raise CompareError(f"{str(run_dir)!r}: its config.yaml names no evaluation.gold reward, so its "
                            f"evaluations have no gold verdict to compare")
     found = {int(f.stem.removeprefix("eval_epoch")): f for f in (run_dir / "samples").glob("eval_epoch*.json")}
-    later = sorted(k for k in found if k > 0)
+    later = sorted(k for k in found if k > 0) if require_later else sorted(found)
     if 0 not in found or not later:
         raise CompareError(f"{str(run_dir)!r} holds evaluations after {sorted(found)} updates; a comparison "
-                           f"needs the one before training (0) and at least one after it")
+                           f"needs the one before training (0)" + (" and at least one after it" if require_later else ""))
     chosen = later[-1] if updates is None else updates
     if chosen not in later:
         raise CompareError(f"{str(run_dir)!r} has no evaluation after {updates} updates; it has {later}")
@@ -77,6 +82,47 @@ def load_run(run_dir: Path, *, updates: int | None = None, split_prompts: list[s
         raise CompareError(f"{str(run_dir)!r}, evaluations after 0 and {chosen} updates: {err}") from None
     return RunEvaluation(name=run_dir.name, before=before, after=after, updates=chosen, gold=gold,
                          train_prompts=frozenset(train))
+
+
+# The evaluation fields that fix which images an evaluation draws: a `gard eval` output and a run's base
+# evaluation are paired image by image only when these, and the pretrained model, are the same.
+_SAME_IMAGES = ("seed", "images_per_prompt", "batch_size", "prompts", "gold")
+
+
+def load_eval_output(eval_dir: Path, *, base_run: Path, split_prompts: list[str] | None = None) -> RunEvaluation:
+    """An adapter's ``gard eval`` output (``eval_metrics.json`` and ``eval.json``: a fused or exported LoRA
+    has no run directory) as the "after" side, paired against ``base_run``'s evaluation before training,
+    which must draw the same images: the same pretrained model and evaluation seed, prompts, images per
+    prompt and batch size. The run's training prompts stand for the "trained" part, unless ``split_prompts``."""
+    eval_dir, base_run = Path(eval_dir), Path(base_run)
+    try:
+        record = json.loads((eval_dir / "eval_metrics.json").read_text(encoding="utf-8"))
+        after = json.loads((eval_dir / "eval.json").read_text(encoding="utf-8"))
+        evaluation, pretrained = record["evaluation"], record["pretrained"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CompareError(f"{str(eval_dir)!r}: not a readable gard eval output ({type(err).__name__}: {err}); "
+                           f"expected the --output-dir of gard eval, holding eval_metrics.json and eval.json") from None
+    base = load_run(base_run, updates=None, split_prompts=split_prompts, require_later=False)
+    config = yaml.safe_load((base_run / "config.yaml").read_text(encoding="utf-8")) or {}
+    base_evaluation = config.get("evaluation") or {}
+    differ = [field for field in _SAME_IMAGES if evaluation.get(field) != base_evaluation.get(field)]
+    base_pretrained = (config.get("policy") or {}).get("pretrained")
+    if differ or pretrained != base_pretrained:
+        fields = ", ".join([*(f"evaluation.{f} {evaluation.get(f)!r} against {base_evaluation.get(f)!r}"
+                              for f in differ if f != "prompts"),
+                            *(["the evaluation prompts"] if "prompts" in differ else []),
+                            *([f"pretrained {pretrained!r} against {base_pretrained!r}"]
+                              if pretrained != base_pretrained else [])])
+        raise CompareError(f"{str(eval_dir)!r} cannot be paired with the base evaluation of {str(base_run)!r}: "
+                           f"they differ in {fields}. Name as --base a run evaluated on the same images (run "
+                           f"gard eval with that run's config.yaml)")
+    try:
+        paired_summary(base.before, after, gold=base.gold)
+    except ValueError as err:
+        raise CompareError(f"{str(eval_dir)!r} against the base evaluation of {str(base_run)!r}: {err}") from None
+    return RunEvaluation(name=eval_dir.name if eval_dir.name != "eval" else eval_dir.parent.name,
+                         before=base.before, after=after, updates=None, gold=base.gold,
+                         train_prompts=base.train_prompts)
 
 
 def read_prompt_list(path: Path) -> list[str]:
@@ -171,7 +217,8 @@ def comparison_table(runs: list[RunEvaluation], rows: list[ComparedRow], *, same
                      split_by: str | None = None) -> str:
     """A markdown table: base accuracy, each run's gain ± its paired s.e., the mean ± std over runs.
     ``split_by``: the file whose prompts stood for the runs' training prompts, if any."""
-    head = ["evaluation set", "images", "base", *(f"{r.name} (after {r.updates})" for r in runs),
+    head = ["evaluation set", "images", "base",
+            *(f"{r.name} ({'gard eval' if r.updates is None else f'after {r.updates}'})" for r in runs),
             "mean ± std over runs"]
     parts = (f"the set's prompts listed in {split_by} / the others" if split_by
              else "the set's prompts the run trained on / did not")

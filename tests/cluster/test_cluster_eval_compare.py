@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from cluster.cli import main
-from cluster.eval_compare import CompareError, compare_runs, comparison_table, load_run
+from cluster.eval_compare import CompareError, compare_runs, comparison_table, load_eval_output, load_run
 
 # One set "s" of 4 images: prompts p0, p0, p1, p1; and a set "t" of 2 images of prompt p2.
 PROMPTS = [("s", "p0"), ("s", "p0"), ("s", "p1"), ("s", "p1"), ("t", "p2"), ("t", "p2")]
@@ -131,3 +131,69 @@ def test_split_by_a_prompt_file_gives_runs_with_other_training_prompts_the_same_
     assert "empty.txt' holds no prompts" in capsys.readouterr().err
     assert main(["compare", str(a), "--split-by", str(tmp_path / "absent.txt")]) == 2
     assert "absent.txt': cannot be read as a UTF-8 prompt file" in capsys.readouterr().err
+
+
+EVALUATION = {"gold": "judge", "seed": 1234, "images_per_prompt": 2, "batch_size": 2,
+              "prompts": {"s": ["p0", "p1"], "t": ["p2"]}}
+
+
+def _based_run(root, name, evaluations):
+    """A run whose config.yaml records the evaluation that draws its images, as gard train writes it."""
+    run = _run(root, name, evaluations)
+    (run / "config.yaml").write_text(yaml.safe_dump({"prompts": {"train": ["p0"]}, "evaluation": EVALUATION,
+                                                     "policy": {"pretrained": "tiny:shapes"}}))
+    return run
+
+
+def _eval_output(root, name, verdicts, *, evaluation=EVALUATION, pretrained="tiny:shapes"):
+    """The --output-dir of `gard eval`: eval_metrics.json (its evaluation section) and eval.json (the items)."""
+    out = root / name / "eval"
+    out.mkdir(parents=True)
+    (out / "eval_metrics.json").write_text(json.dumps({"pretrained": pretrained, "evaluation": evaluation,
+                                                       "metrics": {}}))
+    (out / "eval.json").write_text(json.dumps(_items(verdicts)))
+    return out
+
+
+def test_a_gard_eval_output_is_paired_against_the_base_run_it_names(tmp_path, capsys):
+    base = _based_run(tmp_path, "base", {0: BASE, 10: [1, 1, 1, 0, 1, 1]})
+    fused = _eval_output(tmp_path, "fused", [1, 1, 0, 1, 0, 0])
+    run = load_eval_output(fused, base_run=base)
+    assert (run.name, run.updates, run.gold, run.train_prompts) == ("fused", None, "judge", frozenset({"p0"}))
+    rows, same_base = compare_runs([run, load_run(base)])
+    assert same_base
+    # Set s: 0,1,0,0 -> 1,1,0,1: differences 1,0,0,1, gain 1/2, s.e. sqrt(1/3)/2; set t: 1,0 -> 0,0, gain -1/2.
+    s, t = _row(rows, "s"), _row(rows, "t")
+    assert s.gains[0].gain == 0.5 and s.gains[0].gain_se == pytest.approx(math.sqrt(1 / 3) / 2)
+    assert t.gains[0].gain == -0.5 and t.gains[0].gain_se == pytest.approx(0.5)
+    assert main(["compare", str(fused), str(base), "--base", str(base)]) == 0
+    printed = capsys.readouterr().out
+    assert "| fused (gard eval) | base (after 10) |" in printed
+    assert "| s | 4 | 0.250 | +0.500 ± 0.289 | +0.500 ± 0.289 | +0.500 ± 0.000 |" in printed
+
+
+def test_a_gard_eval_output_without_a_matching_base_is_refused_with_exit_2(tmp_path, capsys):
+    base = _based_run(tmp_path, "base", {0: BASE, 10: BASE})
+    fused = _eval_output(tmp_path, "fused", BASE)
+    assert main(["compare", str(fused)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a run directory" in err and "It is a gard eval output: name, with --base" in err
+    other_seed = _eval_output(tmp_path, "other_seed", BASE, evaluation={**EVALUATION, "seed": 7})
+    with pytest.raises(CompareError, match=r"differ in evaluation.seed 7 against 1234\. Name as --base"):
+        load_eval_output(other_seed, base_run=base)
+    other_model = _eval_output(tmp_path, "other_model", BASE, pretrained="tiny:sd")
+    with pytest.raises(CompareError, match=r"differ in pretrained 'tiny:sd' against 'tiny:shapes'"):
+        load_eval_output(other_model, base_run=base)
+    other_prompts = _eval_output(tmp_path, "other_prompts", BASE,
+                                 evaluation={**EVALUATION, "prompts": {"s": ["p0"], "t": ["p2"]}})
+    with pytest.raises(CompareError, match="differ in the evaluation prompts"):
+        load_eval_output(other_prompts, base_run=base)
+    short = _eval_output(tmp_path, "short", BASE)
+    (short / "eval.json").write_text(json.dumps(_items(BASE)[:5]))
+    with pytest.raises(CompareError, match="the two evaluations hold 6 and 5 images"):
+        load_eval_output(short, base_run=base)
+    (short / "eval.json").unlink()
+    assert main(["compare", str(short), "--base", str(base)]) == 2
+    assert "not a readable gard eval output (FileNotFoundError" in capsys.readouterr().err
+    assert main(["compare", str(fused), "--base", str(tmp_path / "absent")]) == 2
+    assert "absent' is not a run directory" in capsys.readouterr().err
