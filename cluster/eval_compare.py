@@ -48,13 +48,8 @@ class RunEvaluation:
     train_prompts: frozenset[str]
 
 
-def load_run(run_dir: Path, *, updates: int | None = None, split_prompts: list[str] | None = None,
-             require_later: bool = True) -> RunEvaluation:
-    """The run's evaluation before training and its newest one (or the one after ``updates`` steps).
-    ``split_prompts``: the prompts that count as "trained" in place of the run's own training prompts,
-    so that runs trained on different prompts are split into the same parts. ``require_later=False``:
-    only the evaluation before training is needed (the run is another evaluation's base)."""
-    run_dir = Path(run_dir)
+def _run_record(run_dir: Path) -> tuple[dict, str, dict[int, Path]]:
+    """A run directory's config.yaml, its gold reward, and its evaluation files by updates applied."""
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
         hint = (" It is a gard eval output: name, with --base, the run whose evaluation before training it is "
@@ -67,21 +62,33 @@ def load_run(run_dir: Path, *, updates: int | None = None, split_prompts: list[s
         raise CompareError(f"{str(run_dir)!r}: its config.yaml names no evaluation.gold reward, so its "
                            f"evaluations have no gold verdict to compare")
     found = {int(f.stem.removeprefix("eval_epoch")): f for f in (run_dir / "samples").glob("eval_epoch*.json")}
-    later = sorted(k for k in found if k > 0) if require_later else sorted(found)
+    return config, gold, found
+
+
+def _train_prompts(config: dict, split_prompts: list[str] | None) -> frozenset[str]:
+    return frozenset(((config.get("prompts") or {}).get("train") or []) if split_prompts is None else split_prompts)
+
+
+def load_run(run_dir: Path, *, updates: int | None = None, split_prompts: list[str] | None = None) -> RunEvaluation:
+    """The run's evaluation before training and its newest one (or the one after ``updates`` steps).
+    ``split_prompts``: the prompts that count as "trained" in place of the run's own training prompts,
+    so that runs trained on different prompts are split into the same parts."""
+    run_dir = Path(run_dir)
+    config, gold, found = _run_record(run_dir)
+    later = sorted(k for k in found if k > 0)
     if 0 not in found or not later:
         raise CompareError(f"{str(run_dir)!r} holds evaluations after {sorted(found)} updates; a comparison "
-                           f"needs the one before training (0)" + (" and at least one after it" if require_later else ""))
+                           f"needs the one before training (0) and at least one after it")
     chosen = later[-1] if updates is None else updates
     if chosen not in later:
         raise CompareError(f"{str(run_dir)!r} has no evaluation after {updates} updates; it has {later}")
-    train = ((config.get("prompts") or {}).get("train") or []) if split_prompts is None else split_prompts
     before, after = (json.loads(found[k].read_text()) for k in (0, chosen))
     try:
         paired_summary(before, after, gold=gold)  # the same images in the same order on both sides
     except ValueError as err:
         raise CompareError(f"{str(run_dir)!r}, evaluations after 0 and {chosen} updates: {err}") from None
     return RunEvaluation(name=run_dir.name, before=before, after=after, updates=chosen, gold=gold,
-                         train_prompts=frozenset(train))
+                         train_prompts=_train_prompts(config, split_prompts))
 
 
 # The evaluation fields that fix which images an evaluation draws: a `gard eval` output and a run's base
@@ -102,27 +109,27 @@ def load_eval_output(eval_dir: Path, *, base_run: Path, split_prompts: list[str]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CompareError(f"{str(eval_dir)!r}: not a readable gard eval output ({type(err).__name__}: {err}); "
                            f"expected the --output-dir of gard eval, holding eval_metrics.json and eval.json") from None
-    base = load_run(base_run, updates=None, split_prompts=split_prompts, require_later=False)
-    config = yaml.safe_load((base_run / "config.yaml").read_text(encoding="utf-8")) or {}
-    base_evaluation = config.get("evaluation") or {}
-    differ = [field for field in _SAME_IMAGES if evaluation.get(field) != base_evaluation.get(field)]
-    base_pretrained = (config.get("policy") or {}).get("pretrained")
-    if differ or pretrained != base_pretrained:
-        fields = ", ".join([*(f"evaluation.{f} {evaluation.get(f)!r} against {base_evaluation.get(f)!r}"
-                              for f in differ if f != "prompts"),
-                            *(["the evaluation prompts"] if "prompts" in differ else []),
-                            *([f"pretrained {pretrained!r} against {base_pretrained!r}"]
-                              if pretrained != base_pretrained else [])])
+    config, gold, found = _run_record(base_run)
+    if 0 not in found:
+        raise CompareError(f"{str(base_run)!r} holds evaluations after {sorted(found)} updates; a comparison "
+                           f"needs the one before training (0)")
+    base_evaluation, base_pretrained = config.get("evaluation") or {}, (config.get("policy") or {}).get("pretrained")
+    differ = [f"evaluation.{f} {evaluation.get(f)!r} against {base_evaluation.get(f)!r}" if f != "prompts"
+              else "the evaluation prompts" for f in _SAME_IMAGES if evaluation.get(f) != base_evaluation.get(f)]
+    if pretrained != base_pretrained:
+        differ.append(f"pretrained {pretrained!r} against {base_pretrained!r}")
+    if differ:
         raise CompareError(f"{str(eval_dir)!r} cannot be paired with the base evaluation of {str(base_run)!r}: "
-                           f"they differ in {fields}. Name as --base a run evaluated on the same images (run "
-                           f"gard eval with that run's config.yaml)")
+                           f"they differ in {', '.join(differ)}. Name as --base a run evaluated on the same "
+                           f"images (run gard eval with that run's config.yaml)")
+    before = json.loads(found[0].read_text())
     try:
-        paired_summary(base.before, after, gold=base.gold)
+        paired_summary(before, after, gold=gold)
     except ValueError as err:
         raise CompareError(f"{str(eval_dir)!r} against the base evaluation of {str(base_run)!r}: {err}") from None
     return RunEvaluation(name=eval_dir.name if eval_dir.name != "eval" else eval_dir.parent.name,
-                         before=base.before, after=after, updates=None, gold=base.gold,
-                         train_prompts=base.train_prompts)
+                         before=before, after=after, updates=None, gold=gold,
+                         train_prompts=_train_prompts(config, split_prompts))
 
 
 def read_prompt_list(path: Path) -> list[str]:
