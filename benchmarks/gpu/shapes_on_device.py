@@ -9,7 +9,8 @@ the loop is synchronous (``max_staleness: 0``, sample -> score -> update -> publ
 samplers draw epoch k+1 while the learner trains on epoch k; so its numbers are not the demo's numbers.
 
 Reports per evaluation set the judge's accuracy before and after training, the gain paired image by
-image with its standard error, the CLIP reward per epoch, and the seconds per epoch. The GPU machine
+image with its standard error, the CLIP reward per epoch, and the seconds per epoch; with ``--eval-every N``
+also the paired gains after every N epochs (``curve``), on the same evaluation images. The GPU machine
 has no Ray, no diffusers and no open_clip: carry their wheels (``benchmarks/gpu/fetch_wheels.sh``).
 
 Usage: python benchmarks/gpu/shapes_on_device.py --device cuda --out OUT [key=value overrides]
@@ -78,7 +79,14 @@ def run(args) -> dict:
     started = time.perf_counter()
     before = evaluate(config, sampler, stage)
     eval_s = time.perf_counter() - started
-    epochs = []
+    epochs, curve = [], []
+
+    def save(partial: dict) -> None:  # what ran so far, in case the run is stopped before its last evaluation
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "epochs.json").write_text(json.dumps(
+                {"before": {k: v.tolist() for k, v in before.items()}, "epochs": epochs, "curve": curve, **partial}))
+
     for epoch in range(config.epochs):
         start = time.perf_counter()
         trajectories, rewards = [], []
@@ -97,16 +105,20 @@ def run(args) -> dict:
                        "seconds": time.perf_counter() - start, "policy_version": int(stats["train/policy_version"]),
                        "skipped_steps": int(stats.get("train/skipped_steps", 0))})
         print(f"epoch {epoch}: reward {epochs[-1]['reward_mean']:.4f}, {epochs[-1]['seconds']:.2f} s", flush=True)
-        if args.out:  # the epochs so far, in case the run is stopped before its last evaluation
-            args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / "epochs.json").write_text(json.dumps({"before": {k: v.tolist() for k, v in before.items()},
-                                                              "epochs": epochs}))
+        if args.eval_every and (epoch + 1) % args.eval_every == 0 and epoch + 1 < config.epochs:
+            now = evaluate(config, sampler, stage)
+            curve.append({"epochs": epoch + 1, "gains": {n: paired_gain(before[n], now[n]) for n in before}})
+            print(f"after {epoch + 1} epochs: " + ", ".join(
+                f"{n} {g['gain']:+.3f} ± {g['se']:.3f}" for n, g in curve[-1]["gains"].items()), flush=True)
+        save({})
     after = evaluate(config, sampler, stage)
     gains = {name: paired_gain(before[name], after[name]) for name in before}
+    curve.append({"epochs": config.epochs, "gains": gains})
+    save({"done": True})
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     return {"device": device_name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
             "config": str(Path(args.config).relative_to(REPO)) if Path(args.config).is_relative_to(REPO)
-            else str(args.config), "overrides": args.overrides, "epochs": epochs, "gains": gains,
+            else str(args.config), "overrides": args.overrides, "epochs": epochs, "gains": gains, "curve": curve,
             "eval_s": eval_s, "train_s": float(sum(e["seconds"] for e in epochs)),
             "total_s": time.perf_counter() - started, "ray_imported": "ray" in sys.modules}
 
@@ -116,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--config", type=Path, default=CONFIG)
     parser.add_argument("--out", type=Path, default=None, help="directory for shapes_on_device.json")
+    parser.add_argument("--eval-every", type=int, default=0,
+                        help="also evaluate after every N epochs (the same images; 0: before and after only)")
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value (as gard train takes them)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
