@@ -13,6 +13,9 @@ saves its curve after every evaluation). Writes ``sweep.json`` (every variant's 
 
 Usage: python benchmarks/gpu/shapes_sweep.py --device cuda --out OUT [--variants FILE.json] [overrides]
 FILE.json: {"name": ["key=value", ...], ...}; without it, ``DDPO_VARIANTS``.
+``--report SWEEP.json ...`` reads finished sweeps instead and prints one row per variant and evaluation
+point: the held-out gain's mean ± std over the seeds that ran it (variants are the same when their
+config and their overrides other than ``seed=`` are), each seed's gain, and the seen set's mean.
 """
 
 from __future__ import annotations
@@ -137,13 +140,50 @@ def run_sweep(*, variants: dict[str, list[str]], config: Path, device: str, out:
     return results
 
 
+def by_seed(sweeps: list[dict]) -> dict[tuple[str, ...], dict[int, dict]]:
+    """Every run of the sweeps, keyed by its config's name and its overrides without ``seed=``, then by its
+    seed (default 0)."""
+    grouped: dict[tuple[str, ...], dict[int, dict]] = {}
+    for sweep in sweeps:
+        config = Path(sweep.get("config", "")).stem
+        for result in sweep["variants"].values():
+            seeds = [int(o.split("=", 1)[1]) for o in result["overrides"] if o.startswith("seed=")]
+            key = (config, *sorted(o for o in result["overrides"] if not o.startswith("seed=")))
+            grouped.setdefault(key, {})[seeds[-1] if seeds else 0] = result
+    return grouped
+
+
+def seed_table(sweeps: list[dict], *, gain_set: str = "heldout", other_set: str = "seen") -> str:
+    """Per variant and evaluation point: ``gain_set``'s gain mean ± std over seeds (ddof 1), each seed's, and
+    ``other_set``'s mean gain."""
+    import numpy as np
+
+    lines = [f"| config | overrides | seeds | epochs | {gain_set}: mean ± std over seeds | each seed | "
+             f"{other_set}: mean |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for (config, *overrides), runs in by_seed(sweeps).items():
+        points: dict[int, list[tuple[float, float]]] = {}
+        for _, result in sorted(runs.items()):
+            for point in result["curve"]:
+                gains = point["gains"]
+                points.setdefault(point["epochs"], []).append(
+                    (gains[gain_set]["gain"], gains[other_set]["gain"] if other_set in gains else float("nan")))
+        for epochs, values in sorted(points.items()):
+            gain = np.array([v[0] for v in values])
+            spread = f" ± {gain.std(ddof=1):.3f}" if len(gain) > 1 else ""
+            lines.append(f"| {config} | {' '.join(overrides) or '–'} | {len(gain)} | {epochs} | "
+                         f"{gain.mean():+.3f}{spread} | " + " / ".join(f"{g:+.3f}" for g in gain)
+                         + f" | {np.mean([v[1] for v in values]):+.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--config", type=Path, default=DDPO_CONFIG)
     parser.add_argument("--variants", type=Path, default=None, help="JSON {name: [override, ...]}")
     parser.add_argument("--only", default="", help="comma-separated variant names to run (default: all)")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=None, help="the sweep's directory (required unless --report)")
+    parser.add_argument("--report", type=Path, nargs="+", default=None, help="finished sweep.json files to tabulate")
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--deadline-s", type=float, default=480.0)
     parser.add_argument("--preset-layout", action="store_true",
@@ -152,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="evaluate the config's own evaluation images instead of the validation draw")
     parser.add_argument("overrides", nargs="*", help="overrides for every variant, key=value")
     args = parser.parse_args(argv)
+    if args.report:
+        print(seed_table([json.loads(Path(f).read_text()) for f in args.report]), end="")
+        return 0
+    if args.out is None:
+        parser.error("--out is required to run a sweep")
     variants = load_variants(args.variants)
     if args.only:
         wanted = args.only.split(",")
@@ -166,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
                         eval_every=args.eval_every, common=common, deadline_s=args.deadline_s)
     table = markdown_table(results)
     print(table, flush=True)
-    summary = {"date": time.strftime("%Y-%m-%d"), "device": args.device, "config": str(args.config),
+    config = args.config.resolve()  # named from the repository root: the results say nothing of the machine
+    summary = {"date": time.strftime("%Y-%m-%d"), "device": args.device,
+               "config": str(config.relative_to(REPO)) if config.is_relative_to(REPO) else config.name,
                "common": common, "wall_s": time.perf_counter() - started, "variants": results}
     (args.out / "sweep.json").write_text(json.dumps(summary, indent=1))
     (args.out / "sweep.md").write_text(table)
