@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[2]
 RUNNER = REPO / "benchmarks" / "gpu" / "shapes_on_device.py"
 DDPO_CONFIG = REPO / "configs" / "shapes_ddpo_heldout.yaml"
@@ -156,8 +158,6 @@ def by_seed(sweeps: list[dict]) -> dict[tuple[str, ...], dict[int, dict]]:
 def seed_table(sweeps: list[dict], *, gain_set: str = "heldout", other_set: str = "seen") -> str:
     """Per variant and evaluation point: ``gain_set``'s gain mean ± std over seeds (ddof 1), each seed's, and
     ``other_set``'s mean gain."""
-    import numpy as np
-
     lines = [f"| config | overrides | seeds | epochs | {gain_set}: mean ± std over seeds | each seed | "
              f"{other_set}: mean |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for (config, *overrides), runs in by_seed(sweeps).items():
@@ -206,13 +206,14 @@ def main(argv: list[str] | None = None) -> int:
         variants = {n: variants[n] for n in wanted}
     common = (([] if args.preset_layout else GPU_LAYOUT) + ([] if args.no_validation_draw else VALIDATION)
               + args.overrides)
+    config = args.config.resolve()
     started = time.perf_counter()
-    results = run_sweep(variants=variants, config=args.config.resolve(), device=args.device, out=args.out,
+    results = run_sweep(variants=variants, config=config, device=args.device, out=args.out,
                         eval_every=args.eval_every, common=common, deadline_s=args.deadline_s)
     table = markdown_table(results)
     print(table, flush=True)
-    config = args.config.resolve()  # named from the repository root: the results say nothing of the machine
     summary = {"date": time.strftime("%Y-%m-%d"), "device": args.device,
+               # named from the repository root: the results say nothing of the machine
                "config": str(config.relative_to(REPO)) if config.is_relative_to(REPO) else config.name,
                "common": common, "wall_s": time.perf_counter() - started, "variants": results}
     (args.out / "sweep.json").write_text(json.dumps(summary, indent=1))
