@@ -92,6 +92,9 @@ class TrainConfig:
     stat_buffer_size: int = field(default=32, metadata=POSITIVE)
     stat_min_count: int = field(default=16, metadata=POSITIVE)
     timestep_fraction: float = field(default=1.0, metadata=FRACTION)
+    step_range: list[int] | None = field(default=None, metadata={
+        "doc": "[first, last): train only these denoising steps, 0 being the noisiest (x_T -> x_{T-1}); "
+               "timestep_fraction then draws within them. null: every step (with b2: the stage's interval)"})
     inner_epochs: int = field(default=1, metadata=POSITIVE)
     updates_per_epoch: int = field(default=4, metadata=POSITIVE)
     micro_batch_size: int = field(default=16, metadata=POSITIVE)
@@ -350,9 +353,27 @@ def validate(config: Config) -> None:
         raise ConfigError(f"train.target_kl = {config.train.target_kl} stops PPO/PG steps by their approx_kl, but "
                           f"train.algorithm = {config.train.algorithm!r} has none; set train.algorithm to 'ppo' or "
                           f"'pg', or train.target_kl=null")
+    _validate_step_range(config)
     if config.train.stat_min_count > config.train.stat_buffer_size:
         raise ConfigError(f"train.stat_min_count = {config.train.stat_min_count} exceeds train.stat_buffer_size = "
                           f"{config.train.stat_buffer_size}; per-prompt statistics would never be used")
+
+
+def _validate_step_range(config: Config) -> None:
+    window, num_steps = config.train.step_range, config.sampling.num_steps
+    if window is None:
+        return
+    if len(window) != 2 or not 0 <= window[0] < window[1] <= num_steps:  # the loader has checked int items
+        raise ConfigError(f"train.step_range = {window}: expected [first, last] with 0 <= first < last <= "
+                          f"sampling.num_steps = {num_steps} (denoising steps first..last-1, 0 the noisiest), "
+                          f"or null for every step")
+    if config.train.algorithm not in ("ppo", "pg", "dpo"):
+        raise ConfigError(f"train.step_range = {window} picks sampled transitions to train, but train.algorithm = "
+                          f"{config.train.algorithm!r} re-noises the final latents at fresh timesteps; use it with "
+                          f"'ppo', 'pg' or 'dpo', or set train.step_range=null")
+    if config.b2.enabled:
+        raise ConfigError(f"train.step_range = {window} fixes the trained steps, but b2.enabled = true widens "
+                          f"them stage by stage (b2.tau_start..tau_end); set train.step_range=null or b2.enabled=false")
 
 
 def dfusion_spec(config: Config):

@@ -8,8 +8,9 @@ references it is sent). One ``update`` per epoch:
 2. measure the importance ratio on one micro-batch of the newest samples, under the adapter version
    that sampled them, before any optimizer step: it must be 1 up to numerics (``train/onpolicy_ratio_dev``);
 3. run the rule of ``learner.algorithms.ALGORITHMS`` (PPO / PG with β·KL, online DPO), over the
-   B²-DiffuRL stage's interval of denoising steps when that schedule is on; every optimizer step goes
-   through ``learner.precision.GuardedStep`` (bf16, or fp16 with loss scaling; non-finite steps skipped);
+   denoising steps of the B²-DiffuRL stage's interval when that schedule is on, else of ``step_range``
+   (all when None); every optimizer step goes through ``learner.precision.GuardedStep`` (bf16, or fp16
+   with loss scaling; non-finite steps skipped);
 4. bump the policy version when the rule applied at least one step; ``publish`` packs the adapter.
 
 Data-parallel ranks (``cluster.num_learners``): after ``join_group`` each rank runs the same ``update`` on
@@ -218,7 +219,7 @@ class Learner:
         prompts, reward = batch.prompts, reward[keep]
         # Branch groups (B²) or, without branching, the samples of one prompt form a group.
         groups = joined.group_ids[keep] if joined.group_ids is not None else np.unique(prompts, return_inverse=True)[1]
-        first, last, stage = 0, joined.log_probs.shape[1], None
+        first, last, stage = *(spec.step_range or (0, joined.log_probs.shape[1])), None
         if self.state.schedule is not None:
             stage = self.state.schedule.stage(epoch)
             first, last = self.state.schedule.interval(stage)

@@ -31,6 +31,7 @@ class LearnerSpec:
     stat_buffer_size: int
     stat_min_count: int
     timestep_fraction: float
+    step_range: tuple[int, int] | None  # [first, last) trained denoising steps; None: all (or B²'s interval)
     inner_epochs: int
     updates_per_epoch: int
     micro_batch_size: int

@@ -16,8 +16,8 @@ ALGORITHMS: dict[str, UpdateRule] = {
     "ppo": ppo,  # DDPO-IS: PPO-clip on the importance ratio (+ β·KL, DPOK)
     "pg": pg,  # DDPO-SF: REINFORCE (+ β·KL)
     "dpo": online_dpo,  # Diffusion-DPO in trajectory form on best/worst or explicit pairs
-    "diffusion_dpo": denoising_dpo,
-    "rwr": rwr,  # reward-weighted regression: the denoising loss on the epoch's samples, weighted by reward  # Diffusion-DPO's denoising loss on ranked pairs of the epoch's samples
+    "diffusion_dpo": denoising_dpo,  # Diffusion-DPO's denoising loss on ranked pairs of the epoch's samples
+    "rwr": rwr,  # reward-weighted regression: the denoising loss on the epoch's samples, weighted by reward
 }
 
 

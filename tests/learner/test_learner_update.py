@@ -100,6 +100,31 @@ def test_timestep_fraction_and_updates_per_epoch(policy_spec, batch):
     assert learner.optimizer.state[learner.optimizer.param_groups[0]["params"][0]]["step"] == 6
 
 
+def test_step_range_trains_only_its_steps(policy_spec, batch):
+    """With step_range (2, 4) the transitions of steps 0-1 never enter the update: scrambling their latents
+    and log-probs leaves the trained adapter bit-identical. Without a range the same scrambling changes it."""
+    traj, _ = batch
+    latents, log_probs = traj.latents.copy(), traj.log_probs.copy()
+    rng = np.random.default_rng(0)
+    latents[:, :2] = rng.standard_normal(latents[:, :2].shape).astype(latents.dtype)  # x_T and x_{T-1}
+    log_probs[:, :2] -= 3.0
+    scrambled = dataclasses.replace(traj, latents=latents, log_probs=log_probs)
+    rewards = [np.array([1.0, 0.0, 1.0, 0.0], dtype=np.float32)]
+
+    def adapter(trajectory, **kw) -> tuple[list[torch.Tensor], dict]:
+        learner = Learner(policy_spec=policy_spec, spec=_spec(algorithm="ppo", clip_range=0.5, **kw))
+        stats = learner.update(trajectories=[trajectory], rewards=rewards, epoch=0)
+        return [p.detach().clone() for _, p in learner.policy.named_trainable_parameters()], stats
+
+    late, stats = adapter(traj, step_range=(2, 4))
+    assert stats["train/n_pairs"] == 4 * 2
+    for a, b in zip(late, adapter(scrambled, step_range=(2, 4))[0], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    everything = adapter(traj)[0]
+    assert any(not torch.equal(a, b) for a, b in zip(everything, adapter(scrambled)[0], strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(everything, late, strict=True))
+
+
 def test_target_kl_drops_the_first_step_that_exceeds_it_and_the_rest_of_the_epoch(policy_spec, batch):
     traj, _ = batch
     rewards = [np.array([1.0, 0.0, 1.0, 0.0], dtype=np.float32)]
