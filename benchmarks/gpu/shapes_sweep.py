@@ -124,8 +124,10 @@ def run_sweep(*, variants: dict[str, list[str]], config: Path, device: str, out:
     started = time.monotonic()
     while any(p.poll() is None for p, _ in procs.values()) and time.monotonic() - started < deadline_s:
         time.sleep(2.0)
-    for proc, log in procs.values():
+    stopped = set()
+    for name, (proc, log) in procs.items():
         if proc.poll() is None:  # past the deadline: keep what it evaluated so far
+            stopped.add(name)
             proc.terminate()
             try:
                 proc.wait(timeout=20)
@@ -137,9 +139,16 @@ def run_sweep(*, variants: dict[str, list[str]], config: Path, device: str, out:
     for name, (proc, _) in procs.items():
         result = read_run(out / name)
         result["returncode"] = proc.returncode
+        result["stopped_at_deadline"] = name in stopped
         result["overrides"] = variants[name]
         results[name] = result
     return results
+
+
+def failed_variants(results: dict[str, dict]) -> list[str]:
+    """The variants that exited non-zero by themselves: a crash after some evaluations is still a failure
+    (its partial curve stays in the results); a variant the deadline stopped is not."""
+    return [name for name, r in results.items() if r["returncode"] != 0 and not r.get("stopped_at_deadline")]
 
 
 def by_seed(sweeps: list[dict]) -> dict[tuple[str, ...], dict[int, dict]]:
@@ -218,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                "common": common, "wall_s": time.perf_counter() - started, "variants": results}
     (args.out / "sweep.json").write_text(json.dumps(summary, indent=1))
     (args.out / "sweep.md").write_text(table)
-    failed = [n for n, r in results.items() if r["returncode"] not in (0, -15) and not r["curve"]]
+    failed = failed_variants(results)
     for name in failed:
         print(f"{name} failed (exit {results[name]['returncode']}); last lines of its log:\n"
               + "\n".join((args.out / name / "log.txt").read_text().splitlines()[-15:]), flush=True)

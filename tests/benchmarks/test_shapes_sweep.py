@@ -78,6 +78,15 @@ def test_a_stopped_run_keeps_its_partial_curve_and_the_sweep_table_marks_it(tmp_
     assert "| never | 0 |" in table
 
 
+def test_a_crash_after_some_evaluations_is_a_failure_and_a_deadline_stop_is_not():
+    curve = _run([], [(10, 0.01, 0.0)])["curve"]
+    results = {"ok": {"returncode": 0, "curve": curve}, "crashed_late": {"returncode": 1, "curve": curve},
+               "crashed_early": {"returncode": -9, "curve": []},
+               "deadline": {"returncode": -15, "curve": curve, "stopped_at_deadline": True},
+               "killed_by_someone": {"returncode": -15, "curve": curve, "stopped_at_deadline": False}}
+    assert shapes_sweep.failed_variants(results) == ["crashed_late", "crashed_early", "killed_by_someone"]
+
+
 def test_one_variant_runs_through_the_sweep_on_the_cpu(tmp_path):
     variants = tmp_path / "variants.json"
     variants.write_text(json.dumps({"lr_low": ["train.learning_rate=1e-4"]}))
@@ -89,7 +98,7 @@ def test_one_variant_runs_through_the_sweep_on_the_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     run = summary["variants"]["lr_low"]
-    assert run["done"] and run["returncode"] == 0 and len(run["epochs"]) == 2
+    assert run["done"] and run["returncode"] == 0 and not run["stopped_at_deadline"] and len(run["epochs"]) == 2
     # the validation draw: the 12 held-out and 18 seen prompts, one image each, after epochs 1 and 2
     assert [p["epochs"] for p in run["curve"]] == [1, 2]
     assert {n: g["n"] for n, g in run["curve"][-1]["gains"].items()} == {"heldout": 12, "seen": 18}
