@@ -310,17 +310,21 @@ def test_the_ddpo_preset_is_judged_on_the_demos_images():
 
 def test_the_heldout_ddpo_preset_is_the_yellow_ddpo_preset_on_the_twelve_heldout_prompts():
     """configs/shapes_ddpo_heldout.yaml is the DDPO preset (PPO, 256 samples per epoch) trained on the 12
-    held-out prompts of configs/shapes_dpo_heldout.yaml (Diffusion-DPO) for 20 epochs: paired against the same
+    held-out prompts of configs/shapes_dpo_heldout.yaml (Diffusion-DPO) for 30 epochs: paired against the same
     base images as both only if the method's settings are the yellow DDPO preset's and the evaluation is the
-    Diffusion-DPO job's; the length (chosen on the validation draw) and the evaluation period may differ."""
+    Diffusion-DPO job's; the length (chosen on the validation draw), the evaluation period and the number of
+    learner ranks (the same update up to float summation order) may differ."""
     dpo = load_config(REPO / "configs" / "shapes_dpo_heldout.yaml")
     yellow = load_config(REPO / "configs" / "shapes_ddpo_yellow.yaml")
     ddpo = load_config(REPO / "configs" / "shapes_ddpo_heldout.yaml")
     assert ddpo.prompts.train == dpo.prompts.train and len(ddpo.prompts.train) == 12
-    for section in ("policy", "sampling", "train", "rewards", "cluster"):
+    for section in ("policy", "sampling", "train", "rewards"):
         assert getattr(ddpo, section) == getattr(yellow, section), section
+    learners = {"num_learners": yellow.cluster.num_learners, "learner_num_cpus": yellow.cluster.learner_num_cpus}
+    assert dataclasses.replace(ddpo.cluster, **learners) == yellow.cluster
+    assert (ddpo.cluster.num_learners, yellow.cluster.num_learners) == (2, 1)
     assert ddpo.train.algorithm == "ppo" and ddpo.seed == dpo.seed == 0
-    assert (ddpo.epochs, ddpo.evaluation.every) == (20, 20)  # one evaluation before training, one after
+    assert (ddpo.epochs, ddpo.evaluation.every) == (30, 30)  # one evaluation before training, one after
     assert dataclasses.replace(ddpo.evaluation, every=dpo.evaluation.every) == dpo.evaluation
 
 
