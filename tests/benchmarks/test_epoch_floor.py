@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import epoch_floor  # noqa: E402
+
 from cluster.config import load_config  # noqa: E402
 
 DDPO = REPO / "configs" / "shapes_ddpo_heldout.yaml"
