@@ -14,6 +14,7 @@ Usage: python benchmarks/epoch_floor.py CONFIG [key=value ...] [--cores 2] [--re
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -27,8 +28,9 @@ CALIBRATION_SAMPLES = 64  # one learner update on these, and their sampling, set
 
 
 def measure(config_path: Path, overrides: list[str], *, repeats: int) -> dict:
-    """Seconds per sampled trajectory and per trained (sample, step) pair, one thread, the median of
-    ``repeats`` timings after a warm-up."""
+    """Seconds per sampled trajectory and per trained pair (the rule's ``train/n_pairs``: a (sample, step)
+    pair for ppo/pg, a ranked pair's noise draw for Diffusion-DPO), one thread, the median of ``repeats``
+    timings after a warm-up; the update's cost is taken as linear in the samples of an epoch."""
     import numpy as np
     import torch
 
@@ -65,10 +67,14 @@ def measure(config_path: Path, overrides: list[str], *, repeats: int) -> dict:
     learner.update(trajectories=trajectories, rewards=rewards, epoch=0)  # warm-up
     train_s, pairs = [], 0
     for r in range(repeats):
+        # as if just sampled by the current adapter: the learner refuses data older than max_staleness
+        fresh = [dataclasses.replace(t, policy_version=learner.version) for t in trajectories]
         start = time.perf_counter()
-        stats = learner.update(trajectories=trajectories, rewards=rewards, epoch=r + 1)
+        stats = learner.update(trajectories=fresh, rewards=rewards, epoch=r + 1)
         train_s.append(time.perf_counter() - start)
         pairs = int(stats["train/n_pairs"])
+    if pairs == 0:
+        raise RuntimeError(f"the learner trained no pairs ({stats}); nothing to time")
     return {"config": config, "sample_s_per_trajectory": statistics.median(sample_s) / CALIBRATION_SAMPLES,
             "train_s_per_pair": statistics.median(train_s) / pairs, "pairs_per_sample": pairs / CALIBRATION_SAMPLES}
 

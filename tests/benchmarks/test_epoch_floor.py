@@ -38,6 +38,6 @@ def test_the_floor_adds_training_sampling_and_evaluation_over_the_cores():
 
 def test_unit_costs_come_from_the_real_sampler_and_learner():
     torch.set_num_threads(1)
-    measured = epoch_floor.measure(DDPO, ["sampling.num_steps=2"], repeats=1)
+    measured = epoch_floor.measure(DDPO, ["sampling.num_steps=2"], repeats=2)
     assert measured["pairs_per_sample"] == 2.0  # every step of each sample trained once
     assert all(math.isfinite(v) and v > 0 for v in (measured["sample_s_per_trajectory"], measured["train_s_per_pair"]))
