@@ -95,8 +95,8 @@ class TrainConfig:
     step_range: list[int] | None = field(default=None, metadata={
         "doc": "[first, last): train only these denoising steps, 0 being the noisiest (x_T -> x_{T-1}); "
                "timestep_fraction then draws within them. null: every step (with b2: the stage's interval). "
-               "The steps outside it still move with the shared LoRA, unclipped: [0, 5] of 10 collapsed DDPO "
-               "on the shapes world (BENCHMARKS.md)"})
+               "On the shapes world [0, 5] of 10 (the noisiest half) collapsed DDPO; [5, 10] did not "
+               "(BENCHMARKS.md)"})
     inner_epochs: int = field(default=1, metadata=POSITIVE)
     updates_per_epoch: int = field(default=4, metadata=POSITIVE)
     micro_batch_size: int = field(default=16, metadata=POSITIVE)
