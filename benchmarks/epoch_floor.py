@@ -50,7 +50,7 @@ def measure(config_path: Path, overrides: list[str], *, repeats: int) -> dict:
 
     def sample_all(seed: int) -> list:
         out = []
-        for b in range(CALIBRATION_SAMPLES // batch):
+        for b in range(max(1, CALIBRATION_SAMPLES // batch)):
             chunk = [prompts[(b * batch + i) % len(prompts)] for i in range(batch)]
             out.append(sampler.sample(prompts=chunk, seed=seed * 1000 + b)[0])
         return out
@@ -75,23 +75,24 @@ def measure(config_path: Path, overrides: list[str], *, repeats: int) -> dict:
         pairs = int(stats["train/n_pairs"])
     if pairs == 0:
         raise RuntimeError(f"the learner trained no pairs ({stats}); nothing to time")
-    return {"config": config, "sample_s_per_trajectory": statistics.median(sample_s) / CALIBRATION_SAMPLES,
-            "train_s_per_pair": statistics.median(train_s) / pairs, "pairs_per_sample": pairs / CALIBRATION_SAMPLES}
+    samples = sum(len(t.prompts) for t in trajectories)
+    return {"config": config, "sample_s_per_trajectory": statistics.median(sample_s) / samples,
+            "train_s_per_pair": statistics.median(train_s) / pairs, "pairs_per_sample": pairs / samples}
 
 
 def floor(measured: dict, *, cores: int) -> dict:
     """The run's core-seconds, split into training, sampling and evaluation, and their bound on ``cores``."""
-    from cluster.evaluation import eval_items
+    from cluster.evaluation import eval_items, evaluation_due
 
     config = measured["config"]
-    evaluations = 2 if config.evaluation.every == 0 else 1 + -(-config.epochs // config.evaluation.every)
+    evaluations = 1 + sum(evaluation_due(config, epoch=e) for e in range(config.epochs))  # 1: the one before
+    eval_images = len(eval_items(config))
     epoch_sampling = config.samples_per_epoch * measured["sample_s_per_trajectory"]
     epoch_training = config.samples_per_epoch * measured["pairs_per_sample"] * measured["train_s_per_pair"]
-    eval_sampling = len(eval_items(config)) * measured["sample_s_per_trajectory"]
     core_s = {"training": config.epochs * epoch_training, "sampling": config.epochs * epoch_sampling,
-              "evaluation": evaluations * eval_sampling}
+              "evaluation": evaluations * eval_images * measured["sample_s_per_trajectory"]}
     return {"epochs": config.epochs, "samples_per_epoch": config.samples_per_epoch, "evaluations": evaluations,
-            "eval_images": len(eval_items(config)), "cores": cores,
+            "eval_images": eval_images, "cores": cores,
             "ms_per_trajectory": 1e3 * measured["sample_s_per_trajectory"],
             "ms_per_pair": 1e3 * measured["train_s_per_pair"],
             "core_s": core_s, "epoch_floor_s": (epoch_sampling + epoch_training) / cores,

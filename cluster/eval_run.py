@@ -15,7 +15,7 @@ from pathlib import Path
 from cluster.best_adapter import keep_if_best
 from cluster.config import Config
 from cluster.errors import reward_failure
-from cluster.evaluation import EvalResult, eval_candidates, eval_jobs, eval_result, save_eval
+from cluster.evaluation import EvalResult, eval_candidates, eval_jobs, eval_result, evaluation_due, save_eval
 from cluster.hacking_guard import INITIAL, HackingGuard
 from cluster.samplers import EpochBatch
 from cluster.specs import evaluation_in_process
@@ -68,8 +68,7 @@ class Evaluator:
 
     def due(self, epoch: int) -> bool:
         """After every ``evaluation.every`` epochs (0: none in between) and after the last one."""
-        every = self.config.evaluation.every
-        return epoch + 1 == self.config.epochs or bool(every and (epoch + 1) % every == 0)
+        return evaluation_due(self.config, epoch=epoch)
 
     def after_epoch(self, row: dict, *, epoch: int) -> tuple[EvalResult | None, str | None]:
         """Evaluates when due and adds the metrics to ``row`` (with the alarm flag when the guard is on)

@@ -42,6 +42,13 @@ def eval_items(config: Config) -> list[tuple[str, str]]:
     return [(name, p) for name, prompts in e.prompts.items() for p in prompts for _ in range(e.images_per_prompt)]
 
 
+def evaluation_due(config: Config, *, epoch: int) -> bool:
+    """Whether the run evaluates after ``epoch`` (0-based): after every ``evaluation.every`` epochs (0: none
+    in between) and after the last one. The evaluation before the first update comes on top."""
+    every = config.evaluation.every
+    return epoch + 1 == config.epochs or bool(every and (epoch + 1) % every == 0)
+
+
 def eval_candidates(config: Config) -> list[str]:
     """Every distinct evaluation prompt (all sets pooled): what Recall@1 retrieves each image's prompt from."""
     return list(dict.fromkeys(p for _, p in eval_items(config)))

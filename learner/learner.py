@@ -219,7 +219,8 @@ class Learner:
         prompts, reward = batch.prompts, reward[keep]
         # Branch groups (B²) or, without branching, the samples of one prompt form a group.
         groups = joined.group_ids[keep] if joined.group_ids is not None else np.unique(prompts, return_inverse=True)[1]
-        first, last, stage = *(spec.step_range or (0, joined.log_probs.shape[1])), None
+        first, last = spec.step_range or (0, joined.log_probs.shape[1])
+        stage = None
         if self.state.schedule is not None:
             stage = self.state.schedule.stage(epoch)
             first, last = self.state.schedule.interval(stage)
